@@ -1,0 +1,237 @@
+"""`capture(model, ...)`: hooks on every FFN that feed streaming probes, removed on exit.
+
+Hooks (a handle per hook, all removed in `finally`, also on exceptions and KeyboardInterrupt):
+- a forward pre-hook on the model itself records attention_mask (and input_ids) of each call;
+- a forward pre-hook on each FFN's down projection sees a = its input;
+- a forward hook on the activation module sees act(gate) where the rule needs it.
+
+Nothing here reads a device value back to the host during the capture; the NaN/Inf check runs
+once, when the block exits, and names the layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from workbench.adapters import GATED, FFNSite, Layout, locate
+from workbench.capture.probes import AbsSketch, Batch, NeuronStats, ProbeContext, make_probes
+from workbench.capture.rules import Rule
+from workbench.capture.run import Run, new_meta
+from workbench.errors import CaptureError
+
+
+@dataclass
+class HookHandle:
+    """One registered hook: where, what for, and the torch handle that removes it."""
+
+    module_name: str
+    role: str
+    handle: torch.utils.hooks.RemovableHandle
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@dataclass
+class _CallState:
+    mask: torch.Tensor | None = None  # [B, S] attention mask of the current call
+    input_ids: torch.Tensor | None = None
+    valid_cache: dict = field(default_factory=dict)
+    pending_g: dict = field(default_factory=dict)
+    calls: int = 0
+
+
+def _mask_and_ids(fn_sig: inspect.Signature | None, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    ids = kwargs.get("input_ids")
+    if fn_sig is not None and (mask is None or ids is None):
+        try:
+            bound = fn_sig.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = {}
+        mask = bound.get("attention_mask", mask)
+        ids = bound.get("input_ids", ids)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        mask = None  # 4-D custom masks carry no padding information we can trust
+    if not isinstance(ids, torch.Tensor):
+        ids = None
+    return mask, ids
+
+
+class Capture:
+    """The state of one capture; use through `capture(...)`."""
+
+    def __init__(self, model: nn.Module, probes=None, rule="zero", layout: Layout | None = None,
+                 fused: bool | str = "auto", data: dict | None = None, roles=("dense", "shared_expert")):
+        self.model = model
+        self.rule = Rule.parse(rule)
+        self.layout = layout or locate(model)
+        self.sites = [s for s in self.layout.ffns if s.role in roles]
+        if not self.sites:
+            raise CaptureError(
+                f"{type(model).__name__} has no dense or shared FFN the adapters know "
+                f"(adapter {self.layout.adapter!r} found {len(self.layout.routers)} routers, "
+                f"{len(self.layout.mixers)} mixers); activation probes need an FFN. "
+                "Register an adapter with wb.register_adapter if the model has FFNs under other names.")
+        self.probes = make_probes(probes)
+        self.fused = fused
+        self.handles: list[HookHandle] = []
+        self.call = _CallState()
+        norms = {}
+        if self.rule.needs_down_norms():
+            for s in self.sites:
+                norms[s.name] = s.down_column_norms()
+        self.ctx = ProbeContext(rule=self.rule, down_norms=norms)
+        self.run = Run(new_meta(model, self.layout, self.rule, data), probes=self.probes)
+        self._stats = next((p for p in self.probes if isinstance(p, NeuronStats)), None)
+        self._sketch = next((p for p in self.probes if isinstance(p, AbsSketch)), None)
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _on_model_call(self, module, args, kwargs):
+        mask, ids = _mask_and_ids(self._sig, args, kwargs)
+        self.call.mask = mask
+        self.call.input_ids = ids
+        self.call.valid_cache = {}
+        self.call.pending_g = {}
+        self.call.calls += 1
+
+    def _valid(self, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        key = (n, str(device))
+        hit = self.call.valid_cache.get(key)
+        if hit is not None:
+            return hit
+        mask, ids = self.call.mask, self.call.input_ids
+        valid = tok = None
+        if mask is not None:
+            b = mask.shape[0]
+            if n % b == 0 and mask.shape[1] >= n // b:
+                valid = (mask[:, -(n // b):] != 0).reshape(-1).to(device, non_blocking=True)
+            else:
+                raise CaptureError(
+                    f"an FFN saw {n} token rows but the call's attention_mask has shape "
+                    f"{tuple(mask.shape)}; pass an attention_mask matching the input (or none)")
+        if ids is not None and ids.dim() == 2 and n % ids.shape[0] == 0 and ids.shape[1] >= n // ids.shape[0]:
+            tok = ids[:, -(n // ids.shape[0]):].reshape(-1).to(device, non_blocking=True)
+        self.call.valid_cache[key] = (valid, tok)
+        return valid, tok
+
+    def _make_act_hook(self, site: FFNSite):
+        def hook(module, args, output):
+            self.call.pending_g[site.name] = output
+        return hook
+
+    def _make_down_hook(self, site: FFNSite, needs_g: bool):
+        def hook(module, args):
+            a = args[0]
+            a2 = a.reshape(-1, a.shape[-1])
+            g = None
+            if needs_g:
+                g = self.call.pending_g.pop(site.name, None)
+                if g is None:
+                    raise CaptureError(f"{site.name}: the rule {self.rule} needs act(gate) but the "
+                                       "activation module was not called before the down projection")
+                g = g.reshape(-1, g.shape[-1])
+            valid, tok = self._valid(a2.shape[0], a2.device)
+            batch = Batch(a=a2.detach(), g=None if g is None else g.detach(), valid=valid, token_ids=tok)
+            with torch.no_grad():
+                self._update(site, batch)
+        return hook
+
+    def _update(self, site: FFNSite, batch: Batch) -> None:
+        done = set()
+        if self._use_fused(batch.a, site):
+            from workbench.capture import fused
+
+            fused.update(site, batch, self.ctx, self._stats, self._sketch)
+            done = {id(self._stats), id(self._sketch)}
+        for p in self.probes:
+            if id(p) not in done:
+                p.update(site, batch, self.ctx)
+
+    def _use_fused(self, a: torch.Tensor, site: FFNSite) -> bool:
+        if self.fused is False or a.device.type != "cuda" or self._stats is None:
+            return False
+        if self.rule.elementwise(site.layer, site.kind == GATED) is None:
+            return False
+        from workbench.capture import fused
+
+        return fused.available()
+
+    def install(self) -> None:
+        try:
+            self._sig = inspect.signature(self.model.forward)
+        except (TypeError, ValueError):
+            self._sig = None
+        h = self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True, prepend=True)
+        self.handles.append(HookHandle("", "model_call", h))
+        for site in self.sites:
+            needs_g = self.rule.needs_gate_act(site.kind == GATED)
+            if needs_g:
+                if site.act is None:
+                    raise CaptureError(f"{site.name}: rule {self.rule} needs act(gate) but the adapter "
+                                       "found no activation module to hook")
+                h = site.act.register_forward_hook(self._make_act_hook(site))
+                self.handles.append(HookHandle(site.name, "act", h))
+            h = site.down.register_forward_pre_hook(self._make_down_hook(site, needs_g))
+            self.handles.append(HookHandle(site.name, "down_input", h))
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+    def check_finite(self) -> None:
+        """Deferred NaN/Inf check (one host sync per capture)."""
+        if self._stats is None:
+            return
+        bad = []
+        for s in self.sites:
+            st = self._stats.state.get(s.name)
+            if st is not None and int(st["nonfinite"]) > 0:
+                bad.append(f"layer {s.layer} ({s.name}): {int(st['nonfinite'])} non-finite activations")
+        if bad:
+            raise CaptureError("NaN/Inf in FFN activations: " + "; ".join(bad) +
+                               ". Check the model's dtype (fp16 overflow is common: try bfloat16 or "
+                               "float32) and its weights.")
+
+
+@contextmanager
+def capture(model: nn.Module, probes=None, rule="zero", *, layout: Layout | None = None,
+            fused: bool | str = "auto", data: dict | None = None):
+    """Capture FFN activation statistics over any number of forward calls.
+
+        with wb.capture(model, rule="zero") as run:
+            model(**batch)
+        run.summary()
+
+    probes: Probe instances or names (default: NeuronStats + AbsSketch). rule: "zero",
+    "fat(T)", "topk(k)", "magnitude(t)" or a Rule. Hooks are removed when the block exits, also
+    on exceptions and KeyboardInterrupt. On exit the statistics move to the host and are checked
+    for NaN/Inf (CaptureError names the layer; the partial run is on the error as `.run`).
+    """
+    cap = Capture(model, probes=probes, rule=rule, layout=layout, fused=fused, data=data)
+    cap.install()
+    try:
+        yield cap.run
+    finally:
+        cap.remove()
+    cap.run.meta.setdefault("data", {})["forward_calls"] = cap.call.calls
+    try:
+        cap.check_finite()
+    except CaptureError as exc:
+        cap.run.finalize()
+        exc.run = cap.run
+        raise
+    cap.run.finalize()
+
+
+def active_hooks(model: nn.Module) -> int:
+    """Number of forward (pre-)hooks on the model and its submodules (0 after a capture)."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_pre_hooks) + len(m._forward_hooks)
+    return n

@@ -1,0 +1,5 @@
+"""Model loading (hub id, local directory, zoo:NAME) and the workbench's own architectures."""
+
+from workbench.models.loading import load_model, load_tokenizer
+
+__all__ = ["load_model", "load_tokenizer"]

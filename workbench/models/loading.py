@@ -1,0 +1,172 @@
+"""`load_model(source)`: a hub id, a local directory or `zoo:NAME`, with its tokenizer.
+
+- hub ids resolve through the normal Hugging Face cache (`huggingface_hub.snapshot_download`),
+  so they work online and, with HF_HUB_OFFLINE=1, from a populated cache;
+- local directories need config.json and weights; safetensors are used, pickle checkpoints
+  (*.bin, *.pt) are refused unless `allow_pickle=True`;
+- `zoo:NAME` loads a model of the offline zoo (data/zoo/NAME);
+- `trust_remote_code` is off unless asked for; `device`, `dtype` and `device_map` pass through;
+- a config.json `activation_threshold` T turns the ReLU FFN activations into FATReLU(T).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workbench.errors import ModelLoadError
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class FATReLU(nn.Module):
+    """FATReLU(T): x where x > T, else 0 (ProSparse's threshold shift of ReLU)."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = float(threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > self.threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}"
+
+
+def _resolve_source(source: str | os.PathLike, *, revision=None, cache_dir=None, allow_pickle=False) -> tuple[Path, str]:
+    s = str(source)
+    if s.startswith("zoo:"):
+        from workbench.models import zoo
+
+        return zoo.resolve(s[4:]), s
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{p} is a file; pass the model's directory (with config.json)")
+        return p, str(p.resolve())
+    if s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise ModelLoadError(f"local model directory {s!r} does not exist")
+    # a hub id: go through the Hugging Face cache (honours HF_HUB_OFFLINE / HF_HOME)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    allow = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+    if allow_pickle:
+        allow += ["*.bin", "*.pt"]
+    try:
+        local = snapshot_download(repo_id=s, revision=revision, cache_dir=cache_dir, allow_patterns=allow)
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"{s!r} is not in the Hugging Face cache and the hub cannot be reached "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online "
+            "(huggingface-cli download ID) or pass a local directory.") from exc
+    except HFValidationError as exc:
+        raise ModelLoadError(f"{s!r} is neither an existing directory, zoo:NAME, nor a valid hub id ({exc})") from exc
+    except Exception as exc:  # network errors, gated repos, missing repos
+        raise ModelLoadError(f"could not fetch {s!r} from the hub: {exc}") from exc
+    return Path(local), s
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; a model directory needs config.json and weights")
+    files = [f.name for f in path.iterdir()]
+    has_st = any(f.endswith(".safetensors") for f in files)
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if not has_st and pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} holds only pickle checkpoints ({', '.join(sorted(pickles))}); loading a pickle can "
+            "run arbitrary code. Convert them to safetensors, or pass allow_pickle=True if you trust "
+            "the source.")
+    if not has_st and not pickles:
+        raise ModelLoadError(f"{path} has no weights (*.safetensors)")
+
+
+def apply_activation_threshold(model: nn.Module, threshold: float) -> int:
+    """Swap every ReLU activation module of the FFNs for FATReLU(threshold); returns the count."""
+    from workbench.adapters import locate
+
+    n = 0
+    for site in locate(model).ffns:
+        act = site.act
+        if act is None or not isinstance(act, nn.ReLU):
+            continue
+        parent_name, _, child = _module_path(model, act).rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FATReLU(threshold))
+        n += 1
+    return n
+
+
+def _module_path(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ModelLoadError("activation module not found in the model")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        return None
+
+
+def load_model(source: str | os.PathLike, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None, device_map=None, trust_remote_code: bool = False,
+               allow_pickle: bool = False, revision: str | None = None, cache_dir: str | None = None,
+               apply_threshold: bool = True, **kwargs) -> nn.Module:
+    """Load a causal LM (or any AutoModel) for the workbench, tokenizer attached as `.tokenizer`.
+
+    source: "zoo:NAME", a local directory, or a hub id ("org/name"). Extra keyword arguments go
+    to `from_pretrained`.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    import workbench.models  # noqa: F401  (registers the workbench's own architectures)
+
+    path, label = _resolve_source(source, revision=revision, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    _check_weights(path, allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}. If the model needs its own "
+                             "code, pass trust_remote_code=True only if you trust it.") from exc
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    load_kwargs = dict(kwargs, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None)
+    if dtype is not None:
+        load_kwargs["dtype"] = dtype
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    archs = getattr(config, "architectures", None) or []
+    auto_classes = [transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM, transformers.AutoModel]
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        auto_classes = auto_classes[1:]
+    model, last = None, None
+    for auto in auto_classes:
+        try:
+            model = auto.from_pretrained(str(path), config=config, **load_kwargs)
+            break
+        except ValueError as exc:  # unrecognized configuration class for this auto class
+            last = exc
+        except OSError as exc:
+            raise ModelLoadError(f"cannot load weights from {path}: {exc}") from exc
+    if model is None:
+        raise ModelLoadError(f"no transformers model class for {path} (model_type "
+                             f"{config.model_type!r}): {last}")
+    if device is not None and device_map is None:
+        model = model.to(device)
+    model.eval()
+    threshold = getattr(config, "activation_threshold", None)
+    if threshold is not None and apply_threshold:
+        apply_activation_threshold(model, float(threshold))
+    model.tokenizer = load_tokenizer(path)
+    model.wb_source = label
+    return model
