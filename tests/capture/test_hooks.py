@@ -1,0 +1,131 @@
+"""Hooks never outlive a capture; nesting and dispatched (device_map / offloaded) models work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import workbench as wb
+from tests import tiny
+from workbench.capture import active_hooks
+from workbench.errors import CaptureError
+
+
+def _ids(seed=0, b=2, t=7):
+    return torch.randint(1, tiny.VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_hooks_removed_after_exception():
+    model = tiny.build("llama")
+    before = active_hooks(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with wb.capture(model):
+            model(input_ids=_ids())
+            raise RuntimeError("boom")
+    assert active_hooks(model) == before
+
+
+def test_hooks_removed_after_keyboard_interrupt():
+    model = tiny.build("gpt2")
+    before = active_hooks(model)
+    with pytest.raises(KeyboardInterrupt):
+        with wb.capture(model, rule="fat(0.1)"):
+            model(input_ids=_ids())
+            raise KeyboardInterrupt
+    assert active_hooks(model) == before
+
+
+def test_hooks_removed_when_forward_fails():
+    model = tiny.build("llama")
+    before = active_hooks(model)
+    with pytest.raises(IndexError):
+        with wb.capture(model):
+            model(input_ids=torch.full((1, 3), 10_000))  # out-of-vocabulary ids
+    assert active_hooks(model) == before
+
+
+def test_nested_captures_see_the_same_calls():
+    model = tiny.build("llama")
+    ids = _ids(1)
+    with wb.capture(model, rule="zero") as outer:
+        model(input_ids=ids)
+        with wb.capture(model, rule="fat(0.05)") as inner:
+            model(input_ids=ids)
+        model(input_ids=ids)
+    assert active_hooks(model) == 0
+    o = outer.summary().set_index("name")
+    i = inner.summary().set_index("name")
+    assert (o["tokens"] == 3 * ids.numel()).all()
+    assert (i["tokens"] == ids.numel()).all()
+    alone = wb.profile(model, ids, rule="fat(0.05)", progress=False).summary().set_index("name")
+    assert (i["token_sparsity"] == alone["token_sparsity"]).all()
+
+
+def test_no_attention_mask_counts_every_token():
+    model = tiny.build("qwen2")
+    ids = _ids(2, b=3, t=5)
+    with wb.capture(model) as run:
+        model(ids)  # positional input_ids, no mask
+    assert (run.summary()["tokens"] == 15).all()
+
+
+def test_nan_activations_name_the_layer():
+    model = tiny.build("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(CaptureError, match=r"layer 1 \(model.layers.1.mlp\)") as err:
+        with wb.capture(model):
+            model(input_ids=_ids())
+    assert active_hooks(model) == 0
+    assert err.value.run is not None
+
+
+def test_capture_on_dispatched_model(tmp_path):
+    from accelerate import disk_offload
+
+    ids = _ids(3)
+    ref_model = tiny.build("llama")
+    ref = wb.profile(ref_model, ids, rule=wb.Rule.magnitude(0.01), progress=False).summary()
+    model = tiny.build("llama")
+    disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    before = active_hooks(model)
+    got = wb.profile(model, ids, rule=wb.Rule.magnitude(0.01), progress=False).summary()
+    assert active_hooks(model) == before
+    assert got["token_sparsity"].tolist() == ref["token_sparsity"].tolist()
+    assert got["max_abs"].tolist() == ref["max_abs"].tolist()
+
+
+def test_capture_on_device_map_loaded_model(tmp_path):
+    model = tiny.build("llama")
+    model.save_pretrained(tmp_path / "m")
+    loaded = wb.load_model(tmp_path / "m", device_map={"": "cpu"})
+    ids = _ids(4)
+    a = wb.profile(model, ids, progress=False).summary()
+    b = wb.profile(loaded, ids, progress=False).summary()
+    assert a["token_sparsity"].tolist() == b["token_sparsity"].tolist()
+
+
+def test_generate_with_left_padding_excludes_pads():
+    model = tiny.build("llama")
+    ids = _ids(5, b=2, t=6)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with wb.capture(model) as run:
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    # prompt: 12 - 3 padded; then 2 new tokens fed per row for the 2 decode steps after the first
+    tokens = run.summary()["tokens"].iloc[0]
+    assert tokens == 9 + 2 * 2
+
+
+def test_wb_capture_is_the_function_after_submodule_imports():
+    import workbench.capture.probes  # noqa: F401
+
+    assert callable(wb.capture)
+
+
+def test_model_without_ffn_gives_clear_error():
+    model = tiny.build("mamba")
+    with pytest.raises(CaptureError, match="no dense or shared FFN"):
+        with wb.capture(model):
+            pass
