@@ -1,0 +1,115 @@
+"""Sparse decode kernels (Triton) with torch references, imported as ``workbench.kernels``.
+
+Public functions (all take ``backend=None | "triton" | "torch"`` and ``config=None``):
+
+- sparse_down(a, w_down_t)                               P1: input-sparse down projection
+- gated_up(x, gate, w_up, activation, threshold)         P2: up rows where act(gate) != 0
+- gate_up_predicted(x, logits, w_gate, w_up, ...)        P3: gate+up rows where logit > 0
+- sparse_ffn(x, w_gate, w_up, w_down_t, ...)             P2: whole FFN, gate dense
+- sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, ...)   P3
+- chunk_ffn(x, w_gate, w_up, w_down_t, ..., dense_fraction)   P4: union over a chunk of tokens
+- moe_blocks(x, w_router, norm_weight, w_up, w_down_t, eps)   P4: ReLU-routed MoE blocks
+- predictor_logits(x, w1, w2, b1, b2), router_scores(x, w_router, norm_weight, eps)
+
+Dispatch (one place, ``_dispatch``): Triton when every tensor is on CUDA (or TRITON_INTERPRET=1)
+and triton imports, else the torch reference; backend="triton" that cannot run raises KernelError.
+Weight layouts: see ``workbench.kernels.layout``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# Load every op's sub-package before the public functions below are defined: importing a
+# sub-package binds its name (sparse_ffn, chunk_ffn, moe_blocks) on this package, and the
+# functions of the same names must win.
+from . import layout
+from ._common import pick_backend, triton_available
+from .chunk_ffn import reference as _chunk_ref  # noqa: F401
+from .moe_blocks.reference import router_scores
+from .predictor.reference import default_width, predictor_logits
+from .sparse_ffn import reference as _ffn_ref  # noqa: F401
+from .sparse_gemv import reference as _gemv_ref  # noqa: F401
+
+_OPS = {
+    "sparse_down": "sparse_gemv",
+    "gated_up": "sparse_ffn",
+    "gate_up_predicted": "sparse_ffn",
+    "sparse_ffn": "sparse_ffn",
+    "sparse_ffn_predicted": "sparse_ffn",
+    "chunk_ffn": "chunk_ffn",
+    "moe_blocks": "moe_blocks",
+}
+
+
+def _dispatch(op: str, backend: str | None, tensors: list[torch.Tensor]):
+    be = pick_backend(backend, *[t for t in tensors if isinstance(t, torch.Tensor)])
+    mod = importlib.import_module(f".{_OPS[op]}.{'triton' if be == 'triton' else 'reference'}",
+                                  __name__)
+    return getattr(mod, op)
+
+
+def sparse_down(a, w_down_t, *, backend=None, config=None):
+    """y [T, d_model] = a [T, d_ff] @ w_down_t [d_ff, d_model], skipping zero activations."""
+    return _dispatch("sparse_down", backend, [a, w_down_t])(a, w_down_t, config=config)
+
+
+def gated_up(x, gate, w_up, *, activation="relu", threshold=0.0, backend=None, config=None):
+    """a [T, d_ff] = act(gate) * (x @ w_up^T), up rows read only where act(gate) != 0."""
+    f = _dispatch("gated_up", backend, [x, gate, w_up])
+    return f(x, gate, w_up, activation=activation, threshold=threshold, config=config)
+
+
+def gate_up_predicted(x, logits, w_gate, w_up, *, activation="relu", threshold=0.0, backend=None,
+                      config=None):
+    """a [T, d_ff] = act(x W_g^T) * (x W_u^T) * [logits > 0], rows read only where predicted."""
+    f = _dispatch("gate_up_predicted", backend, [x, logits, w_gate, w_up])
+    return f(x, logits, w_gate, w_up, activation=activation, threshold=threshold, config=config)
+
+
+def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, backend=None,
+               config=None):
+    """Exact sparse gated FFN (gate dense): y [T, d_model]."""
+    f = _dispatch("sparse_ffn", backend, [x, w_gate, w_up, w_down_t])
+    return f(x, w_gate, w_up, w_down_t, activation=activation, threshold=threshold, config=config)
+
+
+def sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, *, b_pred1=None,
+                         b_pred2=None, activation="relu", threshold=0.0, backend=None, config=None):
+    """Gated FFN sparse on a Deja Vu predictor's mask (predictor included): y [T, d_model]."""
+    f = _dispatch("sparse_ffn_predicted", backend, [x, w_gate, w_up, w_down_t, w_pred1, w_pred2])
+    return f(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, b_pred1=b_pred1, b_pred2=b_pred2,
+             activation=activation, threshold=threshold, config=config)
+
+
+def chunk_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, dense_fraction=0.6,
+              backend=None, config=None):
+    """Chunk-union gated FFN for T = 2..64 tokens (exact): y [T, d_model]."""
+    f = _dispatch("chunk_ffn", backend, [x, w_gate, w_up, w_down_t])
+    return f(x, w_gate, w_up, w_down_t, activation=activation, threshold=threshold,
+             dense_fraction=dense_fraction, config=config)
+
+
+def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, backend=None, config=None):
+    """ReLU-routed MoE blocks (BlockFFN): y [T, d_model] = sum_i A_i down_i(SiLU(up_i x))."""
+    f = _dispatch("moe_blocks", backend, [x, w_router, norm_weight, w_up, w_down_t])
+    return f(x, w_router, norm_weight, w_up, w_down_t, eps=eps, config=config)
+
+
+__all__ = [
+    "chunk_ffn",
+    "default_width",
+    "gate_up_predicted",
+    "gated_up",
+    "layout",
+    "moe_blocks",
+    "pick_backend",
+    "predictor_logits",
+    "router_scores",
+    "sparse_down",
+    "sparse_ffn",
+    "sparse_ffn_predicted",
+    "triton_available",
+]

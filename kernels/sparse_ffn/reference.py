@@ -1,0 +1,65 @@
+"""Torch references of the output-sparse gate/up and the sparse gated FFN (CPU fallback).
+
+Same signatures as sparse_ffn.triton; fp32 arithmetic, the down projection's input `a` rounded to
+the model dtype (as the kernels store it), the output in the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._common import check_activation, check_ffn
+from ..sparse_gemv.reference import sparse_down
+
+
+def _act(g: torch.Tensor, thr: float) -> torch.Tensor:
+    return torch.where(g > thr, g, torch.zeros_like(g))
+
+
+def gated_up(x, gate, w_up, *, activation="relu", threshold=0.0, config=None):
+    """a = act(gate) * (x @ w_up^T), exact mode (gate computed densely beforehand).
+
+    x [T, d_model]; gate [T, d_ff] (pre-activation); w_up [d_ff, d_model] -> a [T, d_ff].
+    """
+    thr = check_activation(activation, threshold)
+    x2, was_1d = check_ffn(x, w_up)
+    g = gate.reshape(x2.shape[0], -1).float()
+    a = (_act(g, thr) * (x2.float() @ w_up.float().t())).to(x2.dtype)
+    return a[0] if was_1d else a
+
+
+def gate_up_predicted(x, logits, w_gate, w_up, *, activation="relu", threshold=0.0, config=None):
+    """a = act(x @ w_gate^T) * (x @ w_up^T) * [logits > 0], per token (predicted mode)."""
+    thr = check_activation(activation, threshold)
+    x2, was_1d = check_ffn(x, w_up, w_gate=w_gate)
+    lg = logits.reshape(x2.shape[0], -1).float()
+    xf = x2.float()
+    g = xf @ w_gate.float().t()
+    a = (_act(g, thr) * (xf @ w_up.float().t()) * (lg > 0)).to(x2.dtype)
+    return a[0] if was_1d else a
+
+
+def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, config=None):
+    """Gated ReLU/FATReLU FFN, y = (act(x W_g^T) * (x W_u^T)) W_down^T, exact sparsity.
+
+    The gate is computed densely in the model dtype (as cuBLAS does on the fast path).
+    x [T, d_model]; w_gate, w_up, w_down_t [d_ff, d_model] -> y [T, d_model].
+    """
+    x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
+    gate = F.linear(x2, w_gate)
+    a = gated_up(x2, gate, w_up, activation=activation, threshold=threshold)
+    y = sparse_down(a, w_down_t)
+    return y[0] if was_1d else y
+
+
+def sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, *, b_pred1=None,
+                         b_pred2=None, activation="relu", threshold=0.0, config=None):
+    """Gated FFN with gate and up both sparse on a Deja Vu predictor's mask (logit > 0)."""
+    from ..predictor.reference import predictor_logits
+
+    x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
+    logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
+    a = gate_up_predicted(x2, logits, w_gate, w_up, activation=activation, threshold=threshold)
+    y = sparse_down(a, w_down_t)
+    return y[0] if was_1d else y

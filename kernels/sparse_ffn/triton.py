@@ -1,0 +1,288 @@
+"""Output-sparse row kernel: the FFN's first layer(s) computed only on active neurons.
+
+One kernel, three modes (constexpr MODE), all producing the down projection's input
+a [T, rows] in the model dtype, zero on inactive neurons:
+- MODE 0 (exact, gate dense): SRC holds the gate pre-activations g [T, d_ff] (computed densely,
+  e.g. by cuBLAS); a neuron is active when act(g) != 0 (ReLU / FATReLU: g > threshold) on any
+  token; only those rows of W_up [d_ff, d_model] are read; a = act(g) * u.
+- MODE 1 (predicted): SRC holds predictor logits [T, d_ff]; rows with logit > 0 on any token are
+  read from both W_gate and W_up; a = act(g) * u * [logit > 0] per token.
+- MODE 2 (ReLU-routed MoE blocks, BlockFFN): SRC holds router logits A0 [T, E]; the router score
+  A = RMSNorm(ReLU(A0)) * norm_weight is computed in-kernel; row r belongs to expert r // d_e;
+  rows of experts with A != 0 on any token are read from W_up [E * d_e, d_model];
+  a = SiLU(u) * A[t, expert].
+
+Grid: (row blocks of BR neurons) x (NUM_DS slices of d_model), slice fastest. Each program ranks
+its block's active rows in registers, reads only those rows of its d_model slice, and adds its
+partial dot products into an fp32 workspace with atomics; a per-row-block ticket lets the last
+slice program apply the activation, write `a` and re-zero the workspace (single launch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import dense_count, dot_f32
+
+
+@triton.jit
+def _rows_partial(X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x,
+                  MODE: tl.constexpr, T_PAD: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                  DS: tl.constexpr, DOT_F32: tl.constexpr):
+    if T_PAD == 1:
+        accu = tl.zeros([BK, BD], dtype=tl.float32)
+        accg = tl.zeros([BK, BD], dtype=tl.float32)
+    else:
+        accu = tl.zeros([BK, T_PAD], dtype=tl.float32)
+        accg = tl.zeros([BK, T_PAD], dtype=tl.float32)
+    for dd in range(0, DS, BD):
+        offs_d = d0 + dd + tl.arange(0, BD)
+        d_ok = offs_d < D
+        wmask = r_ok[:, None] & d_ok[None, :]
+        wu = tl.load(WU + rows[:, None] * D + offs_d[None, :], mask=wmask, other=0.0)
+        if MODE == 1:
+            wg = tl.load(WG + rows[:, None] * D + offs_d[None, :], mask=wmask, other=0.0)
+        if T_PAD == 1:
+            xv = tl.load(X + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            accu += wu.to(tl.float32) * xv[None, :]
+            if MODE == 1:
+                accg += wg.to(tl.float32) * xv[None, :]
+        else:
+            xt = tl.load(X + offs_t[None, :] * stride_x + offs_d[:, None],
+                         mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+            if DOT_F32:
+                accu = tl.dot(wu.to(tl.float32), xt.to(tl.float32), accu)
+                if MODE == 1:
+                    accg = tl.dot(wg.to(tl.float32), xt.to(tl.float32), accg)
+            else:
+                accu = tl.dot(wu, xt, accu)
+                if MODE == 1:
+                    accg = tl.dot(wg, xt, accg)
+    if T_PAD == 1:
+        return tl.sum(accu, axis=1)[:, None], tl.sum(accg, axis=1)[:, None]
+    return accu, accg
+
+
+@triton.jit
+def _sparse_rows_kernel(
+    X, SRC, NW, WG, WU, OUT, UACC, GACC, CNT,
+    T, R, D, E, D_E, stride_x, stride_src, stride_out, NUM_DS,
+    threshold, eps,
+    MODE: tl.constexpr, T_PAD: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    BD: tl.constexpr, DS: tl.constexpr, E_PAD: tl.constexpr, DENSE_CNT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_d = pid % NUM_DS
+    pid_r = pid // NUM_DS
+
+    offs_br = tl.arange(0, BR)
+    rows_b = pid_r * BR + offs_br
+    r_in = rows_b < R
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = offs_t < T
+    m2 = t_ok[:, None] & r_in[None, :]
+
+    # which neurons of this block are active, per token [T_PAD, BR]
+    if MODE == 2:
+        offs_e = tl.arange(0, E_PAD)
+        e_ok = offs_e < E
+        a0 = tl.load(SRC + offs_t[:, None] * stride_src + offs_e[None, :],
+                     mask=t_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+        a1 = tl.maximum(a0, 0.0)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(a1 * a1, axis=1) / E + eps)  # [T_PAD]
+        ex = rows_b // D_E
+        a0r = tl.load(SRC + offs_t[:, None] * stride_src + ex[None, :], mask=m2, other=0.0)
+        nwr = tl.load(NW + ex, mask=r_in, other=0.0).to(tl.float32)
+        score = tl.maximum(a0r.to(tl.float32), 0.0) * inv_rms[:, None] * nwr[None, :]
+        active = score != 0.0
+    else:
+        src = tl.load(SRC + offs_t[:, None] * stride_src + rows_b[None, :], mask=m2,
+                      other=0.0).to(tl.float32)
+        if MODE == 0:
+            active = src > threshold
+        else:
+            active = src > 0.0
+    active = active & m2
+    act = tl.max(active.to(tl.int32), axis=0)  # union over tokens, [BR]
+    cnt = tl.sum(act, axis=0)
+
+    d0 = pid_d * DS
+    offs_b = tl.arange(0, BK)
+    if cnt > DENSE_CNT:
+        for i in range(0, BR, BK):
+            rows = pid_r * BR + i + offs_b
+            r_ok = rows < R
+            pu, pg = _rows_partial(X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x,
+                                   MODE, T_PAD, BK, BD, DS, DOT_F32)
+            pmask = r_ok[:, None] & t_ok[None, :]
+            tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
+            if MODE == 1:
+                tl.atomic_add(GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask,
+                              sem="relaxed")
+    else:
+        pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+        for i in range(0, cnt, BK):
+            j = i + offs_b
+            local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_br[None, :], 0), axis=1)
+            rows = pid_r * BR + local
+            r_ok = j < cnt
+            pu, pg = _rows_partial(X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x,
+                                   MODE, T_PAD, BK, BD, DS, DOT_F32)
+            pmask = r_ok[:, None] & t_ok[None, :]
+            tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
+            if MODE == 1:
+                tl.atomic_add(GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask,
+                              sem="relaxed")
+
+    tl.debug_barrier()
+    ticket = tl.atomic_add(CNT + pid_r, 1, sem="acq_rel")
+    if ticket == NUM_DS - 1:
+        uptr = UACC + offs_t[:, None] * R + rows_b[None, :]
+        zero = tl.zeros([T_PAD, BR], dtype=tl.float32)
+        u = tl.atomic_add(uptr, zero, mask=m2, sem="relaxed")  # coherent read
+        tl.store(uptr, zero, mask=m2)
+        if MODE == 0:
+            a = tl.where(active, src, 0.0) * u
+        elif MODE == 1:
+            gptr = GACC + offs_t[:, None] * R + rows_b[None, :]
+            g = tl.atomic_add(gptr, zero, mask=m2, sem="relaxed")
+            tl.store(gptr, zero, mask=m2)
+            a = tl.where(active & (g > threshold), g, 0.0) * u
+        else:
+            a = score * (u / (1.0 + tl.exp(-u)))
+        tl.store(OUT + offs_t[:, None] * stride_out + rows_b[None, :],
+                 a.to(OUT.dtype.element_ty), mask=m2)
+        tl.store(CNT + pid_r, 0)
+
+
+def default_rows_config(t: int, rows: int, d_model: int) -> dict:
+    ds = 1024 if d_model >= 2048 else min(512, triton.next_power_of_2(d_model))
+    if t == 1:
+        return dict(BR=64, BK=16, BD=min(256, ds), DS=ds, num_warps=4, num_stages=2,
+                    dense_fraction=0.6)
+    return dict(BR=64, BK=32, BD=min(128, ds), DS=ds, num_warps=4, num_stages=2,
+                dense_fraction=0.6)
+
+
+def launch_rows(mode: int, x: torch.Tensor, src: torch.Tensor, w_up: torch.Tensor,
+                w_gate: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                d_e: int = 1, threshold: float = 0.0, eps: float = 1e-6,
+                config: dict | None = None) -> torch.Tensor:
+    """Launch the row kernel; inputs are already checked by the public wrappers.
+
+    x [T, d_model]; src [T, R] (modes 0, 1) or [T, E] (mode 2); w_up/w_gate [R, d_model].
+    Returns a [T, R] in x's dtype.
+    """
+    from .._common import token_pad, workspace
+
+    t, d = x.shape
+    r = w_up.shape[0]
+    cfg = dict(default_rows_config(t, r, d))
+    if config:
+        cfg.update(config)
+    if cfg["DS"] % cfg["BD"] != 0:
+        raise ValueError("config: DS must be a multiple of BD")
+    t_pad = token_pad(t)
+    num_ds = triton.cdiv(d, cfg["DS"])
+    num_rb = triton.cdiv(r, cfg["BR"])
+    e = src.shape[1] if mode == 2 else 1
+    e_pad = triton.next_power_of_2(e) if mode == 2 else 1
+    uacc, gacc, cnt = workspace(
+        ("rows", mode, t, r, num_rb), x.device,
+        [(t * r, torch.float32), (t * r if mode == 1 else 1, torch.float32),
+         (num_rb, torch.int32)],
+    )
+    out = torch.empty((t, r), dtype=x.dtype, device=x.device)
+    wg = w_gate if w_gate is not None else w_up
+    nw = norm_weight if norm_weight is not None else src
+    _sparse_rows_kernel[(num_rb * num_ds,)](
+        x, src, nw, wg, w_up, out, uacc, gacc, cnt,
+        t, r, d, e, d_e, x.stride(0), src.stride(0), out.stride(0), num_ds,
+        float(threshold), float(eps),
+        MODE=mode, T_PAD=t_pad, BR=cfg["BR"], BK=cfg["BK"], BD=cfg["BD"], DS=cfg["DS"],
+        E_PAD=e_pad, DENSE_CNT=dense_count(cfg["BR"], cfg["dense_fraction"]),
+        DOT_F32=dot_f32(x.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _check_src(name: str, src: torch.Tensor, t: int, r: int) -> torch.Tensor:
+    from workbench.errors import KernelError
+
+    s = src.reshape(t, -1) if src.dim() == 1 else src
+    if s.dim() != 2 or tuple(s.shape) != (t, r):
+        raise KernelError(f"{name} must be [{t}, {r}] (tokens x d_ff), got {tuple(src.shape)}")
+    if s.stride(1) != 1:
+        s = s.contiguous()
+    return s
+
+
+def gated_up(x, gate, w_up, *, activation="relu", threshold=0.0, config=None):
+    """a = act(gate) * (x @ w_up^T), reading only W_up rows where act(gate) != 0 on some token.
+
+    x [T, d_model] (or [d_model]); gate [T, d_ff] pre-activations from the dense gate GEMV;
+    w_up [d_ff, d_model]. Returns a [T, d_ff] in x's dtype (zeros on inactive neurons).
+    """
+    from .._common import check_activation, check_ffn
+
+    thr = check_activation(activation, threshold)
+    x2, was_1d = check_ffn(x, w_up)
+    g = _check_src("gate", gate, x2.shape[0], w_up.shape[0])
+    a = launch_rows(0, x2, g, w_up, threshold=thr, config=config)
+    return a[0] if was_1d else a
+
+
+def gate_up_predicted(x, logits, w_gate, w_up, *, activation="relu", threshold=0.0, config=None):
+    """a = act(x W_g^T) * (x W_u^T) * [logits > 0]; gate and up rows read only where predicted."""
+    from .._common import check_activation, check_ffn
+
+    thr = check_activation(activation, threshold)
+    x2, was_1d = check_ffn(x, w_up, w_gate=w_gate)
+    lg = _check_src("logits", logits, x2.shape[0], w_up.shape[0])
+    a = launch_rows(1, x2, lg, w_up, w_gate=w_gate, threshold=thr, config=config)
+    return a[0] if was_1d else a
+
+
+def _split(config):
+    config = config or {}
+    return config.get("rows"), config.get("down")
+
+
+def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, config=None):
+    """Exact sparse gated FFN: dense gate (cuBLAS), sparse up fused with act*mul, sparse down.
+
+    x [T, d_model]; w_gate, w_up [d_ff, d_model] (nn.Linear layout); w_down_t [d_ff, d_model].
+    config: optional {"rows": {...}, "down": {...}} block-shape overrides.
+    """
+    import torch.nn.functional as F
+
+    from .._common import check_ffn
+    from ..sparse_gemv.triton import sparse_down
+
+    x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
+    crow, cdown = _split(config)
+    gate = F.linear(x2, w_gate)
+    a = gated_up(x2, gate, w_up, activation=activation, threshold=threshold, config=crow)
+    y = sparse_down(a, w_down_t, config=cdown)
+    return y[0] if was_1d else y
+
+
+def sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, *, b_pred1=None,
+                         b_pred2=None, activation="relu", threshold=0.0, config=None):
+    """Gated FFN with a Deja Vu predictor: predictor GEMVs (cuBLAS), then gate and up read only
+    on predicted rows (one kernel), then the sparse down projection."""
+    from .._common import check_ffn
+    from ..predictor.reference import predictor_logits
+    from ..sparse_gemv.triton import sparse_down
+
+    x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
+    crow, cdown = _split(config)
+    logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
+    a = gate_up_predicted(x2, logits, w_gate, w_up, activation=activation, threshold=threshold,
+                          config=crow)
+    y = sparse_down(a, w_down_t, config=cdown)
+    return y[0] if was_1d else y

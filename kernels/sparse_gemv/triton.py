@@ -1,0 +1,166 @@
+"""Input-sparse GEMV / small GEMM for the down projection: y = a @ W_down^T.
+
+Design (one launch, graph-capturable, no host synchronisation):
+- W_down is stored transposed, [d_ff, d_model], so each active neuron's weights are one
+  contiguous row of d_model elements.
+- Grid: (d_ff chunks) x (d_model column blocks), column block fastest so that programs of one
+  chunk run side by side and read neighbouring parts of the same rows.
+- Each program loads its chunk of the activations for every token, takes the union of nonzeros
+  across tokens, and compacts the active row numbers in registers (cumsum + rank match); it then
+  reads only the active rows of its [CHUNK, BN] tile. When more than DENSE_CNT rows of the chunk
+  are active it reads the whole chunk instead (dense fallback: no compaction work).
+- Split-K reduction in fp32 through atomics into a zeroed workspace; a per-column-block ticket
+  lets the last program of each column block cast the sum to the output dtype and re-zero the
+  workspace, so no separate memset or cast kernel is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import (
+    as_tokens,
+    check_2d,
+    check_dtype,
+    check_mult16,
+    check_same_device,
+    check_tokens,
+    dense_count,
+    dot_f32,
+    token_pad,
+    workspace,
+)
+
+
+@triton.jit
+def _acc_down_rows(acc, A, W, rows, r_ok, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
+                   T_PAD: tl.constexpr, DOT_F32: tl.constexpr):
+    w = tl.load(W + rows[:, None] * stride_w + offs_n[None, :],
+                mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    if T_PAD == 1:
+        a = tl.load(A + rows, mask=r_ok, other=0.0)
+        acc += a[:, None].to(tl.float32) * w.to(tl.float32)
+    else:
+        a = tl.load(A + offs_t[:, None] * stride_a + rows[None, :],
+                    mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, w, acc)
+    return acc
+
+
+@triton.jit
+def _sparse_down_kernel(
+    A, W, Y, ACC, CNT,
+    T, K, N, stride_a, stride_w, stride_y, NUM_NB, NUM_CHUNKS,
+    T_PAD: tl.constexpr, CHUNK: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    DENSE_CNT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = pid % NUM_NB
+    pid_c = pid // NUM_NB
+
+    offs_ck = tl.arange(0, CHUNK)
+    rows_c = pid_c * CHUNK + offs_ck
+    in_k = rows_c < K
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = offs_t < T
+    a_c = tl.load(A + offs_t[:, None] * stride_a + rows_c[None, :],
+                  mask=t_ok[:, None] & in_k[None, :], other=0.0)
+    act = tl.max((a_c != 0).to(tl.int32), axis=0)  # union over tokens, [CHUNK]
+    cnt = tl.sum(act, axis=0)
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    offs_b = tl.arange(0, BK)
+    if T_PAD == 1:
+        acc = tl.zeros([BK, BN], dtype=tl.float32)
+    else:
+        acc = tl.zeros([T_PAD, BN], dtype=tl.float32)
+
+    if cnt > DENSE_CNT:
+        for i in range(0, CHUNK, BK):
+            rows = pid_c * CHUNK + i + offs_b
+            acc = _acc_down_rows(acc, A, W, rows, rows < K, offs_t, t_ok, offs_n, n_ok,
+                                 stride_a, stride_w, T_PAD, DOT_F32)
+    else:
+        # rank of each active row inside the chunk; inactive rows get -1
+        pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+        for i in range(0, cnt, BK):
+            j = i + offs_b
+            local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
+            rows = pid_c * CHUNK + local
+            acc = _acc_down_rows(acc, A, W, rows, j < cnt, offs_t, t_ok, offs_n, n_ok,
+                                 stride_a, stride_w, T_PAD, DOT_F32)
+
+    if T_PAD == 1:
+        part = tl.sum(acc, axis=0)
+        ptrs = ACC + offs_n
+        pmask = n_ok
+        yptrs = Y + offs_n
+    else:
+        part = acc
+        ptrs = ACC + offs_t[:, None] * N + offs_n[None, :]
+        pmask = t_ok[:, None] & n_ok[None, :]
+        yptrs = Y + offs_t[:, None] * stride_y + offs_n[None, :]
+    if cnt > 0:
+        tl.atomic_add(ptrs, part, mask=pmask, sem="relaxed")
+    tl.debug_barrier()
+    ticket = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
+    if ticket == NUM_CHUNKS - 1:
+        zero = tl.zeros_like(part)
+        total = tl.atomic_add(ptrs, zero, mask=pmask, sem="relaxed")  # coherent read
+        tl.store(ptrs, zero, mask=pmask)
+        tl.store(yptrs, total.to(Y.dtype.element_ty), mask=pmask)
+        tl.store(CNT + pid_n, 0)
+
+
+def default_down_config(t: int, d_ff: int, d_model: int) -> dict:
+    """Block shapes by problem shape only (never by data, so the launch is graph-safe)."""
+    if t == 1:
+        return dict(CHUNK=256, BK=32, BN=256, num_warps=4, num_stages=2, dense_fraction=0.6)
+    if t <= 16:
+        return dict(CHUNK=256, BK=32, BN=128, num_warps=4, num_stages=2, dense_fraction=0.6)
+    return dict(CHUNK=512, BK=32, BN=128, num_warps=8, num_stages=2, dense_fraction=0.6)
+
+
+def sparse_down(a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+    """y = a @ w_down_t reading only the rows of w_down_t whose activation is nonzero.
+
+    a:        [T, d_ff] or [d_ff], fp16/bf16, T in 1..64 (union of nonzeros across tokens)
+    w_down_t: [d_ff, d_model], same dtype (see workbench.kernels.layout.down_rows)
+    returns   [T, d_model] (or [d_model]) in a's dtype, fp32 accumulation.
+    """
+    a2, was_1d = as_tokens(a, "a")
+    t, k = a2.shape
+    check_dtype("a", a2)
+    check_dtype("w_down_t", w_down_t, a2.dtype)
+    check_2d("w_down_t", w_down_t, (k, None))
+    check_same_device(a=a2, w_down_t=w_down_t)
+    n = w_down_t.shape[1]
+    check_mult16("d_ff", k)
+    check_mult16("d_model", n)
+    check_tokens(t)
+    if w_down_t.stride(1) != 1:
+        w_down_t = w_down_t.contiguous()
+    cfg = dict(default_down_config(t, k, n))
+    if config:
+        cfg.update(config)
+    t_pad = token_pad(t)
+    num_nb = triton.cdiv(n, cfg["BN"])
+    num_chunks = triton.cdiv(k, cfg["CHUNK"])
+    acc, cnt = workspace(("down", t, n, num_nb), a2.device,
+                         [(t * n, torch.float32), (num_nb, torch.int32)])
+    y = torch.empty((t, n), dtype=a2.dtype, device=a2.device)
+    _sparse_down_kernel[(num_nb * num_chunks,)](
+        a2, w_down_t, y, acc, cnt,
+        t, k, n, a2.stride(0), w_down_t.stride(0), y.stride(0), num_nb, num_chunks,
+        T_PAD=t_pad, CHUNK=cfg["CHUNK"], BK=cfg["BK"], BN=cfg["BN"],
+        DENSE_CNT=dense_count(cfg["CHUNK"], cfg["dense_fraction"]),
+        DOT_F32=dot_f32(a2.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y[0] if was_1d else y

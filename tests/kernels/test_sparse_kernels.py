@@ -1,0 +1,315 @@
+"""Triton kernels vs float64 references: interpreter on CPU, compiled on CUDA (``-m gpu``).
+
+Every case draws fresh random inputs from a generator seeded per case; token counts are odd
+(plus 1 and 8 where the kernels switch paths); masks are random, all-zero and all-active.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+import workbench.kernels as K
+
+from workbench.errors import KernelError
+
+DTYPES = [torch.float16, torch.bfloat16]
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+
+# small block shapes so that the tiny test problems still span several programs, chunks,
+# d_model slices and partially filled tiles
+CPU_DOWN = dict(CHUNK=64, BK=16, BN=32)
+CPU_ROWS = dict(BR=32, BK=16, BD=16, DS=32)
+CPU_SHAPE = (48, 208)  # d_model, d_ff: multiples of 16, neither a power of two
+GPU_SHAPE = (512, 1376)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _setup(device):
+    if device == "cpu":
+        return CPU_SHAPE, CPU_DOWN, CPU_ROWS
+    return GPU_SHAPE, None, None
+
+
+def _rel(out, ref) -> float:
+    assert torch.isfinite(out).all(), "non-finite output"
+    ref = ref.double()
+    den = ref.norm().item()
+    err = (out.double() - ref).norm().item()
+    return err / den if den > 0 else err
+
+
+def _mask(kind, shape, g, density=0.3):
+    if kind == "zero":
+        return torch.zeros(shape, dtype=torch.bool)
+    if kind == "full":
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.rand(shape, generator=g) < density
+
+
+def _weights(g, rows, d, dtype, device, n=1, scale=None):
+    scale = scale or d**-0.5
+    return [(torch.randn(rows, d, generator=g) * scale).to(dtype).to(device) for _ in range(n)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,kind", [(1, "rand"), (3, "rand"), (5, "zero"), (7, "full"),
+                                         (1, "zero"), (1, "full"), (8, "rand")])
+def test_sparse_down(device, dtype, tokens, kind):
+    (d, f), cdown, _ = _setup(device)
+    g = _gen("down", device, dtype, tokens, kind)
+    a = torch.randn(tokens, f, generator=g) * _mask(kind, (tokens, f), g, density=0.15)
+    a = a.to(dtype).to(device)
+    (w,) = _weights(g, f, d, dtype, device)
+    ref = a.double().cpu() @ w.double().cpu()
+    for _ in range(2):  # the second call checks that the workspace was left zeroed
+        y = K.sparse_down(a, w, backend="triton", config=cdown)
+        assert y.shape == (tokens, d) and y.dtype == dtype
+        if kind == "zero":
+            assert (y == 0).all()
+        else:
+            assert _rel(y.cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_down_1d_and_reference(device):
+    (d, f), cdown, _ = _setup(device)
+    g = _gen("down1d", device)
+    a = (torch.randn(f, generator=g) * _mask("rand", (f,), g)).half().to(device)
+    (w,) = _weights(g, f, d, torch.float16, device)
+    y = K.sparse_down(a, w, backend="triton", config=cdown)
+    r = K.sparse_down(a, w, backend="torch")
+    assert y.shape == (d,) and _rel(y.cpu(), r.cpu()) < 4e-3
+
+
+def _controlled_gate(g, x, rows, mask, dtype, margin=0.5):
+    """W_gate [rows, d] with sign(x_t . W_gate[i]) = +1 exactly where mask[t, i]."""
+    t, d = x.shape
+    w0 = torch.randn(rows, d, generator=g, dtype=torch.float64) * d**-0.5
+    xf = x.double()
+    g0 = w0 @ xf.t()  # [rows, t]
+    target = (g0.abs() + margin) * torch.where(mask.t(), 1.0, -1.0)
+    corr = torch.linalg.solve(xf @ xf.t(), (target - g0).t()).t() @ xf
+    return (w0 + corr).to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,kind,act", [(1, "rand", "relu"), (3, "rand", "fatrelu"),
+                                             (5, "zero", "relu"), (1, "full", "relu"),
+                                             (7, "full", "fatrelu")])
+def test_gated_up_and_ffn_exact(device, dtype, tokens, kind, act):
+    (d, f), cdown, crows = _setup(device)
+    g = _gen("exact", device, dtype, tokens, kind, act)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wg = _controlled_gate(g, x, f, _mask(kind, (tokens, f), g, 0.2), dtype).to(device)
+    wu, wdt = _weights(g, f, d, dtype, device, n=2)
+    x = x.to(device)
+    thr = 0.05 if act == "fatrelu" else 0.0
+    gate = F.linear(x, wg)
+    a = K.gated_up(x, gate, wu, activation=act, threshold=thr, backend="triton", config=crows)
+    gf = gate.double().cpu()
+    a_ref = torch.where(gf > thr, gf, 0.0) * (x.double().cpu() @ wu.double().cpu().t())
+    assert a.shape == (tokens, f)
+    if kind == "zero":
+        assert (a == 0).all()
+    else:
+        assert _rel(a.cpu(), a_ref) < TOL[dtype]
+    cfg = None if cdown is None else {"rows": crows, "down": cdown}
+    for _ in range(2):
+        y = K.sparse_ffn(x, wg, wu, wdt, activation=act, threshold=thr, backend="triton",
+                         config=cfg)
+        y_ref = a_ref.to(dtype).double() @ wdt.double().cpu()
+        if kind == "zero":
+            assert (y == 0).all()
+        else:
+            assert _rel(y.cpu(), y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,kind", [(1, "rand"), (3, "rand"), (1, "zero"), (5, "full")])
+def test_predicted_ffn(device, dtype, tokens, kind):
+    (d, f), cdown, crows = _setup(device)
+    width = d // 4
+    g = _gen("pred", device, dtype, tokens, kind)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wg, wu, wdt = _weights(g, f, d, dtype, "cpu", n=3)
+    (w1,) = _weights(g, width, d, dtype, "cpu")
+    h = torch.relu(F.linear(x, w1)).to(dtype)
+    if kind == "zero":
+        w2 = (-torch.ones(f, width)).to(dtype)  # logits < 0 wherever h > 0
+        h = h + 0  # keep
+    else:
+        w2 = _controlled_gate(g, h.float() + 1e-3, f, _mask(kind, (tokens, f), g, 0.25), dtype)
+    dev = [t.to(device) for t in (x, wg, wu, wdt, w1, w2)]
+    x, wg, wu, wdt, w1, w2 = dev
+    logits = K.predictor_logits(x, w1, w2)
+    a = K.gate_up_predicted(x, logits, wg, wu, backend="triton", config=crows)
+    xf = x.double().cpu()
+    gg = xf @ wg.double().cpu().t()
+    a_ref = torch.relu(gg) * (xf @ wu.double().cpu().t()) * (logits.cpu() > 0)
+    if kind == "zero":
+        assert (a == 0).all() if (logits <= 0).all() else True
+    assert _rel(a.cpu(), a_ref) < TOL[dtype] or (a_ref == 0).all()
+    cfg = None if cdown is None else {"rows": crows, "down": cdown}
+    y = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, backend="triton", config=cfg)
+    y_ref = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, backend="torch")
+    if (a_ref == 0).all():
+        assert (y == 0).all()
+    else:
+        assert _rel(y.cpu(), y_ref.cpu()) < TOL[dtype]
+
+
+def _union_mask(g, tokens, f, cls):
+    """Controlled union: (1 - cls) * f neurons form the union, each token inside it, every union
+    neuron used by at least one token."""
+    n_u = max(1, round((1 - cls) * f))
+    union = torch.randperm(f, generator=g)[:n_u]
+    m = torch.zeros(tokens, f, dtype=torch.bool)
+    inside = torch.rand(tokens, n_u, generator=g) < 0.5
+    inside[torch.randint(0, tokens, (n_u,), generator=g), torch.arange(n_u)] = True
+    m[:, union] = inside
+    return m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,cls,frac", [(3, 0.7, 0.6), (9, 0.5, 0.6), (5, 0.8, 1.0),
+                                             (17, 0.0, 0.3)])
+def test_chunk_ffn(device, dtype, tokens, cls, frac):
+    (d, f), cdown, crows = _setup(device)
+    g = _gen("chunk", device, dtype, tokens, cls, frac)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    m = _union_mask(g, tokens, f, cls)
+    wg = _controlled_gate(g, x, f, m, dtype).to(device)
+    wu, wdt = _weights(g, f, d, dtype, device, n=2)
+    x = x.to(device)
+    cfg = None if cdown is None else {"rows": crows, "down": cdown}
+    y = K.chunk_ffn(x, wg, wu, wdt, dense_fraction=frac, backend="triton", config=cfg)
+    xf = x.double().cpu()
+    a_ref = torch.relu(xf @ wg.double().cpu().t()) * (xf @ wu.double().cpu().t())
+    y_ref = a_ref.to(dtype).double() @ wdt.double().cpu()
+    assert y.shape == (tokens, d)
+    assert _rel(y.cpu(), y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,kind", [(1, "rand"), (3, "rand"), (5, "zero"), (7, "full")])
+def test_moe_blocks(device, dtype, tokens, kind):
+    (d, f), cdown, crows = _setup(device)
+    n_exp = 13
+    d_e = 16
+    g = _gen("moe", device, dtype, tokens, kind)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wr = _controlled_gate(g, x, n_exp, _mask(kind, (tokens, n_exp), g, 0.3), dtype)
+    nw = (torch.rand(n_exp, generator=g) + 0.5).to(dtype)
+    wu, wdt = _weights(g, n_exp * d_e, d, dtype, "cpu", n=2)
+    x, wr, nw, wu, wdt = (t.to(device) for t in (x, wr, nw, wu, wdt))
+    cfg = None if cdown is None else {"rows": crows, "down": cdown}
+    for _ in range(2):
+        y = K.moe_blocks(x, wr, nw, wu, wdt, backend="triton", config=cfg)
+        xf = x.double().cpu()
+        a1 = torch.relu(xf @ wr.double().cpu().t())
+        sc = a1 * torch.rsqrt(a1.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double().cpu()
+        h = F.silu(xf @ wu.double().cpu().t()) * sc.repeat_interleave(d_e, 1)
+        y_ref = h.to(dtype).double() @ wdt.double().cpu()
+        if kind == "zero":
+            assert (y == 0).all()
+        else:
+            assert _rel(y.cpu(), y_ref) < TOL[dtype]
+
+
+def test_errors_name_cause_and_fix(monkeypatch):
+    a = torch.zeros(1, 40, dtype=torch.float16)
+    with pytest.raises(KernelError, match="multiple of 16"):
+        K.sparse_down(a, torch.zeros(40, 32, dtype=torch.float16), backend="triton")
+    with pytest.raises(KernelError, match="float16 or bfloat16"):
+        K.sparse_down(torch.zeros(1, 32), torch.zeros(32, 32), backend="triton")
+    with pytest.raises(KernelError, match="dtype"):
+        K.sparse_down(torch.zeros(1, 32, dtype=torch.float16),
+                      torch.zeros(32, 32, dtype=torch.bfloat16), backend="triton")
+    with pytest.raises(KernelError, match=r"\[d_ff, d_model\]"):
+        K.sparse_down(torch.zeros(1, 32, dtype=torch.float16),
+                      torch.zeros(48, 32, dtype=torch.float16), backend="triton")
+    with pytest.raises(KernelError, match="tokens"):
+        K.sparse_down(torch.zeros(65, 32, dtype=torch.float16),
+                      torch.zeros(32, 32, dtype=torch.float16), backend="triton")
+    with pytest.raises(KernelError, match="exact zeros"):
+        K.sparse_ffn(torch.zeros(1, 32, dtype=torch.float16), *[torch.zeros(32, 32).half()] * 3,
+                     activation="silu")
+    with pytest.raises(KernelError, match="unknown backend"):
+        K.sparse_down(a, a.t(), backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(KernelError, match="not on a CUDA device"):
+            K.sparse_down(torch.zeros(1, 32, dtype=torch.float16),
+                          torch.zeros(32, 32, dtype=torch.float16), backend="triton")
+        # automatic choice falls back to the reference on CPU tensors
+        y = K.sparse_down(torch.ones(1, 32, dtype=torch.float16),
+                          torch.ones(32, 16, dtype=torch.float16))
+        assert (y == 32).all()
+
+
+def test_layout_helpers():
+    g = _gen("layout")
+    wd = torch.randn(32, 64, generator=g)
+    assert torch.equal(K.layout.down_rows(wd), wd.t())
+    ups = [torch.randn(16, 32, generator=g) for _ in range(3)]
+    downs = [torch.randn(32, 16, generator=g) for _ in range(3)]
+    wu, wdt = K.layout.stack_experts(ups, downs)
+    assert wu.shape == (48, 32) and torch.equal(wdt[16:32], downs[1].t())
+    wgu = torch.randn(64, 32, generator=g)
+    wg_, wu_ = K.layout.split_gate_up(wgu, 32)
+    assert torch.equal(wg_, wgu[:32]) and torch.equal(wu_, wgu[32:])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_graph_capture_and_large_shape(dtype):
+    """Compiled kernels at a real shape, captured in a CUDA graph and replayed on new inputs."""
+    d, f = 4096, 11008
+    g = _gen("graph", dtype)
+    x_static = torch.zeros(1, d, dtype=dtype, device="cuda")
+    xs = [torch.randn(1, d, generator=g).to(dtype).cuda() for _ in range(3)]
+    wg, wu, wdt = _weights(g, f, d, dtype, "cuda", n=3)
+    for x in xs[:1]:  # warm-up: compiles and allocates the workspaces
+        x_static.copy_(x)
+        K.sparse_ffn(x_static, wg, wu, wdt)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = K.sparse_ffn(x_static, wg, wu, wdt)
+    for x in xs:
+        x_static.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        xf = x.double()
+        a = (torch.relu(xf @ wg.double().t()) * (xf @ wu.double().t())).to(dtype).double()
+        assert _rel(y_static, a @ wdt.double()) < TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_repeated_calls_are_stable():
+    """Same inputs, many calls: a race in the split-K tickets would move the result."""
+    d, f = 2048, 8192
+    g = _gen("stable")
+    a = (torch.randn(3, f, generator=g) * (torch.rand(3, f, generator=g) < 0.1)).half().cuda()
+    (w,) = _weights(g, f, d, torch.float16, "cuda")
+    ref = (a.double() @ w.double())
+    outs = [K.sparse_down(a, w) for _ in range(20)]
+    for y in outs:
+        assert _rel(y, ref) < 4e-3
+    a1 = a[:1].contiguous()
+    outs = [K.sparse_down(a1, w) for _ in itertools.repeat(None, 20)]
+    assert all(_rel(y, a1.double() @ w.double()) < 4e-3 for y in outs)
