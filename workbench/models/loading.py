@@ -36,6 +36,33 @@ class FATReLU(nn.Module):
         return f"threshold={self.threshold}"
 
 
+#: Small models built from a config with seeded random weights: the demo's fallback while the zoo
+#: is not on disk, and a quick way to try the tooling without any download.
+BUILTIN_CONFIGS = {
+    "tiny-relu-llama": dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=512,
+                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                            hidden_act="relu", max_position_embeddings=1024),
+}
+
+
+def _build_builtin(name: str, dtype=None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name not in BUILTIN_CONFIGS:
+        raise ModelLoadError(f"unknown builtin model {name!r}; available: {sorted(BUILTIN_CONFIGS)}")
+    spec = dict(BUILTIN_CONFIGS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
 def _resolve_source(source: str | os.PathLike, *, revision=None, cache_dir=None, allow_pickle=False) -> tuple[Path, str]:
     s = str(source)
     if s.startswith("zoo:"):
@@ -123,7 +150,8 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device | None =
                apply_threshold: bool = True, **kwargs) -> nn.Module:
     """Load a causal LM (or any AutoModel) for the workbench, tokenizer attached as `.tokenizer`.
 
-    source: "zoo:NAME", a local directory, or a hub id ("org/name"). Extra keyword arguments go
+    source: "zoo:NAME", a local directory, a hub id ("org/name"), or "builtin:NAME" (a small
+    seeded random-weight model from `BUILTIN_CONFIGS`, no tokenizer). Extra keyword arguments go
     to `from_pretrained`.
     """
     import transformers
@@ -131,6 +159,15 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device | None =
 
     import workbench.models  # noqa: F401  (registers the workbench's own architectures)
 
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if str(source).startswith("builtin:"):
+        model = _build_builtin(str(source)[8:], dtype).eval()
+        if device is not None:
+            model = model.to(device)
+        model.tokenizer = None
+        model.wb_source = str(source)
+        return model
     path, label = _resolve_source(source, revision=revision, cache_dir=cache_dir, allow_pickle=allow_pickle)
     _check_weights(path, allow_pickle)
     try:
@@ -138,8 +175,6 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device | None =
     except ValueError as exc:
         raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}. If the model needs its own "
                              "code, pass trust_remote_code=True only if you trust it.") from exc
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     load_kwargs = dict(kwargs, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None)
     if dtype is not None:
         load_kwargs["dtype"] = dtype
