@@ -1,0 +1,44 @@
+"""Metrics: sparsity under the pinned rules, CETT and PPL-p% sparsity, activation predictors,
+chunk-level sparsity. Pure functions over a model + data or over tensors; results are tidy
+pandas tables that `store(run, name, df)` keeps inside a Run.
+
+    import workbench.metrics as wm
+    wm.sparsity_table(model, texts, rules=["zero", "fat(0.01)", "topk(64)"])
+    res = wm.ppl_sparsity(model, texts, p=1)      # res.sparsity, res.per_layer, res.curve
+    pred = wm.train_predictors(model, texts)      # pred.metrics, pred.save(dir)
+"""
+
+from workbench.metrics.cett import (
+    CETTCalibration,
+    LayerCETT,
+    cett,
+    cett_curve,
+    cett_search,
+    cett_thresholds,
+)
+from workbench.metrics.interventions import Intervention, intervene
+from workbench.metrics.ppl import NLL, nll, perplexity
+from workbench.metrics.predictor import (
+    LayerPredictor,
+    Predictors,
+    default_width,
+    load_predictors,
+    prediction_metrics,
+    save_predictors,
+    train_predictors,
+)
+from workbench.metrics.sparsity import (
+    PPLSparsity,
+    overall_activation_ratio,
+    ppl_sparsity,
+    sparsity_table,
+)
+from workbench.metrics.store import info, store, table, tables, tensors
+
+__all__ = [
+    "CETTCalibration", "Intervention", "LayerCETT", "LayerPredictor", "NLL", "PPLSparsity", "Predictors",
+    "cett", "cett_curve", "cett_search", "cett_thresholds", "default_width", "info", "intervene",
+    "load_predictors", "nll", "overall_activation_ratio", "perplexity", "ppl_sparsity",
+    "prediction_metrics", "save_predictors", "sparsity_table", "store", "table", "tables", "tensors",
+    "train_predictors",
+]

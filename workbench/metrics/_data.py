@@ -1,0 +1,204 @@
+"""Shared plumbing of the metrics: token batches with masks, and raw per-token collection.
+
+Every metric drives the forward passes itself, so it knows each call's attention mask. Padding
+(attention_mask == 0) is excluded from every statistic and every loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from workbench.adapters import GATED, FFNSite, Layout, locate
+from workbench.errors import AdapterError, CaptureError
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def ffn_sites(model: nn.Module, layout: Layout | None = None, roles=("dense", "shared_expert")) -> list[FFNSite]:
+    """The FFN sites of `model`; a clear AdapterError when there is none."""
+    layout = layout or locate(model)
+    sites = [s for s in layout.ffns if s.role in roles]
+    if not sites:
+        raise AdapterError(
+            f"{type(model).__name__} (adapter {layout.adapter!r}) has no dense FFN the adapters know "
+            f"({len(layout.routers)} routers, {len(layout.mixers)} mixers found): the activation "
+            "metrics need FFNs with a down projection. Register an adapter with wb.register_adapter "
+            "if the model has FFNs under other names.")
+    return sites
+
+
+def _texts(data) -> list[str] | None:
+    if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
+        return list(data)
+    if isinstance(data, (list, tuple)) and data and all(hasattr(t, "text") for t in data):
+        return [t.text for t in data]  # corpus Documents
+    return None
+
+
+def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None = None,
+                  batch_size: int = 8, max_length: int | None = 256, padding_side: str = "right",
+                  max_sequences: int | None = None) -> Batches:
+    """[(input_ids [B, S], attention_mask [B, S])] from texts, corpus Documents, a LongTensor of
+    ids [batch, tokens] (with an optional mask) or an existing list of (ids, mask) pairs.
+
+    Raises CaptureError when there is no valid (non-padding) token at all.
+    """
+    if isinstance(data, (list, tuple)) and data and all(isinstance(b, tuple) and len(b) == 2
+                                                         and isinstance(b[0], torch.Tensor) for b in data):
+        batches = [(ids, m) for ids, m in data]
+    elif isinstance(data, torch.Tensor):
+        ids = data[None] if data.dim() == 1 else data
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise CaptureError(f"token ids must be a LongTensor [batch, tokens]; got {ids.dtype} {tuple(ids.shape)}")
+        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
+        if mask.shape != ids.shape:
+            raise CaptureError(f"attention_mask shape {tuple(mask.shape)} != token ids shape {tuple(ids.shape)}")
+        if max_sequences is not None:
+            ids, mask = ids[:max_sequences], mask[:max_sequences]
+        batches = [(ids[i:i + batch_size].long(), mask[i:i + batch_size].long())
+                   for i in range(0, ids.shape[0], batch_size)]
+    else:
+        texts = _texts(data)
+        if texts is None:
+            if isinstance(data, (list, tuple)) and not data:
+                raise CaptureError("the dataset is empty: no texts or token ids to run the model on")
+            raise CaptureError("data must be texts, corpus Documents, a LongTensor of token ids "
+                               f"[batch, tokens] or a list of (ids, mask) pairs; got {type(data).__name__}")
+        if tokenizer is None:
+            raise CaptureError("got texts but no tokenizer: load the model with wb.load_model (it "
+                               "attaches one) or pass tokenizer=...")
+        rows = []
+        for t in texts:
+            ids = tokenizer(t, add_special_tokens=True, truncation=max_length is not None,
+                            max_length=max_length)["input_ids"]
+            if ids:
+                rows.append(list(ids))
+            if max_sequences is not None and len(rows) >= max_sequences:
+                break
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+        batches = []
+        for i in range(0, len(rows), batch_size):
+            batches.append(pad_rows(rows[i:i + batch_size], pad_id, padding_side))
+    if sum(int(m.sum()) for _, m in batches) == 0:
+        raise CaptureError("the dataset is empty: no valid (non-padding) tokens")
+    return batches
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int = 0, side: str = "right"):
+    """Pad token rows to one width; returns (ids [B, S], mask [B, S])."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    m = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[j, sl] = torch.tensor(list(r), dtype=torch.long)
+        m[j, sl] = 1
+    return ids, m
+
+
+def split_batches(batches: Batches, holdout: float) -> tuple[Batches, Batches]:
+    """Split by whole sequences: the last `holdout` fraction of sequences is held out."""
+    rows = [(ids[i], m[i]) for ids, m in batches for i in range(ids.shape[0])]
+    n_hold = max(1, round(len(rows) * holdout)) if holdout > 0 else 0
+    if n_hold >= len(rows):
+        raise CaptureError(f"cannot hold out {holdout:.0%} of {len(rows)} sequences and keep any for "
+                           "training; give more sequences")
+    bs = max(ids.shape[0] for ids, _ in batches)
+
+    def regroup(part):
+        return [(torch.stack([r[0] for r in part[i:i + bs]]), torch.stack([r[1] for r in part[i:i + bs]]))
+                for i in range(0, len(part), bs)]
+
+    return regroup(rows[: len(rows) - n_hold]), regroup(rows[len(rows) - n_hold:]) if n_hold else []
+
+
+@contextmanager
+def _hooks(handles: list):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def collect(model: nn.Module, batches: Batches, *, sites: list[FFNSite] | None = None,
+            want_x: bool = False, want_g: bool = False, max_tokens: int | None = None,
+            dtype: torch.dtype = torch.float32, store_device: str | torch.device | None = None) -> dict:
+    """Raw rows of the valid tokens, per FFN: {name: {"a": [N, d_ff], "x": [N, d_model], "g": ...}}.
+
+    a is the down projection's input, x the FFN input (input of the up/gate projection), g the
+    activation module's output (gated FFNs). Only the first `max_tokens` valid tokens are kept.
+    Raises CaptureError naming the layer when an activation is NaN/Inf.
+    """
+    sites = sites or ffn_sites(model)
+    device = model_device(model)
+    store_device = torch.device(store_device) if store_device is not None else device
+    out = {s.name: {"a": [], "x": [], "g": []} for s in sites}
+    state = {"valid": None}
+    handles = []
+
+    def keep(name, key, t):
+        t2 = t.reshape(-1, t.shape[-1])
+        v = state["valid"]
+        if v.shape[0] != t2.shape[0]:
+            raise CaptureError(f"{name}: saw {t2.shape[0]} token rows but the batch has {v.shape[0]} positions")
+        out[name][key].append(t2[v.to(t2.device)].detach().to(store_device, dtype))
+
+    for s in sites:
+        handles.append(s.down.register_forward_pre_hook(
+            lambda mod, args, name=s.name: keep(name, "a", args[0])))
+        if want_x:
+            src = s.gate if s.gate is not None else s.up
+            if src is None:
+                raise AdapterError(f"layer {s.layer} ({s.name}): no up/gate projection found to read the FFN input from")
+            handles.append(src.register_forward_pre_hook(
+                lambda mod, args, name=s.name: keep(name, "x", args[0])))
+        if want_g and s.kind == GATED:
+            if s.act is None:
+                raise AdapterError(f"layer {s.layer} ({s.name}): no activation module to read act(gate) from")
+            handles.append(s.act.register_forward_hook(
+                lambda mod, args, output, name=s.name: keep(name, "g", output)))
+    used = 0
+    with _hooks(handles), torch.no_grad():
+        for ids, m in batches:
+            if max_tokens is not None and used >= max_tokens:
+                break
+            if max_tokens is not None and used + int(m.sum()) > max_tokens:
+                rank = torch.cumsum(m.reshape(-1), 0).reshape(m.shape)
+                m = m * (rank <= max_tokens - used).long()
+            state["valid"] = m.reshape(-1) != 0
+            _forward(model, ids.to(device), m.to(device))
+            used += int(m.sum())
+    res = {}
+    for s in sites:
+        d = {k: torch.cat(v) for k, v in out[s.name].items() if v}
+        a = d.get("a")
+        if a is None or a.shape[0] == 0:
+            raise CaptureError(f"layer {s.layer} ({s.name}): no valid tokens reached this FFN "
+                               "(empty dataset, or a mask that is all padding)")
+        for k, t in d.items():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise CaptureError(
+                    f"layer {s.layer} ({s.name}): {bad} NaN/Inf values in the FFN "
+                    f"{'activation a' if k == 'a' else 'input' if k == 'x' else 'act(gate)'}. Check "
+                    "the model's dtype (fp16 overflow is common: try bfloat16 or float32) and weights.")
+        res[s.name] = d
+    return res
+
+
+def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+    return model(input_ids=ids, attention_mask=mask)

@@ -1,0 +1,181 @@
+"""Token-level sparsity under the pinned rules, and PPL-p% sparsity (Sparsing Law arXiv 2411.02335).
+
+`sparsity_table(model, data, rules)`: one row per (rule, layer) with token_sparsity and
+activation_ratio, measured through `wb.capture` (the same hooks and `Rule.active` as `profile`).
+
+`ppl_sparsity(model, data, p=1)`: the outer binary search on the CETT target shared by all layers
+(in [0, 1]) until the perplexity ratio exp(L_sparse - L_dense), both measured on the same tokens,
+is within 1 + p/100 +- 0.1 p/100. L_sparse is measured with the magnitude rule and the per-layer
+thresholds of the inner search (cett.py) applied during the forward pass (interventions.py). The
+activation ratio is then measured on the evaluation tokens with those thresholds applied, and
+compared with the `zero` rule's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from workbench.capture import capture
+from workbench.capture.rules import Rule
+from workbench.capture.run import Run
+from workbench.metrics._data import Batches, model_device, token_batches
+from workbench.metrics.cett import CETTCalibration
+from workbench.metrics.interventions import intervene
+from workbench.metrics.ppl import nll
+from workbench.metrics.store import store
+
+
+def _measure(model: nn.Module, batches: Batches, rule: Rule, *, apply: bool = False) -> Run:
+    """A Run (neuron_stats) of `model` over `batches` under `rule`; with apply=True the rule is
+    also applied during the forward (so later layers see the sparsified earlier ones)."""
+    device = model_device(model)
+    with torch.no_grad():
+        if apply:
+            with intervene(model, rule), capture(model, probes=["neuron_stats"], rule=rule) as run:
+                for ids, m in batches:
+                    model(input_ids=ids.to(device), attention_mask=m.to(device))
+        else:
+            with capture(model, probes=["neuron_stats"], rule=rule) as run:
+                for ids, m in batches:
+                    model(input_ids=ids.to(device), attention_mask=m.to(device))
+    return run
+
+
+def overall_activation_ratio(summary: pd.DataFrame) -> float:
+    """Active pairs / all pairs over every layer of a Run summary (weights layers by d_ff)."""
+    pairs = (summary["tokens"] * summary["d_ff"]).sum()
+    return float((summary["activation_ratio"] * summary["tokens"] * summary["d_ff"]).sum() / pairs)
+
+
+def sparsity_table(model: nn.Module, data, rules=("zero", "fat(0.01)"), *, tokenizer=None,
+                   batch_size: int = 8, max_length: int | None = 256) -> pd.DataFrame:
+    """Tidy table, one row per (rule, layer): rule, layer, name, activation, tokens,
+    token_sparsity, activation_ratio. Rules only observe here (nothing is zeroed)."""
+    batches = token_batches(data, tokenizer=tokenizer if tokenizer is not None else getattr(model, "tokenizer", None),
+                            batch_size=batch_size, max_length=max_length)
+    frames = []
+    for r in rules:
+        rule = Rule.parse(r)
+        s = _measure(model, batches, rule).summary()
+        s.insert(0, "rule", str(rule))
+        frames.append(s[["rule", "layer", "name", "activation", "d_ff", "tokens", "token_sparsity",
+                         "activation_ratio"]])
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass
+class PPLSparsity:
+    """Result of `ppl_sparsity`.
+
+    per_layer: layer, name, threshold, cett (on the calibration tokens), activation_ratio and
+    token_sparsity with the thresholds applied, zero_activation_ratio (the `zero` rule, dense).
+    curve: one row per outer step: step, target, ppl, ppl_ratio, activation_ratio (calibration
+    tokens), within (|ratio - goal| <= tolerance).
+    """
+
+    p: float
+    target: float
+    thresholds: dict[int, float]
+    dense_ppl: float
+    sparse_ppl: float
+    ppl_ratio: float
+    activation_ratio: float
+    zero_activation_ratio: float
+    converged: bool
+    eval_tokens: int
+    calib_tokens: int
+    per_layer: pd.DataFrame = field(repr=False)
+    curve: pd.DataFrame = field(repr=False)
+
+    @property
+    def sparsity(self) -> float:
+        """PPL-p% sparsity: 1 - activation ratio with the thresholds applied."""
+        return 1.0 - self.activation_ratio
+
+    @property
+    def reduction_vs_zero(self) -> float:
+        """Relative cut of the activation ratio against the `zero` rule (paper, ReLU: about 0.61)."""
+        return 1.0 - self.activation_ratio / self.zero_activation_ratio if self.zero_activation_ratio else float("nan")
+
+    @property
+    def rule(self) -> Rule:
+        return Rule.magnitude(self.thresholds)
+
+    def summary(self) -> dict:
+        return {"p": self.p, "target": self.target, "dense_ppl": self.dense_ppl, "sparse_ppl": self.sparse_ppl,
+                "ppl_ratio": self.ppl_ratio, "activation_ratio": self.activation_ratio,
+                "sparsity": self.sparsity, "zero_activation_ratio": self.zero_activation_ratio,
+                "reduction_vs_zero": self.reduction_vs_zero, "converged": self.converged,
+                "eval_tokens": self.eval_tokens, "calib_tokens": self.calib_tokens}
+
+    def store(self, run: Run, name: str | None = None) -> None:
+        """Store per_layer, curve and the summary in `run` under `ppl<p>_sparsity/...`."""
+        name = name or f"ppl{self.p:g}_sparsity"
+        store(run, f"{name}/per_layer", self.per_layer, info=self.summary())
+        store(run, f"{name}/curve", self.curve)
+
+
+def ppl_sparsity(model: nn.Module, data, p: float = 1.0, *, calib_data=None, tokenizer=None,
+                 batch_size: int = 8, max_length: int | None = 256, max_calib_tokens: int | None = 4096,
+                 n_candidates: int = 65536, quantile: float = 0.99, max_steps: int = 30,
+                 tolerance: float | None = None, calibration: CETTCalibration | None = None) -> PPLSparsity:
+    """PPL-p% sparsity of `model` on `data` (the evaluation tokens).
+
+    calib_data: tokens for the CETT thresholds (default: the evaluation data itself).
+    tolerance: accepted |ratio - (1 + p/100)| (default 0.1 p/100). max_steps bounds the outer
+    search; if it ends without reaching the tolerance, the step closest to the goal is returned
+    with converged=False.
+    """
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    batches = token_batches(data, tokenizer=tok, batch_size=batch_size, max_length=max_length)
+    cal = calibration or CETTCalibration.from_model(
+        model, calib_data if calib_data is not None else batches, tokenizer=tok, batch_size=batch_size,
+        max_length=max_length, max_tokens=max_calib_tokens, n_candidates=n_candidates, quantile=quantile)
+    goal = 1.0 + p / 100.0
+    tol = 0.1 * p / 100.0 if tolerance is None else float(tolerance)
+    dense = nll(model, batches)
+    steps, best = [], None
+    lo, hi = 0.0, 1.0
+    for step in range(max_steps):
+        target = (lo + hi) / 2
+        thr = cal.thresholds(target)
+        with intervene(model, Rule.magnitude(thr)):
+            sparse = nll(model, batches)
+        ratio = math.exp(sparse.mean - dense.mean)
+        calib_ar = sum(lc.activation_ratio(thr[lc.layer]) * lc.a.shape[1] for lc in cal.layers) / sum(
+            lc.a.shape[1] for lc in cal.layers)
+        within = abs(ratio - goal) <= tol
+        steps.append({"_thr": None, "step": step, "target": target, "ppl": sparse.ppl, "ppl_ratio": ratio,
+                      "activation_ratio": calib_ar, "within": within})
+        if best is None or abs(ratio - goal) < abs(best[2] - goal):
+            best = (target, thr, ratio, sparse.ppl)
+        if within:
+            break
+        if len(steps) >= 4 and all(st["_thr"] == thr for st in steps[-4:-1]):
+            break  # the thresholds stopped moving (capped at the candidates' range): no closer
+        steps[-1]["_thr"] = thr
+        if ratio > goal:
+            hi = target
+        else:
+            lo = target
+    target, thr, ratio, sparse_ppl = best
+    rule = Rule.magnitude(thr)
+    zero = _measure(model, batches, Rule()).summary()
+    run = _measure(model, batches, rule, apply=True).summary()
+    per_layer = pd.DataFrame({
+        "layer": run["layer"], "name": run["name"], "activation": run["activation"],
+        "threshold": [thr[int(L)] for L in run["layer"]],
+        "cett": [lc.search(target)[1] for lc in cal.layers],
+        "activation_ratio": run["activation_ratio"], "token_sparsity": run["token_sparsity"],
+        "zero_activation_ratio": zero["activation_ratio"].values,
+    })
+    return PPLSparsity(
+        p=p, target=target, thresholds=thr, dense_ppl=dense.ppl, sparse_ppl=sparse_ppl, ppl_ratio=ratio,
+        activation_ratio=overall_activation_ratio(run), zero_activation_ratio=overall_activation_ratio(zero),
+        converged=abs(ratio - goal) <= tol, eval_tokens=dense.tokens, calib_tokens=int(cal.layers[0].a.shape[0]),
+        per_layer=per_layer, curve=pd.DataFrame(steps).drop(columns="_thr"))
