@@ -1,0 +1,1 @@
+"""Figures (plotly) and views (Panel) of the workbench, imported as workbench.widgets."""
