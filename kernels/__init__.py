@@ -46,8 +46,9 @@ _OPS = {
 
 def _dispatch(op: str, backend: str | None, tensors: list[torch.Tensor]):
     be = pick_backend(backend, *[t for t in tensors if isinstance(t, torch.Tensor)])
-    mod = importlib.import_module(f".{_OPS[op]}.{'triton' if be == 'triton' else 'reference'}",
-                                  __name__)
+    mod = importlib.import_module(
+        f".{_OPS[op]}.{'triton' if be == 'triton' else 'reference'}", __name__
+    )
     return getattr(mod, op)
 
 
@@ -62,34 +63,78 @@ def gated_up(x, gate, w_up, *, activation="relu", threshold=0.0, backend=None, c
     return f(x, gate, w_up, activation=activation, threshold=threshold, config=config)
 
 
-def gate_up_predicted(x, logits, w_gate, w_up, *, activation="relu", threshold=0.0, backend=None,
-                      config=None):
+def gate_up_predicted(
+    x, logits, w_gate, w_up, *, activation="relu", threshold=0.0, backend=None, config=None
+):
     """a [T, d_ff] = act(x W_g^T) * (x W_u^T) * [logits > 0], rows read only where predicted."""
     f = _dispatch("gate_up_predicted", backend, [x, logits, w_gate, w_up])
     return f(x, logits, w_gate, w_up, activation=activation, threshold=threshold, config=config)
 
 
-def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, backend=None,
-               config=None):
+def sparse_ffn(
+    x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, backend=None, config=None
+):
     """Exact sparse gated FFN (gate dense): y [T, d_model]."""
     f = _dispatch("sparse_ffn", backend, [x, w_gate, w_up, w_down_t])
     return f(x, w_gate, w_up, w_down_t, activation=activation, threshold=threshold, config=config)
 
 
-def sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, *, b_pred1=None,
-                         b_pred2=None, activation="relu", threshold=0.0, backend=None, config=None):
+def sparse_ffn_predicted(
+    x,
+    w_gate,
+    w_up,
+    w_down_t,
+    w_pred1,
+    w_pred2,
+    *,
+    b_pred1=None,
+    b_pred2=None,
+    activation="relu",
+    threshold=0.0,
+    backend=None,
+    config=None,
+):
     """Gated FFN sparse on a Deja Vu predictor's mask (predictor included): y [T, d_model]."""
     f = _dispatch("sparse_ffn_predicted", backend, [x, w_gate, w_up, w_down_t, w_pred1, w_pred2])
-    return f(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, b_pred1=b_pred1, b_pred2=b_pred2,
-             activation=activation, threshold=threshold, config=config)
+    return f(
+        x,
+        w_gate,
+        w_up,
+        w_down_t,
+        w_pred1,
+        w_pred2,
+        b_pred1=b_pred1,
+        b_pred2=b_pred2,
+        activation=activation,
+        threshold=threshold,
+        config=config,
+    )
 
 
-def chunk_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, dense_fraction=0.6,
-              backend=None, config=None):
+def chunk_ffn(
+    x,
+    w_gate,
+    w_up,
+    w_down_t,
+    *,
+    activation="relu",
+    threshold=0.0,
+    dense_fraction=0.6,
+    backend=None,
+    config=None,
+):
     """Chunk-union gated FFN for T = 2..64 tokens (exact): y [T, d_model]."""
     f = _dispatch("chunk_ffn", backend, [x, w_gate, w_up, w_down_t])
-    return f(x, w_gate, w_up, w_down_t, activation=activation, threshold=threshold,
-             dense_fraction=dense_fraction, config=config)
+    return f(
+        x,
+        w_gate,
+        w_up,
+        w_down_t,
+        activation=activation,
+        threshold=threshold,
+        dense_fraction=dense_fraction,
+        config=config,
+    )
 
 
 def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, backend=None, config=None):

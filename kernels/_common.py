@@ -146,7 +146,11 @@ def workspace(key: tuple, device: torch.device, specs: list[tuple[int, torch.dty
     k = (key, str(device))
     ws = _WORKSPACES.get(k)
     if ws is None:
-        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if (
+            torch.cuda.is_available()
+            and device.type == "cuda"
+            and torch.cuda.is_current_stream_capturing()
+        ):
             raise KernelError(
                 "the kernel's workspace would be allocated during CUDA graph capture: run the "
                 "layer once before capturing (warm-up) so its buffers exist"
@@ -174,8 +178,12 @@ def check_activation(activation: str, threshold: float) -> float:
     return float(threshold)
 
 
-def check_ffn(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor | None = None,
-              w_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+def check_ffn(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor | None = None,
+    w_gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, bool]:
     """Validate an FFN call; returns x as [T, d_model] and whether it was 1-D."""
     x2, was_1d = as_tokens(x, "x")
     t, d = x2.shape
@@ -198,7 +206,9 @@ def check_ffn(x: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor | None
     check_same_device(**tensors)
     for name, w in tensors.items():
         if name != "x" and w.stride(1) != 1:
-            raise KernelError(f"{name} must have unit stride along d_model: pass {name}.contiguous()")
+            raise KernelError(
+                f"{name} must have unit stride along d_model: pass {name}.contiguous()"
+            )
     return x2, was_1d
 
 

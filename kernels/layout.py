@@ -30,11 +30,15 @@ def gate_up_rows(w: torch.Tensor) -> torch.Tensor:
 def split_gate_up(w_gate_up: torch.Tensor, d_ff: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fused gate_up_proj weight [2*d_ff, d_model] (gate first) -> (w_gate, w_up) views."""
     if w_gate_up.shape[0] != 2 * d_ff:
-        raise KernelError(f"fused gate/up weight has {w_gate_up.shape[0]} rows, expected {2 * d_ff}")
+        raise KernelError(
+            f"fused gate/up weight has {w_gate_up.shape[0]} rows, expected {2 * d_ff}"
+        )
     return w_gate_up[:d_ff], w_gate_up[d_ff:]
 
 
-def stack_experts(ups: list[torch.Tensor], downs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_experts(
+    ups: list[torch.Tensor], downs: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert nn.Linear weights -> (w_up [E*d_e, d_model], w_down_t [E*d_e, d_model]).
 
     ups[i]: [d_e, d_model] (up_i.weight); downs[i]: [d_model, d_e] (down_i.weight).
@@ -43,7 +47,9 @@ def stack_experts(ups: list[torch.Tensor], downs: list[torch.Tensor]) -> tuple[t
         raise KernelError("stack_experts needs one up and one down weight per expert")
     shapes = {tuple(u.shape) for u in ups}
     if len(shapes) != 1:
-        raise KernelError(f"experts have different up shapes {sorted(shapes)}: the blocks must be equal")
+        raise KernelError(
+            f"experts have different up shapes {sorted(shapes)}: the blocks must be equal"
+        )
     w_up = torch.cat([u.contiguous() for u in ups], dim=0)
     w_down_t = torch.cat([d.t() for d in downs], dim=0).contiguous()
     return w_up, w_down_t

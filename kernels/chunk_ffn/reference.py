@@ -7,8 +7,9 @@ from workbench.errors import KernelError
 from ..sparse_ffn.reference import sparse_ffn
 
 
-def chunk_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0,
-              dense_fraction=0.6, config=None):
+def chunk_ffn(
+    x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, dense_fraction=0.6, config=None
+):
     """Gated ReLU FFN over a chunk of T tokens; exact, so identical to the dense FFN.
 
     The fast path reads each weight row once for the whole chunk when any token needs it (the

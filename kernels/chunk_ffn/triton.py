@@ -12,8 +12,9 @@ from __future__ import annotations
 from ..sparse_ffn.triton import sparse_ffn
 
 
-def chunk_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0,
-              dense_fraction=0.6, config=None):
+def chunk_ffn(
+    x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, dense_fraction=0.6, config=None
+):
     """x [T, d_model] -> y [T, d_model]; see the module docstring."""
     from .._common import dense_count
 
@@ -23,5 +24,12 @@ def chunk_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0,
     down = dict(config.get("down") or {})
     rows.setdefault("dense_fraction", dense_fraction)
     down.setdefault("dense_fraction", dense_fraction)
-    return sparse_ffn(x, w_gate, w_up, w_down_t, activation=activation, threshold=threshold,
-                      config={"rows": rows, "down": down})
+    return sparse_ffn(
+        x,
+        w_gate,
+        w_up,
+        w_down_t,
+        activation=activation,
+        threshold=threshold,
+        config={"rows": rows, "down": down},
+    )

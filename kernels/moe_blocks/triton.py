@@ -21,7 +21,8 @@ def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, config=Non
     a0 = F.linear(x2, w_router)
     if a0.stride(1) != 1:
         a0 = a0.contiguous()
-    a = launch_rows(2, x2, a0, w_up, norm_weight=norm_weight, d_e=d_e, eps=eps,
-                    config=config.get("rows"))
+    a = launch_rows(
+        2, x2, a0, w_up, norm_weight=norm_weight, d_e=d_e, eps=eps, config=config.get("rows")
+    )
     y = sparse_down(a, w_down_t, config=config.get("down"))
     return y[0] if was_1d else y

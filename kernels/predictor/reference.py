@@ -18,8 +18,13 @@ def default_width(d_model: int) -> int:
     return min(1024, d_model // 4)
 
 
-def predictor_logits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                     b1: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+def predictor_logits(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> torch.Tensor:
     """logits [T, d_ff] = relu(x @ w1^T + b1) @ w2^T + b2.
 
     x [T, d_model]; w1 [w, d_model]; w2 [d_ff, w]; biases optional.

@@ -53,8 +53,20 @@ def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, c
     return y[0] if was_1d else y
 
 
-def sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, *, b_pred1=None,
-                         b_pred2=None, activation="relu", threshold=0.0, config=None):
+def sparse_ffn_predicted(
+    x,
+    w_gate,
+    w_up,
+    w_down_t,
+    w_pred1,
+    w_pred2,
+    *,
+    b_pred1=None,
+    b_pred2=None,
+    activation="relu",
+    threshold=0.0,
+    config=None,
+):
     """Gated FFN with gate and up both sparse on a Deja Vu predictor's mask (logit > 0)."""
     from ..predictor.reference import predictor_logits
 

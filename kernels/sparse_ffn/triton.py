@@ -28,9 +28,24 @@ from .._common import dense_count, dot_f32
 
 
 @triton.jit
-def _rows_partial(X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x,
-                  MODE: tl.constexpr, T_PAD: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-                  DS: tl.constexpr, DOT_F32: tl.constexpr):
+def _rows_partial(
+    X,
+    WG,
+    WU,
+    rows,
+    r_ok,
+    offs_t,
+    t_ok,
+    d0,
+    D,
+    stride_x,
+    MODE: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    DS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     if T_PAD == 1:
         accu = tl.zeros([BK, BD], dtype=tl.float32)
         accg = tl.zeros([BK, BD], dtype=tl.float32)
@@ -50,8 +65,11 @@ def _rows_partial(X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x,
             if MODE == 1:
                 accg += wg.to(tl.float32) * xv[None, :]
         else:
-            xt = tl.load(X + offs_t[None, :] * stride_x + offs_d[:, None],
-                         mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+            xt = tl.load(
+                X + offs_t[None, :] * stride_x + offs_d[:, None],
+                mask=t_ok[None, :] & d_ok[:, None],
+                other=0.0,
+            )
             if DOT_F32:
                 accu = tl.dot(wu.to(tl.float32), xt.to(tl.float32), accu)
                 if MODE == 1:
@@ -67,11 +85,34 @@ def _rows_partial(X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x,
 
 @triton.jit
 def _sparse_rows_kernel(
-    X, SRC, NW, WG, WU, OUT, UACC, GACC, CNT,
-    T, R, D, E, D_E, stride_x, stride_src, stride_out, NUM_DS,
-    threshold, eps,
-    MODE: tl.constexpr, T_PAD: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    BD: tl.constexpr, DS: tl.constexpr, E_PAD: tl.constexpr, DENSE_CNT: tl.constexpr,
+    X,
+    SRC,
+    NW,
+    WG,
+    WU,
+    OUT,
+    UACC,
+    GACC,
+    CNT,
+    T,
+    R,
+    D,
+    E,
+    D_E,
+    stride_x,
+    stride_src,
+    stride_out,
+    NUM_DS,
+    threshold,
+    eps,
+    MODE: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    DS: tl.constexpr,
+    E_PAD: tl.constexpr,
+    DENSE_CNT: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -89,8 +130,11 @@ def _sparse_rows_kernel(
     if MODE == 2:
         offs_e = tl.arange(0, E_PAD)
         e_ok = offs_e < E
-        a0 = tl.load(SRC + offs_t[:, None] * stride_src + offs_e[None, :],
-                     mask=t_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+        a0 = tl.load(
+            SRC + offs_t[:, None] * stride_src + offs_e[None, :],
+            mask=t_ok[:, None] & e_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         a1 = tl.maximum(a0, 0.0)
         inv_rms = 1.0 / tl.sqrt(tl.sum(a1 * a1, axis=1) / E + eps)  # [T_PAD]
         ex = rows_b // D_E
@@ -99,8 +143,9 @@ def _sparse_rows_kernel(
         score = tl.maximum(a0r.to(tl.float32), 0.0) * inv_rms[:, None] * nwr[None, :]
         active = score != 0.0
     else:
-        src = tl.load(SRC + offs_t[:, None] * stride_src + rows_b[None, :], mask=m2,
-                      other=0.0).to(tl.float32)
+        src = tl.load(SRC + offs_t[:, None] * stride_src + rows_b[None, :], mask=m2, other=0.0).to(
+            tl.float32
+        )
         if MODE == 0:
             active = src > threshold
         else:
@@ -115,13 +160,30 @@ def _sparse_rows_kernel(
         for i in range(0, BR, BK):
             rows = pid_r * BR + i + offs_b
             r_ok = rows < R
-            pu, pg = _rows_partial(X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x,
-                                   MODE, T_PAD, BK, BD, DS, DOT_F32)
+            pu, pg = _rows_partial(
+                X,
+                WG,
+                WU,
+                rows,
+                r_ok,
+                offs_t,
+                t_ok,
+                d0,
+                D,
+                stride_x,
+                MODE,
+                T_PAD,
+                BK,
+                BD,
+                DS,
+                DOT_F32,
+            )
             pmask = r_ok[:, None] & t_ok[None, :]
             tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
             if MODE == 1:
-                tl.atomic_add(GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask,
-                              sem="relaxed")
+                tl.atomic_add(
+                    GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed"
+                )
     else:
         pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
         for i in range(0, cnt, BK):
@@ -129,13 +191,30 @@ def _sparse_rows_kernel(
             local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_br[None, :], 0), axis=1)
             rows = pid_r * BR + local
             r_ok = j < cnt
-            pu, pg = _rows_partial(X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x,
-                                   MODE, T_PAD, BK, BD, DS, DOT_F32)
+            pu, pg = _rows_partial(
+                X,
+                WG,
+                WU,
+                rows,
+                r_ok,
+                offs_t,
+                t_ok,
+                d0,
+                D,
+                stride_x,
+                MODE,
+                T_PAD,
+                BK,
+                BD,
+                DS,
+                DOT_F32,
+            )
             pmask = r_ok[:, None] & t_ok[None, :]
             tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
             if MODE == 1:
-                tl.atomic_add(GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask,
-                              sem="relaxed")
+                tl.atomic_add(
+                    GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed"
+                )
 
     tl.debug_barrier()
     ticket = tl.atomic_add(CNT + pid_r, 1, sem="acq_rel")
@@ -153,24 +232,35 @@ def _sparse_rows_kernel(
             a = tl.where(active & (g > threshold), g, 0.0) * u
         else:
             a = score * (u / (1.0 + tl.exp(-u)))
-        tl.store(OUT + offs_t[:, None] * stride_out + rows_b[None, :],
-                 a.to(OUT.dtype.element_ty), mask=m2)
+        tl.store(
+            OUT + offs_t[:, None] * stride_out + rows_b[None, :],
+            a.to(OUT.dtype.element_ty),
+            mask=m2,
+        )
         tl.store(CNT + pid_r, 0)
 
 
 def default_rows_config(t: int, rows: int, d_model: int) -> dict:
     ds = 1024 if d_model >= 2048 else min(512, triton.next_power_of_2(d_model))
     if t == 1:
-        return dict(BR=64, BK=16, BD=min(256, ds), DS=ds, num_warps=4, num_stages=2,
-                    dense_fraction=0.6)
-    return dict(BR=64, BK=32, BD=min(128, ds), DS=ds, num_warps=4, num_stages=2,
-                dense_fraction=0.6)
+        return dict(
+            BR=64, BK=16, BD=min(256, ds), DS=ds, num_warps=4, num_stages=2, dense_fraction=0.6
+        )
+    return dict(BR=64, BK=32, BD=min(128, ds), DS=ds, num_warps=4, num_stages=2, dense_fraction=0.6)
 
 
-def launch_rows(mode: int, x: torch.Tensor, src: torch.Tensor, w_up: torch.Tensor,
-                w_gate: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                d_e: int = 1, threshold: float = 0.0, eps: float = 1e-6,
-                config: dict | None = None) -> torch.Tensor:
+def launch_rows(
+    mode: int,
+    x: torch.Tensor,
+    src: torch.Tensor,
+    w_up: torch.Tensor,
+    w_gate: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    d_e: int = 1,
+    threshold: float = 0.0,
+    eps: float = 1e-6,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Launch the row kernel; inputs are already checked by the public wrappers.
 
     x [T, d_model]; src [T, R] (modes 0, 1) or [T, E] (mode 2); w_up/w_gate [R, d_model].
@@ -191,21 +281,45 @@ def launch_rows(mode: int, x: torch.Tensor, src: torch.Tensor, w_up: torch.Tenso
     e = src.shape[1] if mode == 2 else 1
     e_pad = triton.next_power_of_2(e) if mode == 2 else 1
     uacc, gacc, cnt = workspace(
-        ("rows", mode, t, r, num_rb), x.device,
-        [(t * r, torch.float32), (t * r if mode == 1 else 1, torch.float32),
-         (num_rb, torch.int32)],
+        ("rows", mode, t, r, num_rb),
+        x.device,
+        [(t * r, torch.float32), (t * r if mode == 1 else 1, torch.float32), (num_rb, torch.int32)],
     )
     out = torch.empty((t, r), dtype=x.dtype, device=x.device)
     wg = w_gate if w_gate is not None else w_up
     nw = norm_weight if norm_weight is not None else src
     _sparse_rows_kernel[(num_rb * num_ds,)](
-        x, src, nw, wg, w_up, out, uacc, gacc, cnt,
-        t, r, d, e, d_e, x.stride(0), src.stride(0), out.stride(0), num_ds,
-        float(threshold), float(eps),
-        MODE=mode, T_PAD=t_pad, BR=cfg["BR"], BK=cfg["BK"], BD=cfg["BD"], DS=cfg["DS"],
-        E_PAD=e_pad, DENSE_CNT=dense_count(cfg["BR"], cfg["dense_fraction"]),
+        x,
+        src,
+        nw,
+        wg,
+        w_up,
+        out,
+        uacc,
+        gacc,
+        cnt,
+        t,
+        r,
+        d,
+        e,
+        d_e,
+        x.stride(0),
+        src.stride(0),
+        out.stride(0),
+        num_ds,
+        float(threshold),
+        float(eps),
+        MODE=mode,
+        T_PAD=t_pad,
+        BR=cfg["BR"],
+        BK=cfg["BK"],
+        BD=cfg["BD"],
+        DS=cfg["DS"],
+        E_PAD=e_pad,
+        DENSE_CNT=dense_count(cfg["BR"], cfg["dense_fraction"]),
         DOT_F32=dot_f32(x.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -271,8 +385,20 @@ def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, c
     return y[0] if was_1d else y
 
 
-def sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, *, b_pred1=None,
-                         b_pred2=None, activation="relu", threshold=0.0, config=None):
+def sparse_ffn_predicted(
+    x,
+    w_gate,
+    w_up,
+    w_down_t,
+    w_pred1,
+    w_pred2,
+    *,
+    b_pred1=None,
+    b_pred2=None,
+    activation="relu",
+    threshold=0.0,
+    config=None,
+):
     """Gated FFN with a Deja Vu predictor: predictor GEMVs (cuBLAS), then gate and up read only
     on predicted rows (one kernel), then the sparse down projection."""
     from .._common import check_ffn
@@ -282,7 +408,8 @@ def sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, *, b_pred1
     x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
     crow, cdown = _split(config)
     logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
-    a = gate_up_predicted(x2, logits, w_gate, w_up, activation=activation, threshold=threshold,
-                          config=crow)
+    a = gate_up_predicted(
+        x2, logits, w_gate, w_up, activation=activation, threshold=threshold, config=crow
+    )
     y = sparse_down(a, w_down_t, config=cdown)
     return y[0] if was_1d else y

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def sparse_down(a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+def sparse_down(
+    a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None = None
+) -> torch.Tensor:
     """y = a @ w_down_t, skipping the rows of w_down_t whose activation is zero on every token.
 
     a:        [T, d_ff] or [d_ff] activations (the down projection's input), fp16/bf16

@@ -35,16 +35,35 @@ from .._common import (
 
 
 @triton.jit
-def _acc_down_rows(acc, A, W, rows, r_ok, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
-                   T_PAD: tl.constexpr, DOT_F32: tl.constexpr):
-    w = tl.load(W + rows[:, None] * stride_w + offs_n[None, :],
-                mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+def _acc_down_rows(
+    acc,
+    A,
+    W,
+    rows,
+    r_ok,
+    offs_t,
+    t_ok,
+    offs_n,
+    n_ok,
+    stride_a,
+    stride_w,
+    T_PAD: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    w = tl.load(
+        W + rows[:, None] * stride_w + offs_n[None, :],
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
     if T_PAD == 1:
         a = tl.load(A + rows, mask=r_ok, other=0.0)
         acc += a[:, None].to(tl.float32) * w.to(tl.float32)
     else:
-        a = tl.load(A + offs_t[:, None] * stride_a + rows[None, :],
-                    mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        a = tl.load(
+            A + offs_t[:, None] * stride_a + rows[None, :],
+            mask=t_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
         else:
@@ -54,10 +73,25 @@ def _acc_down_rows(acc, A, W, rows, r_ok, offs_t, t_ok, offs_n, n_ok, stride_a, 
 
 @triton.jit
 def _sparse_down_kernel(
-    A, W, Y, ACC, CNT,
-    T, K, N, stride_a, stride_w, stride_y, NUM_NB, NUM_CHUNKS,
-    T_PAD: tl.constexpr, CHUNK: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    DENSE_CNT: tl.constexpr, DOT_F32: tl.constexpr,
+    A,
+    W,
+    Y,
+    ACC,
+    CNT,
+    T,
+    K,
+    N,
+    stride_a,
+    stride_w,
+    stride_y,
+    NUM_NB,
+    NUM_CHUNKS,
+    T_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+    DENSE_CNT: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
@@ -68,8 +102,11 @@ def _sparse_down_kernel(
     in_k = rows_c < K
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
-    a_c = tl.load(A + offs_t[:, None] * stride_a + rows_c[None, :],
-                  mask=t_ok[:, None] & in_k[None, :], other=0.0)
+    a_c = tl.load(
+        A + offs_t[:, None] * stride_a + rows_c[None, :],
+        mask=t_ok[:, None] & in_k[None, :],
+        other=0.0,
+    )
     act = tl.max((a_c != 0).to(tl.int32), axis=0)  # union over tokens, [CHUNK]
     cnt = tl.sum(act, axis=0)
 
@@ -84,8 +121,21 @@ def _sparse_down_kernel(
     if cnt > DENSE_CNT:
         for i in range(0, CHUNK, BK):
             rows = pid_c * CHUNK + i + offs_b
-            acc = _acc_down_rows(acc, A, W, rows, rows < K, offs_t, t_ok, offs_n, n_ok,
-                                 stride_a, stride_w, T_PAD, DOT_F32)
+            acc = _acc_down_rows(
+                acc,
+                A,
+                W,
+                rows,
+                rows < K,
+                offs_t,
+                t_ok,
+                offs_n,
+                n_ok,
+                stride_a,
+                stride_w,
+                T_PAD,
+                DOT_F32,
+            )
     else:
         # rank of each active row inside the chunk; inactive rows get -1
         pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
@@ -93,8 +143,21 @@ def _sparse_down_kernel(
             j = i + offs_b
             local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
             rows = pid_c * CHUNK + local
-            acc = _acc_down_rows(acc, A, W, rows, j < cnt, offs_t, t_ok, offs_n, n_ok,
-                                 stride_a, stride_w, T_PAD, DOT_F32)
+            acc = _acc_down_rows(
+                acc,
+                A,
+                W,
+                rows,
+                j < cnt,
+                offs_t,
+                t_ok,
+                offs_n,
+                n_ok,
+                stride_a,
+                stride_w,
+                T_PAD,
+                DOT_F32,
+            )
 
     if T_PAD == 1:
         part = tl.sum(acc, axis=0)
@@ -127,7 +190,9 @@ def default_down_config(t: int, d_ff: int, d_model: int) -> dict:
     return dict(CHUNK=512, BK=32, BN=128, num_warps=8, num_stages=2, dense_fraction=0.6)
 
 
-def sparse_down(a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None = None) -> torch.Tensor:
+def sparse_down(
+    a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None = None
+) -> torch.Tensor:
     """y = a @ w_down_t reading only the rows of w_down_t whose activation is nonzero.
 
     a:        [T, d_ff] or [d_ff], fp16/bf16, T in 1..64 (union of nonzeros across tokens)
@@ -152,15 +217,31 @@ def sparse_down(a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None 
     t_pad = token_pad(t)
     num_nb = triton.cdiv(n, cfg["BN"])
     num_chunks = triton.cdiv(k, cfg["CHUNK"])
-    acc, cnt = workspace(("down", t, n, num_nb), a2.device,
-                         [(t * n, torch.float32), (num_nb, torch.int32)])
+    acc, cnt = workspace(
+        ("down", t, n, num_nb), a2.device, [(t * n, torch.float32), (num_nb, torch.int32)]
+    )
     y = torch.empty((t, n), dtype=a2.dtype, device=a2.device)
     _sparse_down_kernel[(num_nb * num_chunks,)](
-        a2, w_down_t, y, acc, cnt,
-        t, k, n, a2.stride(0), w_down_t.stride(0), y.stride(0), num_nb, num_chunks,
-        T_PAD=t_pad, CHUNK=cfg["CHUNK"], BK=cfg["BK"], BN=cfg["BN"],
+        a2,
+        w_down_t,
+        y,
+        acc,
+        cnt,
+        t,
+        k,
+        n,
+        a2.stride(0),
+        w_down_t.stride(0),
+        y.stride(0),
+        num_nb,
+        num_chunks,
+        T_PAD=t_pad,
+        CHUNK=cfg["CHUNK"],
+        BK=cfg["BK"],
+        BN=cfg["BN"],
         DENSE_CNT=dense_count(cfg["CHUNK"], cfg["dense_fraction"]),
         DOT_F32=dot_f32(a2.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return y[0] if was_1d else y

@@ -62,8 +62,10 @@ def _weights(g, rows, d, dtype, device, n=1, scale=None):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,kind", [(1, "rand"), (3, "rand"), (5, "zero"), (7, "full"),
-                                         (1, "zero"), (1, "full"), (8, "rand")])
+@pytest.mark.parametrize(
+    "tokens,kind",
+    [(1, "rand"), (3, "rand"), (5, "zero"), (7, "full"), (1, "zero"), (1, "full"), (8, "rand")],
+)
 def test_sparse_down(device, dtype, tokens, kind):
     (d, f), cdown, _ = _setup(device)
     g = _gen("down", device, dtype, tokens, kind)
@@ -104,9 +106,16 @@ def _controlled_gate(g, x, rows, mask, dtype, margin=0.5):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,kind,act", [(1, "rand", "relu"), (3, "rand", "fatrelu"),
-                                             (5, "zero", "relu"), (1, "full", "relu"),
-                                             (7, "full", "fatrelu")])
+@pytest.mark.parametrize(
+    "tokens,kind,act",
+    [
+        (1, "rand", "relu"),
+        (3, "rand", "fatrelu"),
+        (5, "zero", "relu"),
+        (1, "full", "relu"),
+        (7, "full", "fatrelu"),
+    ],
+)
 def test_gated_up_and_ffn_exact(device, dtype, tokens, kind, act):
     (d, f), cdown, crows = _setup(device)
     g = _gen("exact", device, dtype, tokens, kind, act)
@@ -126,8 +135,9 @@ def test_gated_up_and_ffn_exact(device, dtype, tokens, kind, act):
         assert _rel(a.cpu(), a_ref) < TOL[dtype]
     cfg = None if cdown is None else {"rows": crows, "down": cdown}
     for _ in range(2):
-        y = K.sparse_ffn(x, wg, wu, wdt, activation=act, threshold=thr, backend="triton",
-                         config=cfg)
+        y = K.sparse_ffn(
+            x, wg, wu, wdt, activation=act, threshold=thr, backend="triton", config=cfg
+        )
         y_ref = a_ref.to(dtype).double() @ wdt.double().cpu()
         if kind == "zero":
             assert (y == 0).all()
@@ -184,8 +194,9 @@ def _union_mask(g, tokens, f, cls):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,cls,frac", [(3, 0.7, 0.6), (9, 0.5, 0.6), (5, 0.8, 1.0),
-                                             (17, 0.0, 0.3)])
+@pytest.mark.parametrize(
+    "tokens,cls,frac", [(3, 0.7, 0.6), (9, 0.5, 0.6), (5, 0.8, 1.0), (17, 0.0, 0.3)]
+)
 def test_chunk_ffn(device, dtype, tokens, cls, frac):
     (d, f), cdown, crows = _setup(device)
     g = _gen("chunk", device, dtype, tokens, cls, frac)
@@ -237,27 +248,43 @@ def test_errors_name_cause_and_fix(monkeypatch):
     with pytest.raises(KernelError, match="float16 or bfloat16"):
         K.sparse_down(torch.zeros(1, 32), torch.zeros(32, 32), backend="triton")
     with pytest.raises(KernelError, match="dtype"):
-        K.sparse_down(torch.zeros(1, 32, dtype=torch.float16),
-                      torch.zeros(32, 32, dtype=torch.bfloat16), backend="triton")
+        K.sparse_down(
+            torch.zeros(1, 32, dtype=torch.float16),
+            torch.zeros(32, 32, dtype=torch.bfloat16),
+            backend="triton",
+        )
     with pytest.raises(KernelError, match=r"\[d_ff, d_model\]"):
-        K.sparse_down(torch.zeros(1, 32, dtype=torch.float16),
-                      torch.zeros(48, 32, dtype=torch.float16), backend="triton")
+        K.sparse_down(
+            torch.zeros(1, 32, dtype=torch.float16),
+            torch.zeros(48, 32, dtype=torch.float16),
+            backend="triton",
+        )
     with pytest.raises(KernelError, match="tokens"):
-        K.sparse_down(torch.zeros(65, 32, dtype=torch.float16),
-                      torch.zeros(32, 32, dtype=torch.float16), backend="triton")
+        K.sparse_down(
+            torch.zeros(65, 32, dtype=torch.float16),
+            torch.zeros(32, 32, dtype=torch.float16),
+            backend="triton",
+        )
     with pytest.raises(KernelError, match="exact zeros"):
-        K.sparse_ffn(torch.zeros(1, 32, dtype=torch.float16), *[torch.zeros(32, 32).half()] * 3,
-                     activation="silu")
+        K.sparse_ffn(
+            torch.zeros(1, 32, dtype=torch.float16),
+            *[torch.zeros(32, 32).half()] * 3,
+            activation="silu",
+        )
     with pytest.raises(KernelError, match="unknown backend"):
         K.sparse_down(a, a.t(), backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not torch.cuda.is_available():
         with pytest.raises(KernelError, match="not on a CUDA device"):
-            K.sparse_down(torch.zeros(1, 32, dtype=torch.float16),
-                          torch.zeros(32, 32, dtype=torch.float16), backend="triton")
+            K.sparse_down(
+                torch.zeros(1, 32, dtype=torch.float16),
+                torch.zeros(32, 32, dtype=torch.float16),
+                backend="triton",
+            )
         # automatic choice falls back to the reference on CPU tensors
-        y = K.sparse_down(torch.ones(1, 32, dtype=torch.float16),
-                          torch.ones(32, 16, dtype=torch.float16))
+        y = K.sparse_down(
+            torch.ones(1, 32, dtype=torch.float16), torch.ones(32, 16, dtype=torch.float16)
+        )
         assert (y == 32).all()
 
 
@@ -306,7 +333,7 @@ def test_gpu_repeated_calls_are_stable():
     g = _gen("stable")
     a = (torch.randn(3, f, generator=g) * (torch.rand(3, f, generator=g) < 0.1)).half().cuda()
     (w,) = _weights(g, f, d, torch.float16, "cuda")
-    ref = (a.double() @ w.double())
+    ref = a.double() @ w.double()
     outs = [K.sparse_down(a, w) for _ in range(20)]
     for y in outs:
         assert _rel(y, ref) < 4e-3
