@@ -199,7 +199,8 @@ def p1(shape, dtype, rows, l2, rep, configs, bw):
                 for a in sweep_acts.values():
                     sets = list(zip(a, wt))
                     t_ms = bench(
-                        rotating(lambda a_, w_, cfg=cfg: K.sparse_down(a_, w_, config=cfg), sets), rep
+                        rotating(lambda a_, w_, cfg=cfg: K.sparse_down(a_, w_, config=cfg), sets),
+                        rep,
                     )
                     ts.append(t_ms)
                     tot += t_ms
@@ -272,7 +273,9 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
                     log(f"  sweep rows {cfg}: FAILED {type(e).__name__}: {e}")
             log(f"  best rows cfg {name}: {best}")
         cfg = {"rows": best, "down": down_cfg}
-        ms = bench(rotating(lambda x, a, b, c, cfg=cfg: K.sparse_ffn(x, a, b, c, config=cfg), sets), rep)
+        ms = bench(
+            rotating(lambda x, a, b, c, cfg=cfg: K.sparse_ffn(x, a, b, c, config=cfg), sets), rep
+        )
         y = K.sparse_ffn(xs[0], wgs[0], wu[0], wdt[0], config=cfg)
         ref = dense_ffn(xs[0], wgs[0], wu[0], wd[0])
         err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -295,7 +298,10 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
         cfg = {"rows": best, "down": down_cfg}
         ms = bench(
             rotating(
-                lambda x, a, b, c, p, q, cfg=cfg: K.sparse_ffn_predicted(x, a, b, c, p, q, config=cfg), sets
+                lambda x, a, b, c, p, q, cfg=cfg: K.sparse_ffn_predicted(
+                    x, a, b, c, p, q, config=cfg
+                ),
+                sets,
             ),
             rep,
         )

@@ -32,8 +32,16 @@ def main() -> None:
     import workbench as wb
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, hidden_act="relu", max_position_embeddings=512)
+    cfg = tf.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        hidden_act="relu",
+        max_position_embeddings=512,
+    )
     model = tf.LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(0)
     per = args.batch * args.seq
@@ -43,20 +51,31 @@ def main() -> None:
         while seen < args.tokens:
             ids = torch.randint(0, 512, (args.batch, args.seq), generator=g)
             mask = torch.ones_like(ids)
-            mask[: args.batch // 2, -args.seq // 4:] = 0  # some padding, excluded from the statistics
+            mask[: args.batch // 2, -args.seq // 4 :] = (
+                0  # some padding, excluded from the statistics
+            )
             with torch.no_grad():
-                model.model(input_ids=ids, attention_mask=mask)  # no lm_head: the FFNs are what we watch
+                model.model(
+                    input_ids=ids, attention_mask=mask
+                )  # no lm_head: the FFNs are what we watch
             seen += int(mask.sum())
             while checkpoints and seen >= checkpoints[0]:
-                rows.append({"tokens": seen, "peak_rss_mib": round(peak_mib(), 1),
-                             "seconds": round(time.perf_counter() - t0, 1)})
+                rows.append(
+                    {
+                        "tokens": seen,
+                        "peak_rss_mib": round(peak_mib(), 1),
+                        "seconds": round(time.perf_counter() - t0, 1),
+                    }
+                )
                 print(rows[-1], flush=True)
                 checkpoints.pop(0)
     s = run.summary()
     print(json.dumps({"tokens_counted": int(s["tokens"].iloc[0]), "rows": rows}, indent=1))
     growth = rows[-1]["peak_rss_mib"] - rows[0]["peak_rss_mib"]
-    print(f"peak RSS {rows[0]['peak_rss_mib']} MiB at {rows[0]['tokens']} tokens -> {rows[-1]['peak_rss_mib']} MiB "
-          f"at {rows[-1]['tokens']} tokens (growth {growth:+.1f} MiB)")
+    print(
+        f"peak RSS {rows[0]['peak_rss_mib']} MiB at {rows[0]['tokens']} tokens -> {rows[-1]['peak_rss_mib']} MiB "
+        f"at {rows[-1]['tokens']} tokens (growth {growth:+.1f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -47,9 +47,16 @@ def main() -> None:
     import workbench as wb
 
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, hidden_act="relu",
-                         max_position_embeddings=4096)
+    cfg = tf.LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=args.layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        hidden_act="relu",
+        max_position_embeddings=4096,
+    )
     with torch.device("cuda"):
         model = tf.LlamaModel(cfg).to(torch.bfloat16).eval()
     ids = torch.randint(0, 32000, (1, args.tokens), device="cuda")
@@ -77,25 +84,54 @@ def main() -> None:
     summary = run.summary()
     b, f, t = statistics.median(base), statistics.median(fused_t), statistics.median(torch_t)
     dev = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    commit = (
+        subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        or None
+    )
     result = {
-        "device": dev, "date": time.strftime("%Y-%m-%d"), "commit": commit,
-        "command": "python benchmarks/capture_overhead.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
-        "torch": torch.__version__, "transformers": tf.__version__,
+        "device": dev,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit,
+        "command": "python benchmarks/capture_overhead.py "
+        + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+        "torch": torch.__version__,
+        "transformers": tf.__version__,
         "rows": [
-            {"measure": "P6", "shape": f"{args.layers}x4096x11008", "dtype": "bf16", "mode": "capture-default-fused",
-             "sparsity": round(float(summary["token_sparsity"].mean()), 4), "tokens": args.tokens,
-             "baseline_ms": b, "ms": f, "speedup": b / f, "overhead": f / b, "target": 1.03,
-             "spread_ms": [min(fused_t), max(fused_t)], "baseline_spread_ms": [min(base), max(base)]},
-            {"measure": "P6", "shape": f"{args.layers}x4096x11008", "dtype": "bf16", "mode": "capture-default-torch",
-             "sparsity": None, "tokens": args.tokens, "baseline_ms": b, "ms": t, "speedup": b / t,
-             "overhead": t / b, "target": None},
+            {
+                "measure": "P6",
+                "shape": f"{args.layers}x4096x11008",
+                "dtype": "bf16",
+                "mode": "capture-default-fused",
+                "sparsity": round(float(summary["token_sparsity"].mean()), 4),
+                "tokens": args.tokens,
+                "baseline_ms": b,
+                "ms": f,
+                "speedup": b / f,
+                "overhead": f / b,
+                "target": 1.03,
+                "spread_ms": [min(fused_t), max(fused_t)],
+                "baseline_spread_ms": [min(base), max(base)],
+            },
+            {
+                "measure": "P6",
+                "shape": f"{args.layers}x4096x11008",
+                "dtype": "bf16",
+                "mode": "capture-default-torch",
+                "sparsity": None,
+                "tokens": args.tokens,
+                "baseline_ms": b,
+                "ms": t,
+                "speedup": b / t,
+                "overhead": t / b,
+                "target": None,
+            },
         ],
         "finalize_ms_median": statistics.median(finalize),
     }
     print(json.dumps(result, indent=2))
-    print(f"baseline {b:.3f} ms | capture fused {f:.3f} ms ({f / b:.4f}x) | torch probes {t:.3f} ms ({t / b:.4f}x)")
+    print(
+        f"baseline {b:.3f} ms | capture fused {f:.3f} ms ({f / b:.4f}x) | torch probes {t:.3f} ms ({t / b:.4f}x)"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
