@@ -1,0 +1,733 @@
+"""Training and measurement of the zoo models (CPU or CUDA).
+
+``train(name, device=..., seed=..., out=...)`` builds the model of ``zoo.SPECS[name]``, trains it
+on the committed corpus (workbench.models.corpus) with the zoo tokenizer, measures it on the
+validation split (per-domain loss / perplexity, unigram perplexity of the same tokens, sparsity
+figures) and writes an HF directory: config.json, model.safetensors (bf16), tokenizer files,
+metrics.json and the README.md model card.
+
+Recipes (see zoo.ZooSpec):
+
+- ProSparse (arXiv 2402.13516) for relu-llama: ReLU FFN + L1 penalty on the FFN activations
+  (the ReLU outputs, whose zeros are what rule `zero` counts) with a factor rising along a
+  sine ramp from ``l1_start`` to ``l1_end`` (fractions of training), then held.
+- BlockFFN (arXiv 2507.08771): activation locality (BCE with logits between the previous
+  token's alpha*A0 and sigmoid(alpha*A0) of the current one) and chunk sparsification
+  (mean over chunks of L tokens of P_act,i = 1 - prod_k (1 - p_ik)), both averaged over layers.
+- Mixtral: the model's own load-balancing loss; Mamba-2 and the SiLU twin: plain LM loss.
+
+Measurement conventions (also stated on every card): weights are saved in bf16 and evaluated
+after an upcast to float32; the validation split is tokenized per document and cut into
+non-overlapping windows of ``seq_len`` tokens (a tail of >= 16 tokens is kept, right-padded);
+loss is the mean next-token NLL over all predicted tokens; unigram perplexity uses add-one
+smoothed token frequencies of the train split, on the same predicted tokens. The "quick"
+figures use the first QUICK_WINDOWS windows of each domain; tests recompute them on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workbench.metrics.chunk import ChunkSparsityMeter
+from workbench.models import zoo
+from workbench.models.corpus import DOMAINS, load_split
+
+QUICK_WINDOWS = 4
+CLS_LENGTHS = (1, 2, 4, 8, 16, 32, 64)
+MIN_TAIL = 16
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _tokenizer():
+    from workbench.models.tokenizer import load
+
+    return load()
+
+
+def _cache_dir() -> Path:
+    d = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _corpus_key() -> str:
+    from workbench.models.corpus import manifest
+    from workbench.models.tokenizer import TOKENIZER_DIR
+
+    h = hashlib.sha256()
+    for s in manifest()["shards"]:
+        h.update(s["sha256"].encode())
+    h.update((TOKENIZER_DIR / "tokenizer.json").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def train_tokens() -> np.ndarray:
+    """The train split as one uint16 token stream (documents separated by EOS), cached."""
+    path = _cache_dir() / f"zoo-train-{_corpus_key()}.npy"
+    if path.is_file():
+        return np.load(path)
+    tok = _tokenizer()
+    docs = load_split("train")
+    ids = tok([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    arr = np.fromiter(
+        (t for seq in ids for t in (*seq, eos)), dtype=np.uint16, count=sum(len(s) + 1 for s in ids)
+    )
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+    return arr
+
+
+def validation_windows(seq_len: int = 256) -> list[tuple[str, list[int]]]:
+    """(domain, token ids) windows of the validation split, in a fixed order (by document id)."""
+    tok = _tokenizer()
+    docs = sorted(load_split("validation"), key=lambda d: d.id)
+    ids = tok([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    out = []
+    for d, seq in zip(docs, ids):
+        for i in range(0, len(seq), seq_len):
+            w = seq[i : i + seq_len]
+            if len(w) >= MIN_TAIL:
+                out.append((d.domain, w))
+    return out
+
+
+def quick_windows(windows, n: int = QUICK_WINDOWS):
+    out = []
+    for dom in DOMAINS:
+        out.extend([w for w in windows if w[0] == dom][:n])
+    return out
+
+
+def unigram_logprobs(vocab_size: int) -> torch.Tensor:
+    counts = np.bincount(train_tokens(), minlength=vocab_size).astype(np.float64) + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum()))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_model(spec: zoo.ZooSpec):
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+    )
+
+    from workbench.models.blockffn import BlockFFNConfig, BlockFFNForCausalLM
+
+    cfg = dict(spec.config)
+    if spec.family == "llama":
+        return LlamaForCausalLM(LlamaConfig(**cfg))
+    if spec.family == "blockffn":
+        return BlockFFNForCausalLM(BlockFFNConfig(**cfg))
+    if spec.family == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**cfg))
+    if spec.family == "mamba2":
+        return Mamba2ForCausalLM(Mamba2Config(**cfg))
+    raise ValueError(f"unknown family {spec.family!r}")
+
+
+def n_params(model) -> int:
+    # tied embeddings are counted once
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+class _Probe:
+    """Collects per-layer activity masks and the ReLU outputs during a forward pass."""
+
+    def __init__(self, model, kind: str):
+        self.kind = kind
+        self.handles = []
+        self.masks: dict[int, torch.Tensor] = {}
+        self.acts: list[torch.Tensor] = []
+        self.keep_acts = False
+        if kind == "neuron":
+            for i, layer in enumerate(model.model.layers):
+                self.handles.append(
+                    layer.mlp.down_proj.register_forward_pre_hook(self._pre(i))
+                )
+        elif kind == "router":
+            for i, layer in enumerate(model.model.layers):
+                self.handles.append(layer.mlp.router.register_forward_hook(self._post(i)))
+
+    def _pre(self, i):
+        def hook(mod, args):
+            self.masks[i] = args[0].detach() != 0
+
+        return hook
+
+    def _post(self, i):
+        def hook(mod, args, out):
+            self.masks[i] = out.detach() != 0
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _batches(windows, batch_size: int, pad_id: int):
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        t = max(len(w) for _, w in chunk)
+        ids = torch.full((len(chunk), t), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), t), dtype=torch.long)
+        for j, (_, w) in enumerate(chunk):
+            ids[j, : len(w)] = torch.tensor(w)
+            mask[j, : len(w)] = 1
+        yield [d for d, _ in chunk], ids, mask
+
+
+@torch.no_grad()
+def evaluate(model, windows, kind: str, *, batch_size: int = 32, unigram: torch.Tensor | None = None):
+    """Per-domain loss/ppl, unigram ppl and sparsity figures of `model` on `windows`.
+
+    kind: "neuron" (activity = FFN down-projection input != 0, rule `zero`), "router"
+    (BlockFFN router score != 0), "topk" (the top-k experts chosen per token), "none".
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad = model.config.pad_token_id
+    probe = _Probe(model, kind)
+    nll = dict.fromkeys(DOMAINS, 0.0)
+    cnt = dict.fromkeys(DOMAINS, 0)
+    uni = dict.fromkeys(DOMAINS, 0.0)
+    n_layers = model.config.num_hidden_layers
+    meters = [ChunkSparsityMeter(CLS_LENGTHS) for _ in range(n_layers)]
+    try:
+        for doms, ids, mask in _batches(windows, batch_size, pad):
+            ids, mask = ids.to(device), mask.to(device)
+            kw = {"output_router_logits": True} if kind == "topk" else {}
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
+            logits = out.logits.float()
+            lp = F.log_softmax(logits[:, :-1], -1)
+            tgt = ids[:, 1:]
+            tok_nll = -lp.gather(-1, tgt[..., None])[..., 0]
+            valid = (mask[:, 1:] * mask[:, :-1]).bool()
+            for j, d in enumerate(doms):
+                v = valid[j]
+                nll[d] += float(tok_nll[j][v].double().sum())
+                cnt[d] += int(v.sum())
+                if unigram is not None:
+                    uni[d] += float(-unigram.to(device)[tgt[j][v]].sum())
+            if kind == "topk":
+                k = model.config.num_experts_per_tok
+                for i, rl in enumerate(out.router_logits):
+                    rl = rl.reshape(ids.shape[0], ids.shape[1], -1)
+                    top = rl.float().topk(k, dim=-1).indices
+                    act = torch.zeros_like(rl, dtype=torch.bool).scatter_(-1, top, True)
+                    meters[i].update(act, mask)
+            elif kind in ("neuron", "router"):
+                for i in range(n_layers):
+                    m = probe.masks[i]
+                    meters[i].update(m.reshape(ids.shape[0], ids.shape[1], -1), mask)
+    finally:
+        probe.remove()
+        model.train(was_training)
+    res: dict = {"tokens": sum(cnt.values()), "domains": {}}
+    for d in DOMAINS:
+        if cnt[d]:
+            res["domains"][d] = {
+                "tokens": cnt[d],
+                "loss": nll[d] / cnt[d],
+                "ppl": math.exp(nll[d] / cnt[d]),
+            }
+            if unigram is not None:
+                res["domains"][d]["unigram_ppl"] = math.exp(uni[d] / cnt[d])
+    tot = sum(cnt.values())
+    res["loss"] = sum(nll.values()) / tot
+    res["ppl"] = math.exp(res["loss"])
+    if unigram is not None:
+        res["unigram_ppl"] = math.exp(sum(uni.values()) / tot)
+    if kind != "none":
+        per_layer = [m.result() for m in meters]
+        total = ChunkSparsityMeter(CLS_LENGTHS)
+        for m in meters:
+            total.merge(m)
+        r = total.result()
+        res["sparsity"] = {
+            "rule": {"neuron": "zero", "router": "zero (router score == 0)", "topk": "top-k"}[kind],
+            "tls": r["tls"],
+            **{f"cls_{L}": r[f"cls_{L}"] for L in CLS_LENGTHS},
+            "reuse": r["reuse"],
+            "per_layer_tls": [p["tls"] for p in per_layer],
+            "per_layer_cls_8": [p["cls_8"] for p in per_layer],
+        }
+    return res
+
+
+@torch.no_grad()
+def position_loss(model, windows, seq_len: int, total: int = 4096, n_seq: int = 4):
+    """Mean NLL by position bucket on long sequences (validation documents concatenated)."""
+    device = next(model.parameters()).device
+    stream = [t for _, w in windows for t in w]
+    n_seq = min(n_seq, len(stream) // total)
+    if n_seq == 0:
+        return {}
+    ids = torch.tensor(stream[: n_seq * total]).view(n_seq, total).to(device)
+    model.eval()
+    out = model(input_ids=ids, use_cache=False)
+    lp = F.log_softmax(out.logits.float()[:, :-1], -1)
+    nll = -lp.gather(-1, ids[:, 1:, None])[..., 0].mean(0)
+    edges = [0, seq_len // 2, seq_len, 2 * seq_len, 4 * seq_len, 8 * seq_len, total - 1]
+    edges = sorted({e for e in edges if e <= total - 1})
+    return {
+        f"{a}-{b}": float(nll[a:b].mean()) for a, b in zip(edges[:-1], edges[1:]) if b > a
+    }
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _lr_at(step: int, steps: int, r: dict) -> float:
+    warm = r["warmup"]
+    if step < warm:
+        return r["lr"] * (step + 1) / warm
+    p = min(1.0, (step - warm) / max(1, steps - warm))
+    lo = r["min_lr_ratio"]
+    return r["lr"] * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def l1_factor(step: int, steps: int, r: dict) -> float:
+    """ProSparse-style progressive L1 factor: 0, then a sine ramp to r['l1'], then held."""
+    lam = r.get("l1", 0.0)
+    if not lam:
+        return 0.0
+    a, b = r.get("l1_start", 0.1) * steps, r.get("l1_end", 0.75) * steps
+    if step < a:
+        return 0.0
+    if step >= b:
+        return lam
+    return lam * math.sin(0.5 * math.pi * (step - a) / max(1.0, b - a))
+
+
+def _optimizer(model, r):
+    decay, no_decay = [], []
+    for p in {id(p): p for p in model.parameters()}.values():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": r["weight_decay"]},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=r["lr"], betas=(0.9, 0.95), eps=1e-8)
+
+
+def train(
+    name: str,
+    *,
+    device: str | None = None,
+    seed: int = 0,
+    out: str | Path | None = None,
+    overrides: dict | None = None,
+    steps: int | None = None,
+    time_budget: float | None = None,
+    max_eval_windows: int | None = None,
+    log=print,
+) -> dict:
+    """Train zoo model `name`, measure it, write its directory; returns its metrics dict.
+
+    overrides: recipe keys to change (e.g. {"l1": 0.05}); steps: override the step count;
+    time_budget: seconds; after 30 steps the step count is capped to what fits in it (the
+    schedule is set from then on, and the card records the steps actually run).
+    """
+    base = zoo.spec(name)
+    recipe = {**base.recipe, **(overrides or {})}
+    if steps is not None:
+        recipe["steps"] = int(steps)
+    spec = zoo.ZooSpec(base.name, base.family, base.description, base.config, recipe, base.sparsity)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out) if out is not None else zoo.ZOO_DIR / name
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    t_start = time.time()
+    tok = _tokenizer()
+    data = torch.from_numpy(train_tokens().astype(np.int64))
+    windows = validation_windows(recipe["seq_len"])
+    quick = quick_windows(windows)
+    if max_eval_windows:  # smoke tests only: the card then covers part of the split
+        windows = quick_windows(windows, max_eval_windows // len(DOMAINS))
+    model = build_model(spec).to(device)
+    model.train()
+    log(f"[{name}] params {n_params(model):,} device {device} train tokens {len(data):,}")
+    opt = _optimizer(model, recipe)
+    gen = torch.Generator().manual_seed(seed)
+    T, B = recipe["seq_len"], recipe["batch_size"]
+    total_steps = recipe["steps"]
+    use_amp = device.startswith("cuda")
+    l1_acts: list[torch.Tensor] = []
+    handles = []
+    if recipe.get("l1"):
+        for layer in model.model.layers:
+            handles.append(
+                layer.mlp.act_fn.register_forward_hook(lambda m, a, o: l1_acts.append(o))
+            )
+    routers = []
+    if spec.family == "blockffn" and (recipe.get("locality_weight") or recipe.get("chunk_weight")):
+        routers = [layer.mlp.router for layer in model.model.layers]
+        for rt in routers:
+            rt.record = True
+    from workbench.models.blockffn import chunk_sparsity_loss, locality_loss
+
+    history = []
+    curve = []
+    t0 = time.time()
+    step = 0
+    while step < total_steps:
+        lr = _lr_at(step, total_steps, recipe)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
+        batch = torch.stack([data[i : i + T] for i in idx.tolist()]).to(device)
+        l1_acts.clear()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            kw = {"output_router_logits": True} if spec.family == "mixtral" else {}
+            outp = model(input_ids=batch, labels=batch, use_cache=False, **kw)
+            loss = outp.loss
+            ce = loss
+            if spec.family == "mixtral" and getattr(outp, "aux_loss", None) is not None:
+                ce = loss - model.config.router_aux_loss_coef * outp.aux_loss
+            extra = {}
+            lam = l1_factor(step, total_steps, recipe)
+            if l1_acts:
+                l1 = torch.stack([a.float().abs().mean() for a in l1_acts]).mean()
+                extra["l1"] = float(l1.detach())
+                if lam:
+                    loss = loss + lam * l1
+            if routers:
+                loc = torch.stack(
+                    [locality_loss(rt.last[0], recipe.get("locality_alpha", 100.0)) for rt in routers]
+                ).mean()
+                cs = torch.stack(
+                    [chunk_sparsity_loss(rt.last[1], recipe.get("chunk_len", 64)) for rt in routers]
+                ).mean()
+                extra["locality"], extra["chunk"] = float(loc.detach()), float(cs.detach())
+                loss = loss + recipe.get("locality_weight", 0.0) * loc
+                loss = loss + recipe.get("chunk_weight", 0.0) * cs
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step == 30 and time_budget:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            per = (time.time() - t0) / 30
+            fit = int((time_budget - (time.time() - t_start)) / per) + 30
+            if fit < total_steps:
+                log(f"[{name}] {per * 1000:.1f} ms/step: capping steps {total_steps} -> {fit}")
+                total_steps = max(fit, 200)
+        if step % 50 == 0 or step == total_steps:
+            rec = {
+                "step": step,
+                "loss": float(ce.detach()),
+                "lr": lr,
+                "l1_factor": lam,
+                "elapsed_s": round(time.time() - t0, 1),
+                **extra,
+            }
+            history.append(rec)
+            if step % 250 == 0 or step == total_steps:
+                v = evaluate(model, quick, "none", batch_size=16)
+                curve.append({"step": step, "tokens": step * B * T, "train_loss": float(ce.detach()), "val_loss_quick": v["loss"]})
+                log(f"[{name}] {json.dumps(rec)} val_quick {v['loss']:.4f}")
+    train_time = time.time() - t0
+    for h in handles:
+        h.remove()
+    for rt in routers:
+        rt.record = False
+        rt.last = None
+    # save in bf16; measure the saved weights upcast to float32
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.family == "mixtral":
+        model.config.output_router_logits = False
+    threshold = recipe.get("activation_threshold")
+    if threshold:
+        model.config.activation_threshold = float(threshold)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out)
+    from workbench.models.tokenizer import save as save_tokenizer
+
+    save_tokenizer(tok, out)
+    model = model.float()
+    uni = unigram_logprobs(model.config.vocab_size)
+    ev = evaluate(model, windows, spec.sparsity, unigram=uni)
+    evq = evaluate(model, quick, spec.sparsity, unigram=uni)
+    extra_eval = {}
+    if spec.family == "llama" and model.config.hidden_act == "relu":
+        extra_eval["fatrelu"] = fatrelu_sweep(model, windows, (0.005, 0.01, 0.02, 0.05), uni)
+    if spec.family == "mamba2":
+        extra_eval["position_loss"] = position_loss(model, windows, T)
+    import transformers
+
+    metrics = {
+        "name": name,
+        "family": spec.family,
+        "description": spec.description,
+        "params": n_params(model),
+        "seed": seed,
+        "recipe": recipe,
+        "steps": step,
+        "tokens_seen": step * B * T,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "train_time_s": round(train_time, 1),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": sys.version.split()[0],
+        },
+        "validation": ev,
+        "validation_quick": evq,
+        "quick_windows_per_domain": QUICK_WINDOWS,
+        **extra_eval,
+        "curve": curve,
+        "history": history,
+        "checkpoint_sha256": zoo._sha256(out / zoo.CHECKPOINT),
+        "train_command": f"workbench zoo train {name} --seed {seed} --steps {step}",
+    }
+    (out / zoo.METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
+    write_card(out, metrics)
+    log(f"[{name}] done: val ppl {ev['ppl']:.3f} unigram {ev['unigram_ppl']:.1f} "
+        f"sparsity {json.dumps({k: v for k, v in ev.get('sparsity', {}).items() if not k.startswith('per_')})}")
+    return metrics
+
+
+class FATReLU(torch.nn.Module):
+    """ReLU with a threshold: x if x > T else 0 (ProSparse's final step)."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = float(threshold)
+
+    def forward(self, x):
+        return torch.where(x > self.threshold, x, torch.zeros_like(x))
+
+
+@torch.no_grad()
+def fatrelu_sweep(model, windows, thresholds, unigram=None) -> dict:
+    """Validation ppl and TLS (rule fat(T)) of a ReLU llama with FATReLU at each T."""
+    saved = [layer.mlp.act_fn for layer in model.model.layers]
+    res = {}
+    try:
+        for t in thresholds:
+            for layer in model.model.layers:
+                layer.mlp.act_fn = FATReLU(t)
+            ev = evaluate(model, windows, "neuron", unigram=unigram)
+            res[str(t)] = {"ppl": ev["ppl"], "loss": ev["loss"], "tls": ev["sparsity"]["tls"], "cls_8": ev["sparsity"]["cls_8"]}
+    finally:
+        for layer, a in zip(model.model.layers, saved):
+            layer.mlp.act_fn = a
+    return res
+
+
+# ----------------------------------------------------------------------------- cards
+
+
+def _f(x, nd=3):
+    return f"{x:.{nd}f}"
+
+
+def write_card(out: Path, m: dict) -> None:
+    name = m["name"]
+    v, q = m["validation"], m["validation_quick"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [workbench-zoo, activation-sparsity]",
+        "---",
+        f"# zoo:{name}",
+        "",
+        m["description"],
+        "",
+        "## Facts",
+        "",
+        f"- parameters: {m['params']:,} (tied embeddings counted once); architecture "
+        f"`{m['family']}`; weights bf16 (`model.safetensors`, sha256 `{m['checkpoint_sha256'][:16]}...`)",
+        "- data: the workbench zoo corpus (`data/corpus`, domains prose / code / math / records; "
+        "see its manifest.json), zoo BPE tokenizer (vocab 4096)",
+        f"- training: {m['steps']} steps x batch {m['recipe']['batch_size']} x {m['recipe']['seq_len']} tokens "
+        f"= {m['tokens_seen']:,} tokens, seed {m['seed']}, on {m['device']} in {m['train_time_s']} s "
+        f"(torch {m['versions']['torch']}, transformers {m['versions']['transformers']})",
+        f"- recipe: `{json.dumps(m['recipe'])}`",
+        f"- reproduce: `{m['train_command']}` (GPU kernels are not bit-exact: a rerun with the same "
+        "corpus and seed lands within 0.05 nats of the validation loss below)",
+        "",
+        "## Validation (whole validation split, float32 evaluation of the bf16 weights)",
+        "",
+        f"Tokens: {v['tokens']:,}. Loss {_f(v['loss'], 4)} nats, perplexity **{_f(v['ppl'])}**; "
+        f"unigram perplexity of the same tokens **{_f(v['unigram_ppl'])}** "
+        f"(ratio {_f(v['ppl'] / v['unigram_ppl'], 4)}).",
+        "",
+        "| domain | tokens | loss | perplexity | unigram perplexity |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for d, r in v["domains"].items():
+        lines.append(f"| {d} | {r['tokens']:,} | {_f(r['loss'], 4)} | {_f(r['ppl'])} | {_f(r['unigram_ppl'])} |")
+    sp = v.get("sparsity")
+    if sp:
+        unit = {"neuron": "FFN neurons (down-projection inputs)", "router": "experts (router scores)", "topk": "experts (top-k choice)"}
+        kind = zoo.spec(name).sparsity if name in zoo.SPECS else ""
+        lines += [
+            "",
+            f"## Sparsity (units: {unit.get(kind, kind)}, rule `{sp['rule']}`)",
+            "",
+            f"- TLS (token-level sparsity): **{_f(100 * sp['tls'], 2)} %**",
+            f"- CLS_8 (per-sequence windows of 8 valid tokens): **{_f(100 * sp['cls_8'], 2)} %**",
+            "- CLS_L for L = " + ", ".join(f"{L}: {_f(100 * sp[f'cls_{L}'], 2)} %" for L in CLS_LENGTHS),
+            f"- reuse ratio (consecutive tokens): {_f(100 * sp['reuse'], 2)} %",
+            "- per layer TLS: " + ", ".join(_f(100 * x, 1) for x in sp["per_layer_tls"]),
+        ]
+    if "fatrelu" in m:
+        lines += ["", "FATReLU thresholds (not applied by this checkpoint unless config.json has "
+                  "`activation_threshold`):", "", "| T | perplexity | TLS fat(T) | CLS_8 |", "| ---: | ---: | ---: | ---: |"]
+        lines.append(f"| 0 (ReLU) | {_f(v['ppl'])} | {_f(100 * sp['tls'], 2)} % | {_f(100 * sp['cls_8'], 2)} % |")
+        for t, r in m["fatrelu"].items():
+            lines.append(f"| {t} | {_f(r['ppl'])} | {_f(100 * r['tls'], 2)} % | {_f(100 * r['cls_8'], 2)} % |")
+    if "position_loss" in m and m["position_loss"]:
+        lines += ["", f"## Loss by position (4096-token sequences; trained at {m['recipe']['seq_len']})", "",
+                  "| positions | mean NLL |", "| --- | ---: |"]
+        for k, x in m["position_loss"].items():
+            lines.append(f"| {k} | {_f(x, 4)} |")
+    lines += [
+        "",
+        f"## Quick figures (first {m['quick_windows_per_domain']} windows per domain, {q['tokens']:,} tokens; the tests recompute these)",
+        "",
+        f"- loss {_f(q['loss'], 4)}, perplexity {_f(q['ppl'])}, unigram perplexity {_f(q['unigram_ppl'])}",
+    ]
+    if q.get("sparsity"):
+        lines.append(f"- TLS {_f(100 * q['sparsity']['tls'], 2)} %, CLS_8 {_f(100 * q['sparsity']['cls_8'], 2)} %")
+    lines += [
+        "",
+        "Reproduce every number above from this checkpoint:",
+        "",
+        "```python",
+        "from workbench.models.train import measure_zoo",
+        f"measure_zoo({name!r})           # whole validation split (as in the tables)",
+        f"measure_zoo({name!r}, quick=True)  # the quick figures",
+        "```",
+        "",
+        "## Loss curve",
+        "",
+        "| step | tokens | train loss | validation loss (quick set) |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for c in m["curve"]:
+        lines.append(f"| {c['step']} | {c['tokens']:,} | {_f(c['train_loss'], 4)} | {_f(c['val_loss_quick'], 4)} |")
+    lines += ["", "Full training log (every 50 steps) in metrics.json (`history`).", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def load_zoo_model(name_or_dir: str | Path, dtype=torch.float32):
+    """The zoo model (checked by zoo.resolve) and its tokenizer, without workbench.loading."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import workbench.models.blockffn  # noqa: F401  (registers BlockFFN)
+
+    path = Path(name_or_dir)
+    if not path.is_dir():
+        path = zoo.resolve(str(name_or_dir))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def measure_zoo(name: str, quick: bool = False, device: str = "cpu") -> dict:
+    """Recompute a zoo card's validation figures from the checkpoint (float32 evaluation)."""
+    model, _ = load_zoo_model(name)
+    model.to(device)
+    s = zoo.spec(name)
+    windows = validation_windows(s.recipe["seq_len"])
+    if quick:
+        windows = quick_windows(windows)
+    return evaluate(model, windows, s.sparsity, unigram=unigram_logprobs(model.config.vocab_size))
+
+
+# ----------------------------------------------------------------------------- parallel runs
+
+
+def parallel(jobs: list[str], out_root: str, time_budget: float, seed: int = 0) -> None:
+    """Train several jobs at once on one device (small models leave a GPU mostly idle).
+
+    A job is NAME or NAME@TAG:key=value,key=value (a recipe variant written to out_root/NAME@TAG).
+    """
+    train_tokens()  # tokenize once before the workers start
+    procs = []
+    for job in jobs:
+        name, _, rest = job.partition(":")
+        outdir = Path(out_root) / name
+        base = name.split("@")[0]
+        cmd = [sys.executable, "-m", "workbench.models.train", "one", base, "--out", str(outdir),
+               "--seed", str(seed), "--time-budget", str(time_budget)]
+        if rest:
+            cmd += ["--set", rest]
+        log = open(Path(out_root) / f"{name}.log", "w")
+        procs.append((job, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    for job, p, log in procs:
+        rc = p.wait()
+        log.close()
+        print(f"{job}: exit {rc}", flush=True)
+
+
+def _parse_set(s: str | None) -> dict:
+    out = {}
+    for kv in (s or "").split(","):
+        if not kv:
+            continue
+        k, v = kv.split("=")
+        out[k] = float(v) if any(c in v for c in ".e") else int(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m workbench.models.train")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("one")
+    o.add_argument("name")
+    o.add_argument("--out")
+    o.add_argument("--device")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--steps", type=int)
+    o.add_argument("--time-budget", type=float)
+    o.add_argument("--set", default=None)
+    o.add_argument("--max-eval-windows", type=int)
+    pa = sub.add_parser("parallel")
+    pa.add_argument("jobs", nargs="+")
+    pa.add_argument("--out", required=True)
+    pa.add_argument("--time-budget", type=float, default=400)
+    pa.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.cmd == "one":
+        log = lambda s: print(s, flush=True)  # noqa: E731
+        train(a.name, device=a.device, seed=a.seed, out=a.out, overrides=_parse_set(a.set),
+              steps=a.steps, time_budget=a.time_budget,
+              max_eval_windows=a.max_eval_windows, log=log)
+    else:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        parallel(a.jobs, a.out, a.time_budget, a.seed)
+
+
+if __name__ == "__main__":
+    main()
