@@ -16,6 +16,7 @@ from workbench.metrics.cett import (
     cett_search,
     cett_thresholds,
 )
+from workbench.metrics.chunks import chunk_table
 from workbench.metrics.interventions import Intervention, intervene
 from workbench.metrics.ppl import NLL, nll, perplexity
 from workbench.metrics.predictor import (
@@ -37,7 +38,7 @@ from workbench.metrics.store import info, store, table, tables, tensors
 
 __all__ = [
     "CETTCalibration", "Intervention", "LayerCETT", "LayerPredictor", "NLL", "PPLSparsity", "Predictors",
-    "cett", "cett_curve", "cett_search", "cett_thresholds", "default_width", "info", "intervene",
+    "cett", "chunk_table", "cett_curve", "cett_search", "cett_thresholds", "default_width", "info", "intervene",
     "load_predictors", "nll", "overall_activation_ratio", "perplexity", "ppl_sparsity",
     "prediction_metrics", "save_predictors", "sparsity_table", "store", "table", "tables", "tensors",
     "train_predictors",
