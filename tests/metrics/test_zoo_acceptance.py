@@ -1,0 +1,57 @@
+"""Acceptance figures on the zoo (issue 5), with margins. Skipped only where data/zoo/NAME is absent.
+
+The same data and settings as `python -m workbench.metrics.zoo_report` (workbench.metrics.zoo_report).
+"""
+
+import functools
+
+import pytest
+
+from workbench.models.zoo import ZOO_DIR
+
+
+def need(*names):
+    missing = [n for n in names if not (ZOO_DIR / n / "config.json").is_file()]
+    return pytest.mark.skipif(bool(missing), reason=f"zoo model(s) {missing} not built under {ZOO_DIR} "
+                                                    "(build them with `workbench zoo train NAME`)")
+
+
+@functools.cache
+def _ppl(name):
+    from workbench.metrics.zoo_report import ppl_result
+
+    return ppl_result(name)
+
+
+@pytest.mark.slow
+@need("relu-llama", "silu-llama")
+def test_ppl1_sparsity_relu_vs_silu():
+    relu, silu = _ppl("relu-llama"), _ppl("silu-llama")
+    for r in (relu, silu):
+        assert r.converged, r.curve
+        assert abs(r.ppl_ratio - 1.01) <= 0.001
+    assert relu.sparsity - silu.sparsity >= 0.20, (relu.summary(), silu.summary())
+    # reported, not asserted (the paper's ~61 % comes from 1B+ models trained much longer)
+    print(f"relu-llama PPL-1% activation ratio {relu.activation_ratio:.4f} vs zero rule "
+          f"{relu.zero_activation_ratio:.4f}: reduction {relu.reduction_vs_zero:.3f}")
+
+
+@pytest.mark.slow
+@need("blockffn", "blockffn-null")
+def test_cls8_blockffn_vs_null():
+    from workbench.metrics.zoo_report import cls_result
+
+    a = cls_result("blockffn", "experts")
+    b = cls_result("blockffn-null", "experts")
+    cls8 = lambda df: float(df[(df.layer == -1) & (df.L == 8)].cls.iloc[0])  # noqa: E731
+    assert cls8(a) - cls8(b) >= 0.25, (cls8(a), cls8(b))
+
+
+@pytest.mark.slow
+@need("relu-llama")
+def test_predictor_recall_and_sparsity_on_held_out_tokens():
+    from workbench.metrics.zoo_report import predictor_result
+
+    m = predictor_result("relu-llama").metrics
+    assert (m.recall >= 0.9).all(), m
+    assert (m.predicted_sparsity >= m.true_sparsity - 0.10).all(), m
