@@ -79,8 +79,33 @@ def _rows_partial(
                 if MODE == 1:
                     accg = tl.dot(wg, xt, accg)
     if T_PAD == 1:
-        return tl.sum(accu, axis=1)[:, None], tl.sum(accg, axis=1)[:, None]
-    return accu, accg
+        ru = tl.sum(accu, axis=1)[:, None]
+        rg = tl.sum(accg, axis=1)[:, None]
+    else:
+        ru = accu
+        rg = accg
+    return ru, rg
+
+
+@triton.jit
+def _row_active(
+    SRC, NW, rows, r_in, offs_t, t_ok, stride_src, inv_rms, D_E, threshold, MODE: tl.constexpr
+):
+    """Union over tokens of 'neuron active' for the given rows, [len(rows)] int32."""
+    m2 = t_ok[:, None] & r_in[None, :]
+    if MODE == 2:
+        ex = rows // D_E
+        a0r = tl.load(SRC + offs_t[:, None] * stride_src + ex[None, :], mask=m2, other=0.0)
+        nwr = tl.load(NW + ex, mask=r_in, other=0.0).to(tl.float32)
+        score = tl.maximum(a0r.to(tl.float32), 0.0) * inv_rms[:, None] * nwr[None, :]
+        active = score != 0.0
+    else:
+        src = tl.load(SRC + offs_t[:, None] * stride_src + rows[None, :], mask=m2, other=0.0)
+        if MODE == 0:
+            active = src.to(tl.float32) > threshold
+        else:
+            active = src.to(tl.float32) > 0.0
+    return tl.max((active & m2).to(tl.int32), axis=0)
 
 
 @triton.jit
@@ -114,6 +139,7 @@ def _sparse_rows_kernel(
     E_PAD: tl.constexpr,
     DENSE_CNT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    COMPACT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_d = pid % NUM_DS
@@ -143,6 +169,7 @@ def _sparse_rows_kernel(
         score = tl.maximum(a0r.to(tl.float32), 0.0) * inv_rms[:, None] * nwr[None, :]
         active = score != 0.0
     else:
+        inv_rms = tl.zeros([T_PAD], dtype=tl.float32)
         src = tl.load(SRC + offs_t[:, None] * stride_src + rows_b[None, :], mask=m2, other=0.0).to(
             tl.float32
         )
@@ -156,65 +183,37 @@ def _sparse_rows_kernel(
 
     d0 = pid_d * DS
     offs_b = tl.arange(0, BK)
-    if cnt > DENSE_CNT:
-        for i in range(0, BR, BK):
-            rows = pid_r * BR + i + offs_b
-            r_ok = rows < R
-            pu, pg = _rows_partial(
-                X,
-                WG,
-                WU,
-                rows,
-                r_ok,
-                offs_t,
-                t_ok,
-                d0,
-                D,
-                stride_x,
-                MODE,
-                T_PAD,
-                BK,
-                BD,
-                DS,
-                DOT_F32,
-            )
-            pmask = r_ok[:, None] & t_ok[None, :]
-            tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
-            if MODE == 1:
-                tl.atomic_add(
-                    GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed"
-                )
-    else:
+    if COMPACT:
+        n_iter = tl.where(cnt > DENSE_CNT, BR, cnt)
         pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
-        for i in range(0, cnt, BK):
-            j = i + offs_b
-            local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_br[None, :], 0), axis=1)
-            rows = pid_r * BR + local
-            r_ok = j < cnt
-            pu, pg = _rows_partial(
-                X,
-                WG,
-                WU,
-                rows,
-                r_ok,
-                offs_t,
-                t_ok,
-                d0,
-                D,
-                stride_x,
-                MODE,
-                T_PAD,
-                BK,
-                BD,
-                DS,
-                DOT_F32,
-            )
-            pmask = r_ok[:, None] & t_ok[None, :]
-            tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
-            if MODE == 1:
-                tl.atomic_add(
-                    GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed"
+    else:
+        n_iter = BR
+    for i in range(0, n_iter, BK):
+        if COMPACT:
+            if cnt > DENSE_CNT:
+                rows = pid_r * BR + i + offs_b
+                r_ok = rows < R
+            else:
+                j = i + offs_b
+                local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_br[None, :], 0), axis=1)
+                rows = pid_r * BR + local
+                r_ok = j < cnt
+        else:
+            # masked tiles: loads of inactive rows are predicated off and move no bytes
+            rows = pid_r * BR + i + offs_b
+            r_ok = (rows < R) & (
+                _row_active(
+                    SRC, NW, rows, rows < R, offs_t, t_ok, stride_src, inv_rms, D_E, threshold, MODE
                 )
+                > 0
+            )
+        pu, pg = _rows_partial(
+            X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x, MODE, T_PAD, BK, BD, DS, DOT_F32
+        )
+        pmask = r_ok[:, None] & t_ok[None, :]
+        tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
+        if MODE == 1:
+            tl.atomic_add(GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed")
 
     tl.debug_barrier()
     ticket = tl.atomic_add(CNT + pid_r, 1, sem="acq_rel")
@@ -318,6 +317,7 @@ def launch_rows(
         E_PAD=e_pad,
         DENSE_CNT=dense_count(cfg["BR"], cfg["dense_fraction"]),
         DOT_F32=dot_f32(x.dtype),
+        COMPACT=bool(cfg.get("compact", True)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

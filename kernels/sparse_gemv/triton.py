@@ -49,21 +49,28 @@ def _acc_down_rows(
     stride_w,
     T_PAD: tl.constexpr,
     DOT_F32: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
 ):
-    w = tl.load(
-        W + rows[:, None] * stride_w + offs_n[None, :],
-        mask=r_ok[:, None] & n_ok[None, :],
-        other=0.0,
-    )
     if T_PAD == 1:
         a = tl.load(A + rows, mask=r_ok, other=0.0)
-        acc += a[:, None].to(tl.float32) * w.to(tl.float32)
+        if MASK_ROWS:
+            r_ok = r_ok & (a != 0)
     else:
         a = tl.load(
             A + offs_t[:, None] * stride_a + rows[None, :],
             mask=t_ok[:, None] & r_ok[None, :],
             other=0.0,
         )
+        if MASK_ROWS:
+            r_ok = r_ok & (tl.max((a != 0).to(tl.int32), axis=0) > 0)
+    w = tl.load(
+        W + rows[:, None] * stride_w + offs_n[None, :],
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
+    if T_PAD == 1:
+        acc += a[:, None].to(tl.float32) * w.to(tl.float32)
+    else:
         if DOT_F32:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
         else:
@@ -92,6 +99,7 @@ def _sparse_down_kernel(
     BN: tl.constexpr,
     DENSE_CNT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    COMPACT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
@@ -118,7 +126,37 @@ def _sparse_down_kernel(
     else:
         acc = tl.zeros([T_PAD, BN], dtype=tl.float32)
 
-    if cnt > DENSE_CNT:
+    if COMPACT:
+        # rank of each active row inside the chunk; inactive rows get -1. Above DENSE_CNT
+        # active rows the chunk is read whole (dense fallback, no ranking work).
+        pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+        for i in range(0, tl.where(cnt > DENSE_CNT, CHUNK, cnt), BK):
+            if cnt > DENSE_CNT:
+                rows = pid_c * CHUNK + i + offs_b
+                r_ok = rows < K
+            else:
+                j = i + offs_b
+                local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
+                rows = pid_c * CHUNK + local
+                r_ok = j < cnt
+            acc = _acc_down_rows(
+                acc,
+                A,
+                W,
+                rows,
+                r_ok,
+                offs_t,
+                t_ok,
+                offs_n,
+                n_ok,
+                stride_a,
+                stride_w,
+                T_PAD,
+                DOT_F32,
+                False,
+            )
+    else:
+        # masked tiles: the loads of inactive rows are predicated off and move no bytes
         for i in range(0, CHUNK, BK):
             rows = pid_c * CHUNK + i + offs_b
             acc = _acc_down_rows(
@@ -135,28 +173,7 @@ def _sparse_down_kernel(
                 stride_w,
                 T_PAD,
                 DOT_F32,
-            )
-    else:
-        # rank of each active row inside the chunk; inactive rows get -1
-        pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
-        for i in range(0, cnt, BK):
-            j = i + offs_b
-            local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
-            rows = pid_c * CHUNK + local
-            acc = _acc_down_rows(
-                acc,
-                A,
-                W,
-                rows,
-                j < cnt,
-                offs_t,
-                t_ok,
-                offs_n,
-                n_ok,
-                stride_a,
-                stride_w,
-                T_PAD,
-                DOT_F32,
+                True,
             )
 
     if T_PAD == 1:
@@ -241,6 +258,7 @@ def sparse_down(
         BN=cfg["BN"],
         DENSE_CNT=dense_count(cfg["CHUNK"], cfg["dense_fraction"]),
         DOT_F32=dot_f32(a2.dtype),
+        COMPACT=bool(cfg.get("compact", True)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

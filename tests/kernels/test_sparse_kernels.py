@@ -340,3 +340,30 @@ def test_gpu_repeated_calls_are_stable():
     a1 = a[:1].contiguous()
     outs = [K.sparse_down(a1, w) for _ in itertools.repeat(None, 20)]
     assert all(_rel(y, a1.double() @ w.double()) < 4e-3 for y in outs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_masked_tile_variant(device, dtype, tokens):
+    """compact=False: no row ranking, inactive rows' loads predicated off (same results)."""
+    (d, f), cdown, crows = _setup(device)
+    cdown = dict(cdown or {}, compact=False)
+    crows = dict(crows or {}, compact=False)
+    g = _gen("masked", device, dtype, tokens)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wg = _controlled_gate(g, x, f, _mask("rand", (tokens, f), g, 0.2), dtype).to(device)
+    wu, wdt = _weights(g, f, d, dtype, device, n=2)
+    x = x.to(device)
+    y = K.sparse_ffn(x, wg, wu, wdt, backend="triton", config={"rows": crows, "down": cdown})
+    xf = x.double().cpu()
+    a_ref = torch.relu(xf @ wg.double().cpu().t()) * (xf @ wu.double().cpu().t())
+    assert _rel(y.cpu(), a_ref.to(dtype).double() @ wdt.double().cpu()) < TOL[dtype]
+    n_exp, d_e = 13, 16
+    wr = _controlled_gate(g, x.cpu(), n_exp, _mask("rand", (tokens, n_exp), g, 0.3), dtype)
+    nw = (torch.rand(n_exp, generator=g) + 0.5).to(dtype)
+    wu2, wdt2 = _weights(g, n_exp * d_e, d, dtype, "cpu", n=2)
+    wr, nw, wu2, wdt2 = (t.to(device) for t in (wr, nw, wu2, wdt2))
+    y = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="triton", config={"rows": crows, "down": cdown})
+    r = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="torch")
+    assert _rel(y.cpu(), r.cpu()) < TOL[dtype]
