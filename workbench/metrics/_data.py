@@ -6,6 +6,7 @@ Every metric drives the forward passes itself, so it knows each call's attention
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -110,9 +111,14 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int = 0, side: str = "right"
 
 
 def split_batches(batches: Batches, holdout: float) -> tuple[Batches, Batches]:
-    """Split by whole sequences: the last `holdout` fraction of sequences is held out."""
+    """Split by whole sequences: a `holdout` fraction of the sequences, spread evenly over the
+    data (sequence i is held out when floor((i + 1) h) > floor(i h)), so that every part of the
+    corpus is in both splits."""
     rows = [(ids[i], m[i]) for ids, m in batches for i in range(ids.shape[0])]
-    n_hold = max(1, round(len(rows) * holdout)) if holdout > 0 else 0
+    held = [math.floor((i + 1) * holdout) > math.floor(i * holdout) for i in range(len(rows))]
+    n_hold = sum(held)
+    if holdout > 0 and n_hold == 0:
+        held[-1], n_hold = True, 1
     if n_hold >= len(rows):
         raise CaptureError(f"cannot hold out {holdout:.0%} of {len(rows)} sequences and keep any for "
                            "training; give more sequences")
@@ -122,7 +128,9 @@ def split_batches(batches: Batches, holdout: float) -> tuple[Batches, Batches]:
         return [(torch.stack([r[0] for r in part[i:i + bs]]), torch.stack([r[1] for r in part[i:i + bs]]))
                 for i in range(0, len(part), bs)]
 
-    return regroup(rows[: len(rows) - n_hold]), regroup(rows[len(rows) - n_hold:]) if n_hold else []
+    train = [r for r, h in zip(rows, held) if not h]
+    test = [r for r, h in zip(rows, held) if h]
+    return regroup(train), regroup(test)
 
 
 @contextmanager
