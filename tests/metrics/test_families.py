@@ -34,3 +34,14 @@ def test_metrics_on_family(family):
             cut = nll(model, data)
         assert cut.tokens == dense.tokens
     assert active_hooks(model) == 0
+
+
+def test_model_without_ffns_names_the_cause():
+    from workbench.errors import AdapterError
+    from workbench.metrics import ppl_sparsity
+
+    model = tiny.build("mamba2")
+    with pytest.raises(AdapterError, match=r"no dense FFN the adapters know .*1 mixers|no dense FFN"):
+        ppl_sparsity(model, _batch())
+    with pytest.raises(AdapterError, match="no dense FFN"):
+        train_predictors(model, _batch())
