@@ -340,6 +340,20 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
 
 
 # ----------------------------------------------------------------------------------------- P4
+def p4_options(d):
+    return [
+        ("compact", {"rows": {"compact": True}, "down": {"compact": True}}),
+        ("masked", {"rows": {"compact": False}, "down": {"compact": False}}),
+        (
+            "masked-single",
+            {
+                "rows": {"compact": False, "DS": d, "BR": 32, "BK": 32, "BD": 128},
+                "down": {"compact": False},
+            },
+        ),
+    ]
+
+
 def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
     d, f = shape
     name = f"{d}x{f}"
@@ -360,15 +374,14 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
             sets = list(zip(xs, wg, wu, wdt))
             if p4cfg is None:
                 bt = float("inf")
-                for comp in (True, False):
-                    c_ = {"rows": {"compact": comp}, "down": {"compact": comp}}
+                for comp, c_ in p4_options(d):
                     t_ms = bench(
                         rotating(
                             lambda x, a, b, c, c_=c_: K.chunk_ffn(x, a, b, c, config=c_), sets
                         ),
                         rep,
                     )
-                    log(f"  sweep P4 exact T={t} CLS={cls} compact={comp}: {t_ms * 1e3:.2f} us")
+                    log(f"  sweep P4 exact T={t} CLS={cls} {comp}: {t_ms * 1e3:.2f} us")
                     if t_ms < bt:
                         p4cfg, bt = c_, t_ms
             ms = bench(
@@ -401,8 +414,7 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
             sets = list(zip(xs, wr, nwt, wu, wdt))
             if moecfg is None:
                 bt = float("inf")
-                for comp in (True, False):
-                    c_ = {"rows": {"compact": comp}, "down": {"compact": comp}}
+                for comp, c_ in p4_options(d):
                     t_ms = bench(
                         rotating(
                             lambda x, r_, n_, u_, dd, c_=c_: K.moe_blocks(
@@ -412,7 +424,7 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
                         ),
                         rep,
                     )
-                    log(f"  sweep P4 moe T={t} CLS={cls} compact={comp}: {t_ms * 1e3:.2f} us")
+                    log(f"  sweep P4 moe T={t} CLS={cls} {comp}: {t_ms * 1e3:.2f} us")
                     if t_ms < bt:
                         moecfg, bt = c_, t_ms
             ms = bench(
@@ -519,6 +531,10 @@ def main():
         dict(BR=64, BK=16, BD=256, DS=1024, num_warps=4, compact=False),
         dict(BR=128, BK=32, BD=256, DS=1024, num_warps=4, compact=False),
         dict(BR=64, BK=32, BD=512, DS=2048, num_warps=8, compact=False),
+        # DS = d_model: one slice, `a` written directly (no atomics, no ticket)
+        dict(BR=16, BK=16, BD=512, DS=4096, num_warps=4, num_stages=3, compact=False),
+        dict(BR=32, BK=16, BD=512, DS=4096, num_warps=4, num_stages=3, compact=True),
+        dict(BR=16, BK=16, BD=256, DS=4096, num_warps=4, num_stages=4, compact=False),
     ]
     if args.quick:
         down_sweep, rows_sweep = down_sweep[:2], rows_sweep[:2]

@@ -140,6 +140,7 @@ def _sparse_rows_kernel(
     DENSE_CNT: tl.constexpr,
     DOT_F32: tl.constexpr,
     COMPACT: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_d = pid % NUM_DS
@@ -211,32 +212,94 @@ def _sparse_rows_kernel(
             X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x, MODE, T_PAD, BK, BD, DS, DOT_F32
         )
         pmask = r_ok[:, None] & t_ok[None, :]
-        tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
-        if MODE == 1:
-            tl.atomic_add(GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed")
-
-    tl.debug_barrier()
-    ticket = tl.atomic_add(CNT + pid_r, 1, sem="acq_rel")
-    if ticket == NUM_DS - 1:
-        uptr = UACC + offs_t[:, None] * R + rows_b[None, :]
-        zero = tl.zeros([T_PAD, BR], dtype=tl.float32)
-        u = tl.atomic_add(uptr, zero, mask=m2, sem="relaxed")  # coherent read
-        tl.store(uptr, zero, mask=m2)
-        if MODE == 0:
-            a = tl.where(active, src, 0.0) * u
-        elif MODE == 1:
-            gptr = GACC + offs_t[:, None] * R + rows_b[None, :]
-            g = tl.atomic_add(gptr, zero, mask=m2, sem="relaxed")
-            tl.store(gptr, zero, mask=m2)
-            a = tl.where(active & (g > threshold), g, 0.0) * u
+        if SINGLE:
+            # one d_model slice: the dot products are complete, write `a` directly
+            a_t = _rows_epilogue(
+                SRC, NW, rows, r_ok, offs_t, t_ok, stride_src, inv_rms, D_E, threshold, pu, pg, MODE
+            )
+            if COMPACT:
+                smask = pmask
+            else:  # masked tiles cover every row: inactive ones get their zero here
+                smask = (rows < R)[:, None] & t_ok[None, :]
+            tl.store(
+                OUT + offs_t[None, :] * stride_out + rows[:, None],
+                a_t.to(OUT.dtype.element_ty),
+                mask=smask,
+            )
         else:
-            a = score * (u / (1.0 + tl.exp(-u)))
-        tl.store(
-            OUT + offs_t[:, None] * stride_out + rows_b[None, :],
-            a.to(OUT.dtype.element_ty),
-            mask=m2,
+            tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
+            if MODE == 1:
+                tl.atomic_add(
+                    GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed"
+                )
+
+    if SINGLE:
+        if COMPACT:
+            # rows never visited (inactive) still need their zero
+            zmask = m2 & (act[None, :] == 0)
+            tl.store(
+                OUT + offs_t[:, None] * stride_out + rows_b[None, :],
+                tl.zeros([T_PAD, BR], dtype=tl.float32).to(OUT.dtype.element_ty),
+                mask=zmask,
+            )
+    else:
+        tl.debug_barrier()
+        ticket = tl.atomic_add(CNT + pid_r, 1, sem="acq_rel")
+        if ticket == NUM_DS - 1:
+            uptr = UACC + offs_t[:, None] * R + rows_b[None, :]
+            zero = tl.zeros([T_PAD, BR], dtype=tl.float32)
+            u = tl.atomic_add(uptr, zero, mask=m2, sem="relaxed")  # coherent read
+            tl.store(uptr, zero, mask=m2)
+            if MODE == 0:
+                a = tl.where(active, src, 0.0) * u
+            elif MODE == 1:
+                gptr = GACC + offs_t[:, None] * R + rows_b[None, :]
+                g = tl.atomic_add(gptr, zero, mask=m2, sem="relaxed")
+                tl.store(gptr, zero, mask=m2)
+                a = tl.where(active & (g > threshold), g, 0.0) * u
+            else:
+                a = score * (u / (1.0 + tl.exp(-u)))
+            tl.store(
+                OUT + offs_t[:, None] * stride_out + rows_b[None, :],
+                a.to(OUT.dtype.element_ty),
+                mask=m2,
+            )
+            tl.store(CNT + pid_r, 0)
+
+
+@triton.jit
+def _rows_epilogue(
+    SRC,
+    NW,
+    rows,
+    r_ok,
+    offs_t,
+    t_ok,
+    stride_src,
+    inv_rms,
+    D_E,
+    threshold,
+    pu,
+    pg,
+    MODE: tl.constexpr,
+):
+    """a [len(rows), T_PAD] from complete dot products pu (up) and pg (gate, MODE 1)."""
+    m = r_ok[:, None] & t_ok[None, :]
+    if MODE == 2:
+        ex = rows // D_E
+        a0r = tl.load(SRC + offs_t[None, :] * stride_src + ex[:, None], mask=m, other=0.0)
+        nwr = tl.load(NW + ex, mask=r_ok, other=0.0).to(tl.float32)
+        score = tl.maximum(a0r.to(tl.float32), 0.0) * inv_rms[None, :] * nwr[:, None]
+        a = score * (pu / (1.0 + tl.exp(-pu)))
+    else:
+        v = tl.load(SRC + offs_t[None, :] * stride_src + rows[:, None], mask=m, other=0.0).to(
+            tl.float32
         )
-        tl.store(CNT + pid_r, 0)
+        if MODE == 0:
+            a = tl.where(v > threshold, v, 0.0) * pu
+        else:
+            a = tl.where((v > 0.0) & (pg > threshold), pg, 0.0) * pu
+    return a
 
 
 def default_rows_config(t: int, rows: int, d_model: int) -> dict:
@@ -318,6 +381,7 @@ def launch_rows(
         DENSE_CNT=dense_count(cfg["BR"], cfg["dense_fraction"]),
         DOT_F32=dot_f32(x.dtype),
         COMPACT=bool(cfg.get("compact", True)),
+        SINGLE=num_ds == 1,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -367,3 +367,42 @@ def test_masked_tile_variant(device, dtype, tokens):
     y = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="triton", config={"rows": crows, "down": cdown})
     r = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="torch")
     assert _rel(y.cpu(), r.cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_single_slice_row_kernel(device, compact, tokens):
+    """DS >= d_model: one program per row block writes `a` directly (no atomics, no ticket)."""
+    (d, f), _, _ = _setup(device)
+    dtype = torch.float16
+    crows = dict(
+        BR=32,
+        BK=16,
+        BD=16 if device == "cpu" else 128,
+        DS=64 if device == "cpu" else d,
+        compact=compact,
+    )
+    g = _gen("single", device, compact, tokens)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wg = _controlled_gate(g, x, f, _mask("rand", (tokens, f), g, 0.2), dtype).to(device)
+    wu, wdt = _weights(g, f, d, dtype, device, n=2)
+    x = x.to(device)
+    for _ in range(2):
+        gate = F.linear(x, wg)
+        a = K.gated_up(x, gate, wu, backend="triton", config=crows)
+        gf = gate.double().cpu()
+        a_ref = torch.relu(gf) * (x.double().cpu() @ wu.double().cpu().t())
+        assert _rel(a.cpu(), a_ref) < TOL[dtype]
+    logits = torch.randn(tokens, f, generator=g).to(dtype).to(device)
+    a = K.gate_up_predicted(x, logits, wg, wu, backend="triton", config=crows)
+    r = K.gate_up_predicted(x, logits, wg, wu, backend="torch")
+    assert _rel(a.cpu(), r.cpu()) < TOL[dtype]
+    n_exp, d_e = 13, 16
+    wr = _controlled_gate(g, x.cpu(), n_exp, _mask("rand", (tokens, n_exp), g, 0.3), dtype)
+    nw = (torch.rand(n_exp, generator=g) + 0.5).to(dtype)
+    wu2, wdt2 = _weights(g, n_exp * d_e, d, dtype, "cpu", n=2)
+    wr, nw, wu2, wdt2 = (t.to(device) for t in (wr, nw, wu2, wdt2))
+    y = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="triton", config={"rows": crows})
+    r = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="torch")
+    assert _rel(y.cpu(), r.cpu()) < TOL[dtype]
