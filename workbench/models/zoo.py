@@ -87,7 +87,7 @@ SPECS: dict[str, ZooSpec] = {
         "Llama with ReLU FFN activations trained with the ProSparse recipe (progressive L1 on "
         "the FFN activations, sine-ramped factor). The demo's default model.",
         {**_COMMON, **_ATTN, "intermediate_size": 512, "hidden_act": "relu"},
-        {**_BASE_RECIPE, "l1": 0.02, "l1_start": 0.1, "l1_end": 0.75},
+        {**_BASE_RECIPE, "l1": 1.0, "l1_start": 0.1, "l1_end": 0.75},
         "neuron",
     ),
     "silu-llama": ZooSpec(
@@ -109,7 +109,7 @@ SPECS: dict[str, ZooSpec] = {
             **_BASE_RECIPE,
             "locality_weight": 2e-3,
             "locality_alpha": 100.0,
-            "chunk_weight": 0.1,
+            "chunk_weight": 0.2,
             "chunk_len": 64,
         },
         "router",
