@@ -246,6 +246,11 @@ def dense_ffn(x, wg, wu, wd):
     return F.linear(torch.relu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
 
+def _ffn_cfg(rows_cfg, down_cfg):
+    rows_cfg = rows_cfg or {}
+    return {"rows": rows_cfg, "down": down_cfg, "fused_gate": bool(rows_cfg.get("fused_gate"))}
+
+
 def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
     d, f = shape
     name = f"{d}x{f}"
@@ -258,7 +263,8 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
     base = bench(rotating(dense_ffn, list(zip(xs, wg, wu, wd))), rep)
     log(f"P2/P3 {name}: dense FFN {base * 1e3:.2f} us ({nw} weight copies)")
 
-    best = None
+    best = best_nf = None
+    bt_nf = float("inf")
     for s in [0.9, 0.5, 0.7, 0.8]:  # the block-shape sweep runs at the first (s = 0.9)
         wgs = [sign_rows(wg[i], xs[i][0], exact_active(f, s)) for i in range(nw)]
         sets = list(zip(xs, wgs, wu, wdt))
@@ -269,7 +275,7 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
                     t_ms = bench(
                         rotating(
                             lambda x, a, b, c, cfg=cfg: K.sparse_ffn(
-                                x, a, b, c, config={"rows": cfg, "down": down_cfg}
+                                x, a, b, c, config=_ffn_cfg(cfg, down_cfg)
                             ),
                             sets,
                         ),
@@ -278,10 +284,12 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
                     log(f"  sweep rows {name} s={s} {cfg}: {t_ms * 1e3:.2f} us")
                     if t_ms < bt:
                         best, bt = cfg, t_ms
+                    if not cfg.get("fused_gate") and t_ms < bt_nf:
+                        best_nf, bt_nf = cfg, t_ms
                 except Exception as e:
                     log(f"  sweep rows {cfg}: FAILED {type(e).__name__}: {e}")
-            log(f"  best rows cfg {name}: {best}")
-        cfg = {"rows": best, "down": down_cfg}
+            log(f"  best rows cfg {name}: {best}; best for the predicted mode: {best_nf}")
+        cfg = _ffn_cfg(best, down_cfg)
         ms = bench(
             rotating(lambda x, a, b, c, cfg=cfg: K.sparse_ffn(x, a, b, c, config=cfg), sets), rep
         )
@@ -304,7 +312,7 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
     for s in FFN_S:
         w2 = [sign_rows(w2r[i], hs[i], exact_active(f, s)) for i in range(nw)]
         sets = list(zip(xs, wg, wu, wdt, w1, w2))
-        cfg = {"rows": best, "down": down_cfg}
+        cfg = {"rows": best_nf, "down": down_cfg}
         ms = bench(
             rotating(
                 lambda x, a, b, c, p, q, cfg=cfg: K.sparse_ffn_predicted(
@@ -535,6 +543,10 @@ def main():
         dict(BR=16, BK=16, BD=512, DS=4096, num_warps=4, num_stages=3, compact=False),
         dict(BR=32, BK=16, BD=512, DS=4096, num_warps=4, num_stages=3, compact=True),
         dict(BR=16, BK=16, BD=256, DS=4096, num_warps=4, num_stages=4, compact=False),
+        # gate GEMV fused into the row kernel (no cuBLAS gate launch)
+        dict(fused_gate=True, BR=16, BD=512, num_warps=4, num_stages=3),
+        dict(fused_gate=True, BR=32, BD=256, num_warps=4, num_stages=3),
+        dict(fused_gate=True, BR=16, BD=256, num_warps=4, num_stages=4),
     ]
     if args.quick:
         down_sweep, rows_sweep = down_sweep[:2], rows_sweep[:2]

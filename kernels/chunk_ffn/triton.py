@@ -31,5 +31,5 @@ def chunk_ffn(
         w_down_t,
         activation=activation,
         threshold=threshold,
-        config={"rows": rows, "down": down},
+        config={"rows": rows, "down": down, "fused_gate": config.get("fused_gate", False)},
     )

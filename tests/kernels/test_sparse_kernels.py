@@ -406,3 +406,37 @@ def test_single_slice_row_kernel(device, compact, tokens):
     y = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="triton", config={"rows": crows})
     r = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="torch")
     assert _rel(y.cpu(), r.cpu()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,kind", [(1, "rand"), (3, "rand"), (1, "zero"), (5, "full")])
+def test_fused_gate_up(device, dtype, tokens, kind):
+    """Gate GEMV inside the row kernel (config fused_gate=True), whole FFN and chunk FFN."""
+    (d, f), cdown, _ = _setup(device)
+    g = _gen("fused", device, dtype, tokens, kind)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wg = _controlled_gate(g, x, f, _mask(kind, (tokens, f), g, 0.2), dtype).to(device)
+    wu, wdt = _weights(g, f, d, dtype, device, n=2)
+    x = x.to(device)
+    rows = {"BR": 16, "BD": 16} if device == "cpu" else {}
+    y = K.sparse_ffn(
+        x, wg, wu, wdt, backend="triton", config={"fused_gate": True, "rows": rows, "down": cdown}
+    )
+    xf = x.double().cpu()
+    a_ref = torch.relu(xf @ wg.double().cpu().t()) * (xf @ wu.double().cpu().t())
+    y_ref = a_ref.to(dtype).double() @ wdt.double().cpu()
+    if kind == "zero":
+        assert (y == 0).all()
+    else:
+        assert _rel(y.cpu(), y_ref) < TOL[dtype]
+    if tokens > 1:
+        y = K.chunk_ffn(
+            x,
+            wg,
+            wu,
+            wdt,
+            backend="triton",
+            config={"fused_gate": True, "rows": rows, "down": cdown},
+        )
+        assert _rel(y.cpu(), y_ref) < TOL[dtype]
