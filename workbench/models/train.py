@@ -45,6 +45,8 @@ from workbench.models import zoo
 from workbench.models.corpus import DOMAINS, load_split
 
 QUICK_WINDOWS = 4
+#: stated reproducibility tolerance of the validation loss for a rerun (same corpus and seed)
+REPRO_TOLERANCE_NATS = 0.05
 CLS_LENGTHS = (1, 2, 4, 8, 16, 32, 64)
 MIN_TAIL = 16
 
@@ -572,8 +574,13 @@ def write_card(out: Path, m: dict) -> None:
         f"= {m['tokens_seen']:,} tokens, seed {m['seed']}, on {m['device']} in {m['train_time_s']} s "
         f"(torch {m['versions']['torch']}, transformers {m['versions']['transformers']})",
         f"- recipe: `{json.dumps(m['recipe'])}`",
-        f"- reproduce: `{m['train_command']}` (GPU kernels are not bit-exact: a rerun with the same "
-        "corpus and seed lands within 0.05 nats of the validation loss below)",
+        f"- reproduce: `{m['train_command']}` (stated tolerance: a rerun with the same corpus and "
+        f"seed lands within {REPRO_TOLERANCE_NATS} nats of the validation loss below; GPU kernels "
+        "and CPU/GPU differences are not bit-exact)",
+        *([f"- reproducibility check: {m['reruns']}"] if m.get("reruns") else []),
+        *([f"- steps: the recipe's {m['recipe']['steps']} steps were capped to {m['steps']} by the "
+           "training call's time budget (`--time-budget`); the command above reproduces the run"]
+          if m["steps"] < m["recipe"]["steps"] else []),
         "",
         "## Validation (whole validation split, float32 evaluation of the bf16 weights)",
         "",
@@ -636,8 +643,27 @@ def write_card(out: Path, m: dict) -> None:
     ]
     for c in m["curve"]:
         lines.append(f"| {c['step']} | {c['tokens']:,} | {_f(c['train_loss'], 4)} | {_f(c['val_loss_quick'], 4)} |")
+    if m.get("twin"):
+        t = m["twin"]
+        lines += ["", "## Against the dense twin", "",
+                  f"{t['name']}: validation perplexity {_f(t['ppl'])}; this model {_f(v['ppl'])} "
+                  f"(ratio {_f(v['ppl'] / t['ppl'], 4)}, i.e. {_f(100 * (v['ppl'] / t['ppl'] - 1), 2)} % "
+                  f"higher) at TLS {_f(100 * sp['tls'], 2)} % (rule `{sp['rule']}`)."]
+    if m.get("sweep"):
+        sw = m["sweep"]
+        lines += ["", f"## Recipe sweep ({sw['note']})", "",
+                  "| setting | val perplexity | TLS | CLS_8 |", "| --- | ---: | ---: | ---: |"]
+        for r in sw["rows"]:
+            lines.append(f"| {r['setting']} | {_f(r['ppl'])} | {_f(100 * r['tls'], 2)} % | {_f(100 * r['cls_8'], 2)} % |")
     lines += ["", "Full training log (every 50 steps) in metrics.json (`history`).", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def rewrite_cards(names=None) -> None:
+    """Re-render the README.md cards from their metrics.json (no training, no measurement)."""
+    for name in names or zoo.available():
+        d = zoo.ZOO_DIR / name
+        write_card(d, json.loads((d / zoo.METRICS).read_text()))
 
 
 def load_zoo_model(name_or_dir: str | Path, dtype=torch.float32):
@@ -713,6 +739,7 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--time-budget", type=float)
     o.add_argument("--set", default=None)
     o.add_argument("--max-eval-windows", type=int)
+    sub.add_parser("cards", help="re-render data/zoo/*/README.md from metrics.json")
     pa = sub.add_parser("parallel")
     pa.add_argument("jobs", nargs="+")
     pa.add_argument("--out", required=True)
@@ -724,6 +751,8 @@ def main(argv: list[str] | None = None) -> None:
         train(a.name, device=a.device, seed=a.seed, out=a.out, overrides=_parse_set(a.set),
               steps=a.steps, time_budget=a.time_budget,
               max_eval_windows=a.max_eval_windows, log=log)
+    elif a.cmd == "cards":
+        rewrite_cards()
     else:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         parallel(a.jobs, a.out, a.time_budget, a.seed)
