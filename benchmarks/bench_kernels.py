@@ -349,16 +349,12 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
 
 # ----------------------------------------------------------------------------------------- P4
 def p4_options(d):
+    big = {"CHUNK": 1024, "BN": 256, "BK": 32, "num_warps": 8}
     return [
         ("compact", {"rows": {"compact": True}, "down": {"compact": True}}),
-        ("masked", {"rows": {"compact": False}, "down": {"compact": False}}),
-        (
-            "masked-single",
-            {
-                "rows": {"compact": False, "DS": d, "BR": 32, "BK": 32, "BD": 128},
-                "down": {"compact": False},
-            },
-        ),
+        ("compact-c1024", {"rows": {"compact": True}, "down": big}),
+        ("fused-c1024", {"fused_gate": True, "rows": {}, "down": big}),
+        ("single-c1024", {"rows": {"DS": d, "BR": 32, "BK": 32, "BD": 128}, "down": big}),
     ]
 
 
@@ -524,29 +520,23 @@ def main():
     down_sweep = [  # compact = rank active rows in registers; False = masked tiles
         dict(CHUNK=256, BK=16, BN=512, num_warps=4),
         dict(CHUNK=128, BK=16, BN=128, num_warps=2),
-        dict(CHUNK=256, BK=16, BN=256, num_warps=4),
-        dict(CHUNK=128, BK=16, BN=256, num_warps=4, num_stages=3),
-        dict(CHUNK=256, BK=64, BN=128, num_warps=4, num_stages=3, compact=False),
+        dict(CHUNK=256, BK=16, BN=512, num_warps=8),
+        dict(CHUNK=512, BK=16, BN=512, num_warps=8),
+        dict(CHUNK=256, BK=32, BN=512, num_warps=8),
+        dict(CHUNK=128, BK=16, BN=256, num_warps=2),
+        dict(CHUNK=256, BK=16, BN=256, num_warps=2),
         dict(CHUNK=512, BK=64, BN=128, num_warps=4, num_stages=3, compact=False),
-        dict(CHUNK=256, BK=32, BN=256, num_warps=4, num_stages=3, compact=False),
-        dict(CHUNK=128, BK=32, BN=512, num_warps=4, num_stages=2, compact=False),
-        dict(CHUNK=512, BK=32, BN=256, num_warps=8, num_stages=3, compact=False),
     ]
     rows_sweep = [
         dict(BR=64, BK=16, BD=256, DS=1024, num_warps=4),
-        dict(BR=32, BK=16, BD=256, DS=1024, num_warps=4),
+        dict(BR=128, BK=16, BD=256, DS=1024, num_warps=4),
         dict(BR=64, BK=16, BD=512, DS=2048, num_warps=4),
-        dict(BR=64, BK=16, BD=256, DS=1024, num_warps=4, compact=False),
-        dict(BR=128, BK=32, BD=256, DS=1024, num_warps=4, compact=False),
-        dict(BR=64, BK=32, BD=512, DS=2048, num_warps=8, compact=False),
         # DS = d_model: one slice, `a` written directly (no atomics, no ticket)
-        dict(BR=16, BK=16, BD=512, DS=4096, num_warps=4, num_stages=3, compact=False),
         dict(BR=32, BK=16, BD=512, DS=4096, num_warps=4, num_stages=3, compact=True),
-        dict(BR=16, BK=16, BD=256, DS=4096, num_warps=4, num_stages=4, compact=False),
+        dict(BR=64, BK=16, BD=256, DS=4096, num_warps=4, num_stages=3, compact=True),
         # gate GEMV fused into the row kernel (no cuBLAS gate launch)
         dict(fused_gate=True, BR=16, BD=512, num_warps=4, num_stages=3),
         dict(fused_gate=True, BR=32, BD=256, num_warps=4, num_stages=3),
-        dict(fused_gate=True, BR=16, BD=256, num_warps=4, num_stages=4),
     ]
     if args.quick:
         down_sweep, rows_sweep = down_sweep[:2], rows_sweep[:2]

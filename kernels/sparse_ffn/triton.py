@@ -109,6 +109,63 @@ def _row_active(
 
 
 @triton.jit
+def _rows_tile(
+    X,
+    WG,
+    WU,
+    SRC,
+    NW,
+    OUT,
+    UACC,
+    GACC,
+    rows,
+    r_ok,
+    offs_t,
+    t_ok,
+    d0,
+    D,
+    R,
+    stride_x,
+    stride_src,
+    stride_out,
+    inv_rms,
+    D_E,
+    threshold,
+    MODE: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    DS: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    SINGLE: tl.constexpr,
+    STORE_ALL: tl.constexpr,
+):
+    """One tile of rows: partial dots over this program's d_model slice, then either `a`
+    written directly (SINGLE: one slice) or fp32 atomics into the workspace."""
+    pu, pg = _rows_partial(
+        X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x, MODE, T_PAD, BK, BD, DS, DOT_F32
+    )
+    pmask = r_ok[:, None] & t_ok[None, :]
+    if SINGLE:
+        a_t = _rows_epilogue(
+            SRC, NW, rows, r_ok, offs_t, t_ok, stride_src, inv_rms, D_E, threshold, pu, pg, MODE
+        )
+        if STORE_ALL:  # masked tiles cover every row: inactive ones get their zero here
+            smask = (rows < R)[:, None] & t_ok[None, :]
+        else:
+            smask = pmask
+        tl.store(
+            OUT + offs_t[None, :] * stride_out + rows[:, None],
+            a_t.to(OUT.dtype.element_ty),
+            mask=smask,
+        )
+    else:
+        tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
+        if MODE == 1:
+            tl.atomic_add(GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed")
+
+
+@triton.jit
 def _sparse_rows_kernel(
     X,
     SRC,
@@ -185,22 +242,81 @@ def _sparse_rows_kernel(
     d0 = pid_d * DS
     offs_b = tl.arange(0, BK)
     if COMPACT:
-        n_iter = tl.where(cnt > DENSE_CNT, BR, cnt)
-        pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
-    else:
-        n_iter = BR
-    for i in range(0, n_iter, BK):
-        if COMPACT:
-            if cnt > DENSE_CNT:
+        # two separate loops: a runtime branch inside one loop cost registers (KERNEL_NOTES.md)
+        if cnt > DENSE_CNT:
+            for i in range(0, BR, BK):
                 rows = pid_r * BR + i + offs_b
-                r_ok = rows < R
-            else:
+                _rows_tile(
+                    X,
+                    WG,
+                    WU,
+                    SRC,
+                    NW,
+                    OUT,
+                    UACC,
+                    GACC,
+                    rows,
+                    rows < R,
+                    offs_t,
+                    t_ok,
+                    d0,
+                    D,
+                    R,
+                    stride_x,
+                    stride_src,
+                    stride_out,
+                    inv_rms,
+                    D_E,
+                    threshold,
+                    MODE,
+                    T_PAD,
+                    BK,
+                    BD,
+                    DS,
+                    DOT_F32,
+                    SINGLE,
+                    False,
+                )
+        else:
+            pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+            for i in range(0, cnt, BK):
                 j = i + offs_b
                 local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_br[None, :], 0), axis=1)
                 rows = pid_r * BR + local
-                r_ok = j < cnt
-        else:
-            # masked tiles: loads of inactive rows are predicated off and move no bytes
+                _rows_tile(
+                    X,
+                    WG,
+                    WU,
+                    SRC,
+                    NW,
+                    OUT,
+                    UACC,
+                    GACC,
+                    rows,
+                    j < cnt,
+                    offs_t,
+                    t_ok,
+                    d0,
+                    D,
+                    R,
+                    stride_x,
+                    stride_src,
+                    stride_out,
+                    inv_rms,
+                    D_E,
+                    threshold,
+                    MODE,
+                    T_PAD,
+                    BK,
+                    BD,
+                    DS,
+                    DOT_F32,
+                    SINGLE,
+                    False,
+                )
+    else:
+        # masked tiles: loads of inactive rows are predicated off and move no bytes
+        for i in range(0, BR, BK):
             rows = pid_r * BR + i + offs_b
             r_ok = (rows < R) & (
                 _row_active(
@@ -208,30 +324,37 @@ def _sparse_rows_kernel(
                 )
                 > 0
             )
-        pu, pg = _rows_partial(
-            X, WG, WU, rows, r_ok, offs_t, t_ok, d0, D, stride_x, MODE, T_PAD, BK, BD, DS, DOT_F32
-        )
-        pmask = r_ok[:, None] & t_ok[None, :]
-        if SINGLE:
-            # one d_model slice: the dot products are complete, write `a` directly
-            a_t = _rows_epilogue(
-                SRC, NW, rows, r_ok, offs_t, t_ok, stride_src, inv_rms, D_E, threshold, pu, pg, MODE
+            _rows_tile(
+                X,
+                WG,
+                WU,
+                SRC,
+                NW,
+                OUT,
+                UACC,
+                GACC,
+                rows,
+                r_ok,
+                offs_t,
+                t_ok,
+                d0,
+                D,
+                R,
+                stride_x,
+                stride_src,
+                stride_out,
+                inv_rms,
+                D_E,
+                threshold,
+                MODE,
+                T_PAD,
+                BK,
+                BD,
+                DS,
+                DOT_F32,
+                SINGLE,
+                True,
             )
-            if COMPACT:
-                smask = pmask
-            else:  # masked tiles cover every row: inactive ones get their zero here
-                smask = (rows < R)[:, None] & t_ok[None, :]
-            tl.store(
-                OUT + offs_t[None, :] * stride_out + rows[:, None],
-                a_t.to(OUT.dtype.element_ty),
-                mask=smask,
-            )
-        else:
-            tl.atomic_add(UACC + offs_t[None, :] * R + rows[:, None], pu, mask=pmask, sem="relaxed")
-            if MODE == 1:
-                tl.atomic_add(
-                    GACC + offs_t[None, :] * R + rows[:, None], pg, mask=pmask, sem="relaxed"
-                )
 
     if SINGLE:
         if COMPACT:

@@ -51,23 +51,37 @@ def _acc_down_rows(
     DOT_F32: tl.constexpr,
     MASK_ROWS: tl.constexpr,
 ):
-    if T_PAD == 1:
-        a = tl.load(A + rows, mask=r_ok, other=0.0)
-        if MASK_ROWS:
+    if MASK_ROWS:
+        if T_PAD == 1:
+            a = tl.load(A + rows, mask=r_ok, other=0.0)
             r_ok = r_ok & (a != 0)
-    else:
-        a = tl.load(
-            A + offs_t[:, None] * stride_a + rows[None, :],
-            mask=t_ok[:, None] & r_ok[None, :],
+        else:
+            a = tl.load(
+                A + offs_t[:, None] * stride_a + rows[None, :],
+                mask=t_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            r_ok = r_ok & (tl.max((a != 0).to(tl.int32), axis=0) > 0)
+        w = tl.load(
+            W + rows[:, None] * stride_w + offs_n[None, :],
+            mask=r_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        if MASK_ROWS:
-            r_ok = r_ok & (tl.max((a != 0).to(tl.int32), axis=0) > 0)
-    w = tl.load(
-        W + rows[:, None] * stride_w + offs_n[None, :],
-        mask=r_ok[:, None] & n_ok[None, :],
-        other=0.0,
-    )
+    else:
+        # v1 order: the weight tile first, the activations after
+        w = tl.load(
+            W + rows[:, None] * stride_w + offs_n[None, :],
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        if T_PAD == 1:
+            a = tl.load(A + rows, mask=r_ok, other=0.0)
+        else:
+            a = tl.load(
+                A + offs_t[:, None] * stride_a + rows[None, :],
+                mask=t_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
     if T_PAD == 1:
         acc += a[:, None].to(tl.float32) * w.to(tl.float32)
     else:
@@ -127,34 +141,51 @@ def _sparse_down_kernel(
         acc = tl.zeros([T_PAD, BN], dtype=tl.float32)
 
     if COMPACT:
-        # rank of each active row inside the chunk; inactive rows get -1. Above DENSE_CNT
-        # active rows the chunk is read whole (dense fallback, no ranking work).
-        pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
-        for i in range(0, tl.where(cnt > DENSE_CNT, CHUNK, cnt), BK):
-            if cnt > DENSE_CNT:
+        # Two separate loops (v1 form): a runtime branch inside one loop raised the register
+        # count from 168 to 200 and cost 30-50 % at s >= 0.9 on the H100 (see KERNEL_NOTES.md).
+        if cnt > DENSE_CNT:
+            # dense fallback: read the whole chunk, no ranking work
+            for i in range(0, CHUNK, BK):
                 rows = pid_c * CHUNK + i + offs_b
-                r_ok = rows < K
-            else:
+                acc = _acc_down_rows(
+                    acc,
+                    A,
+                    W,
+                    rows,
+                    rows < K,
+                    offs_t,
+                    t_ok,
+                    offs_n,
+                    n_ok,
+                    stride_a,
+                    stride_w,
+                    T_PAD,
+                    DOT_F32,
+                    False,
+                )
+        else:
+            # rank of each active row inside the chunk; inactive rows get -1
+            pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+            for i in range(0, cnt, BK):
                 j = i + offs_b
                 local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
                 rows = pid_c * CHUNK + local
-                r_ok = j < cnt
-            acc = _acc_down_rows(
-                acc,
-                A,
-                W,
-                rows,
-                r_ok,
-                offs_t,
-                t_ok,
-                offs_n,
-                n_ok,
-                stride_a,
-                stride_w,
-                T_PAD,
-                DOT_F32,
-                False,
-            )
+                acc = _acc_down_rows(
+                    acc,
+                    A,
+                    W,
+                    rows,
+                    j < cnt,
+                    offs_t,
+                    t_ok,
+                    offs_n,
+                    n_ok,
+                    stride_a,
+                    stride_w,
+                    T_PAD,
+                    DOT_F32,
+                    False,
+                )
     else:
         # masked tiles: the loads of inactive rows are predicated off and move no bytes
         for i in range(0, CHUNK, BK):
@@ -201,7 +232,11 @@ def _sparse_down_kernel(
 def default_down_config(t: int, d_ff: int, d_model: int) -> dict:
     """Block shapes by problem shape only (never by data, so the launch is graph-safe)."""
     if t == 1:
-        return dict(CHUNK=256, BK=32, BN=256, num_warps=4, num_stages=2, dense_fraction=0.6)
+        # H100 sweeps (benchmarks/KERNEL_NOTES.md): wide column blocks for d_model >= 4096,
+        # small programs with 2 warps for narrower layers
+        if d_model >= 4096:
+            return dict(CHUNK=256, BK=16, BN=512, num_warps=4, num_stages=2, dense_fraction=0.6)
+        return dict(CHUNK=128, BK=16, BN=128, num_warps=2, num_stages=2, dense_fraction=0.6)
     if t <= 16:
         return dict(CHUNK=256, BK=32, BN=128, num_warps=4, num_stages=2, dense_fraction=0.6)
     return dict(CHUNK=512, BK=32, BN=128, num_warps=8, num_stages=2, dense_fraction=0.6)
