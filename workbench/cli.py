@@ -50,7 +50,8 @@ def cmd_profile(args) -> int:
         data, mask, desc = validation_tokens(model, args.tokens, args.seq_len)
         info = {"tokens_requested": args.tokens, "text": desc}
     run = wb.profile(model, data, attention_mask=mask, batch_size=args.batch_size, max_length=args.seq_len,
-                     rule=args.rule, progress=not args.quiet, data_info=info)
+                     rule=args.rule, probes=["neuron_stats", "abs_sketch"], progress=not args.quiet,
+                     data_info=info)
     out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
     run.save(out, overwrite=args.overwrite)
     summary = run.summary()

@@ -106,7 +106,7 @@ def test_quantile_sketch_within_bound(family):
     sites = wb.locate(model).ffns
     full = _record_full(model, sites, ids, mask)
     valid = mask.reshape(-1).numpy().astype(bool)
-    with wb.capture(model) as run:
+    with wb.capture(model, probes=["neuron_stats", "abs_sketch"]) as run:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
     spec = SketchSpec()

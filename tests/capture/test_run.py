@@ -95,7 +95,7 @@ def test_max_tokens_truncates_in_reading_order():
 def test_merge_equals_one_pass():
     model = tiny.build("gpt2")
     ids = torch.randint(1, tiny.VOCAB, (4, 9), generator=torch.Generator().manual_seed(2))
-    whole = wb.profile(model, ids, progress=False)
+    whole = wb.profile(model, ids, probes=["neuron_stats", "abs_sketch"], progress=False)
     p1, p2 = wb.NeuronStats(), wb.NeuronStats()
     s1, s2 = wb.AbsSketch(), wb.AbsSketch()
     with wb.capture(model, probes=[p1, s1]):

@@ -208,7 +208,8 @@ def capture(model: nn.Module, probes=None, rule="zero", *, layout: Layout | None
             model(**batch)
         run.summary()
 
-    probes: Probe instances or names (default: NeuronStats + AbsSketch). rule: "zero",
+    probes: Probe instances or names (default: NeuronStats; add "abs_sketch" for |a| quantiles,
+    "activation_sample" for raw rows). rule: "zero",
     "fat(T)", "topk(k)", "magnitude(t)" or a Rule. Hooks are removed when the block exits, also
     on exceptions and KeyboardInterrupt. On exit the statistics move to the host and are checked
     for NaN/Inf (CaptureError names the layer; the partial run is on the error as `.run`).

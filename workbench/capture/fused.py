@@ -50,14 +50,15 @@ if _HAVE_TRITON:
         d_ok = offs_d < D
         if HAS_SCALE:
             scale = tl.load(scale_ptr + offs_d, mask=d_ok, other=0.0)
-        cnt = tl.zeros([BLOCK_D], dtype=tl.int32)
-        nz = tl.zeros([BLOCK_D], dtype=tl.int32)
+        # elementwise accumulators, reduced across tokens once at the end (no per-tile reductions)
+        cnt = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+        nz = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+        bad = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
         if SUM64:
-            ssum = tl.zeros([BLOCK_D], dtype=tl.float64)
+            ssum = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64)
         else:
-            ssum = tl.zeros([BLOCK_D], dtype=tl.float32)
-        smax = tl.zeros([BLOCK_D], dtype=tl.float32)
-        bad = tl.zeros([BLOCK_D], dtype=tl.int32)
+            ssum = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        smax = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
         ntok = tl.zeros([BLOCK_T], dtype=tl.int32)
         if DO_HIST:
             hacc = tl.zeros([HIST_BINS], dtype=tl.int32)
@@ -78,17 +79,16 @@ if _HAVE_TRITON:
                 src = ax
             if HAS_SCALE:
                 src = src * scale[None, :]
-            act = (src > threshold) & m2
-            cnt += tl.sum(act.to(tl.int32), axis=0)
-            nz += tl.sum(((x != 0.0) & m2).to(tl.int32), axis=0)
+            cnt += ((src > threshold) & m2).to(tl.int32)
+            nz += ((x != 0.0) & m2).to(tl.int32)
             finite = ax < float("inf")  # false for inf and NaN
-            bad += tl.sum(((~finite) & m2).to(tl.int32), axis=0)
+            bad += ((~finite) & m2).to(tl.int32)
             axf = tl.where(finite, ax, 0.0)
             if SUM64:
-                ssum += tl.sum(axf.to(tl.float64), axis=0)
+                ssum += axf.to(tl.float64)
             else:
-                ssum += tl.sum(axf, axis=0)
-            smax = tl.maximum(smax, tl.max(axf, axis=0))
+                ssum += axf
+            smax = tl.maximum(smax, axf)
             if DO_HIST:
                 lg = tl.log(tl.maximum(ax, 1e-30)) * inv_log_gamma
                 idx = tl.ceil(lg).to(tl.int32) - bucket_offset + 1
@@ -96,6 +96,11 @@ if _HAVE_TRITON:
                 idx = tl.where(ax > 0.0, idx, 0)
                 idx = tl.where(m2, idx, N_BUCKETS)  # padding -> a bin that is dropped
                 hacc += tl.histogram(tl.reshape(idx, [BLOCK_T * BLOCK_D]), HIST_BINS)
+        cnt = tl.sum(cnt, axis=0)
+        nz = tl.sum(nz, axis=0)
+        ssum = tl.sum(ssum, axis=0)
+        smax = tl.max(smax, axis=0)
+        bad = tl.sum(bad, axis=0)
         if DO_HIST:
             # one flush per program, only for the buckets it saw
             bins = tl.arange(0, HIST_BINS)
@@ -111,7 +116,7 @@ if _HAVE_TRITON:
             tl.atomic_add(tokens_ptr, tl.sum(ntok, axis=0).to(tl.int64))
 
 
-def update(site: FFNSite, batch, ctx, stats, sketch, *, block_t: int = 32, block_d: int = 64,
+def update(site: FFNSite, batch, ctx, stats, sketch, *, block_t: int = 16, block_d: int = 128,
            tokens_per_prog: int | None = None, num_warps: int = 4, sum64: bool = True,
            do_hist: bool = True) -> None:
     """Update NeuronStats (and AbsSketch, if given) for one FFN call in one kernel launch."""
