@@ -136,20 +136,39 @@ def test_relu_llama_sparsity_and_ppl_vs_silu_twin():
     assert relu["validation"]["ppl"] <= 1.10 * silu["validation"]["ppl"]
 
 
+def _ids_mask(windows, pad):
+    t = max(len(w) for _, w in windows)
+    ids = torch.full((len(windows), t), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (_, w) in enumerate(windows):
+        ids[i, : len(w)] = torch.tensor(w)
+        mask[i, : len(w)] = 1
+    return ids, mask
+
+
 def test_relu_llama_sparsity_measured_by_profile(quick_windows):
     """TLS of relu-llama through the workbench's own capture (wb.profile) matches the card."""
     model = wb.load_model("zoo:relu-llama", dtype=torch.float32)
-    t = max(len(w) for _, w in quick_windows)
-    ids = torch.full((len(quick_windows), t), model.config.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (_, w) in enumerate(quick_windows):
-        ids[i, : len(w)] = torch.tensor(w)
-        mask[i, : len(w)] = 1
+    ids, mask = _ids_mask(quick_windows, model.config.pad_token_id)
     run = wb.profile(model, ids, attention_mask=mask, batch_size=16, progress=False)
     df = run.summary()
     tls = float((df["token_sparsity"] * df["d_ff"]).sum() / df["d_ff"].sum())
     card = zoo.card_metrics("relu-llama")["validation_quick"]["sparsity"]["tls"]
     assert tls == pytest.approx(card, abs=2e-3)
+
+
+@pytest.mark.parametrize("name", ["blockffn", "blockffn-null"])
+def test_blockffn_cls_measured_by_chunk_table(name, quick_windows):
+    """TLS and CLS_8 over the router experts through workbench.metrics.chunks match the card."""
+    from workbench.metrics.chunks import chunk_table
+
+    model = wb.load_model(f"zoo:{name}", dtype=torch.float32)
+    ids, mask = _ids_mask(quick_windows, model.config.pad_token_id)
+    df = chunk_table(model, [(ids, mask)], units="experts", lengths=(1, 8))
+    row = df[(df.layer == -1) & (df.L == 8)].iloc[0]
+    card = zoo.card_metrics(name)["validation_quick"]["sparsity"]
+    assert float(row.tls) == pytest.approx(card["tls"], abs=2e-3)
+    assert float(row.cls) == pytest.approx(card["cls_8"], abs=2e-3)
 
 
 def test_blockffn_cls8_gap():

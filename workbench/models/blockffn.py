@@ -64,6 +64,7 @@ class BlockFFNRouter(nn.Module):
 
     def __init__(self, config: BlockFFNConfig):
         super().__init__()
+        self.n_experts = config.n_experts
         self.proj = nn.Linear(config.hidden_size, config.n_experts, bias=False)
         self.norm = LlamaRMSNorm(config.n_experts, eps=config.router_eps)
         self.scale = nn.Parameter(torch.ones(config.n_experts)) if config.router_scale else None
@@ -80,6 +81,21 @@ class BlockFFNRouter(nn.Module):
         if self.record:
             self.last = (a0, a1)
         return a
+
+
+class NormSiLU(nn.Module):
+    """DECO's NormSiLU over ``[..., n_experts * expert_size]``: subtract the mean over all units,
+    RMS-normalise each expert's block, then SiLU."""
+
+    def __init__(self, n_experts: int, expert_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.n_experts, self.expert_size, self.eps = n_experts, expert_size, eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h - h.mean(-1, keepdim=True)
+        h = h.unflatten(-1, (self.n_experts, self.expert_size))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return F.silu(h).flatten(-2)
 
 
 class BlockFFNMLP(nn.Module):
@@ -100,18 +116,17 @@ class BlockFFNMLP(nn.Module):
         self.router = BlockFFNRouter(config)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
-        self.eps = config.router_eps
+        # a module (no parameters) so that hooks and the adapters can find the activation
+        self.act_fn = (
+            NormSiLU(config.n_experts, config.expert_size, config.router_eps)
+            if self.expert_act == "normsilu"
+            else nn.SiLU()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores = self.router(x)  # [..., E]
-        h = self.up_proj(x)
-        if self.expert_act == "normsilu":
-            h = h - h.mean(-1, keepdim=True)
-            h = h.unflatten(-1, (self.n_experts, self.expert_size))
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        else:
-            h = h.unflatten(-1, (self.n_experts, self.expert_size))
-        h = F.silu(h) * scores.unsqueeze(-1).to(h.dtype)
+        h = self.act_fn(self.up_proj(x)).unflatten(-1, (self.n_experts, self.expert_size))
+        h = h * scores.unsqueeze(-1).to(h.dtype)
         return self.down_proj(h.flatten(-2))
 
 
@@ -187,6 +202,30 @@ def chunk_sparsity_loss(a1: torch.Tensor, chunk: int = 64, eps: float = 1e-6) ->
     log_keep = torch.log1p(-p.clamp(max=1 - 1e-6)).unflatten(1, (t // chunk, chunk)).sum(2)
     return (1 - torch.exp(log_keep)).mean()
 
+
+def _register_adapter() -> None:
+    """Tell workbench.adapters where BlockFFN keeps its FFN and router (unless it already knows)."""
+    try:
+        from workbench.adapters import PLAIN, Adapter, register_adapter, registered_adapters
+    except ImportError:  # pragma: no cover - adapters are optional for the layer itself
+        return
+    if "blockffn" not in registered_adapters():
+        register_adapter(
+            Adapter(
+                name="blockffn",
+                model_types=("blockffn",),
+                kind=PLAIN,
+                gate=None,
+                up="up_proj",
+                down="down_proj",
+                act="act_fn",
+                router="mlp.router",
+                router_kind="relu",
+            )
+        )
+
+
+_register_adapter()
 
 AutoConfig.register("blockffn", BlockFFNConfig, exist_ok=True)
 AutoModel.register(BlockFFNConfig, BlockFFNModel, exist_ok=True)
