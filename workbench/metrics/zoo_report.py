@@ -30,27 +30,31 @@ SETTINGS = {
     "n_candidates": 65536,    # inner-search candidates (Sparsing Law public code)
     "p": 1.0,                 # PPL-1%
     "lengths": (1, 2, 4, 8, 16, 32, 64),
-    "predictor_docs": 120,    # documents for the predictor (train on the first 75 %)
-    "predictor_holdout": 0.25,
-    "predictor_epochs": 40,
+    "predictor_train_docs": 240,   # train-split documents (evenly spaced) for predictor training
+    "predictor_eval_docs": 60,     # validation documents: the held-out tokens
+    "predictor_width": 64,         # hidden width (the default would be min(1024, d_model // 4) = 32)
+    "predictor_epochs": 12,
     "predictor_target_recall": 0.93,
 }
 
 
-def zoo_docs(n: int, offset: int = 0):
-    """`n` validation documents of the zoo corpus, in the committed order, from `offset`."""
+def zoo_docs(n: int, offset: int = 0, split: str = "validation"):
+    """`n` documents of the zoo corpus: validation ones in the committed order from `offset`;
+    train ones evenly spaced over the split (so every domain is represented)."""
     from workbench.models.corpus import load_split
 
-    docs = load_split("validation")
+    docs = load_split(split)
+    if split == "train":
+        return docs[:: max(1, len(docs) // n)][:n]
     return docs[offset:offset + n]
 
 
 def zoo_batches(model, n_docs: int | None = None, max_length: int | None = None, offset: int = 0,
-                batch_size: int = 8):
-    """Token batches (ids, mask) of the validation documents for `model`'s tokenizer."""
+                batch_size: int = 8, split: str = "validation"):
+    """Token batches (ids, mask) of zoo corpus documents for `model`'s tokenizer."""
     n_docs = n_docs or SETTINGS["eval_docs"]
     max_length = max_length or SETTINGS["max_length"]
-    return token_batches(zoo_docs(n_docs, offset), tokenizer=model.tokenizer, batch_size=batch_size,
+    return token_batches(zoo_docs(n_docs, offset, split), tokenizer=model.tokenizer, batch_size=batch_size,
                          max_length=max_length)
 
 
@@ -79,13 +83,15 @@ def cls_result(name: str, units: str = "auto") -> pd.DataFrame:
 
 
 def predictor_result(name: str = "relu-llama", rule="zero", width: int | None = None):
+    """Predictors trained on train-split tokens, evaluated on held-out validation documents."""
     from workbench.metrics.predictor import train_predictors
 
     model = load(name)
-    batches = zoo_batches(model, n_docs=SETTINGS["predictor_docs"])
-    return train_predictors(model, batches, rule=rule, width=width, holdout=SETTINGS["predictor_holdout"],
-                            epochs=SETTINGS["predictor_epochs"], target_recall=SETTINGS["predictor_target_recall"],
-                            max_tokens=None)
+    train = zoo_batches(model, n_docs=SETTINGS["predictor_train_docs"], split="train")
+    held_out = zoo_batches(model, n_docs=SETTINGS["predictor_eval_docs"])
+    return train_predictors(model, train, eval_data=held_out, rule=rule,
+                            width=width or SETTINGS["predictor_width"], epochs=SETTINGS["predictor_epochs"],
+                            target_recall=SETTINGS["predictor_target_recall"], max_tokens=None)
 
 
 def main(argv=None) -> dict:
