@@ -39,6 +39,10 @@ def cmd_profile(args) -> int:
     from workbench.data import validation_tokens
 
     source = args.source or default_source()
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     model = wb.load_model(source, device=args.device, dtype=args.dtype)
     torch.manual_seed(0)
