@@ -248,3 +248,21 @@ def test_training_is_seeded_on_cpu(tmp_path):
     b = build_model(zoo.spec("relu-llama"))
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), ka
+
+
+@pytest.mark.slow
+def test_cpu_training_end_to_end_is_reproducible(tmp_path):
+    """`zoo train` on CPU writes a loadable, carded model; same seed -> same validation loss."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.models.train import train
+
+    kw = dict(device="cpu", seed=3, steps=3, overrides={"batch_size": 2, "warmup": 1, "l1_start": 0.0},
+              max_eval_windows=4, log=lambda s: None)
+    a = train("relu-llama", out=tmp_path / "a", **kw)
+    b = train("relu-llama", out=tmp_path / "b", **kw)
+    assert a["validation"]["loss"] == b["validation"]["loss"]
+    assert a["checkpoint_sha256"] == b["checkpoint_sha256"]
+    assert (tmp_path / "a" / "README.md").is_file()
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert m.config.hidden_act == "relu"
