@@ -348,13 +348,18 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
 
 
 # ----------------------------------------------------------------------------------------- P4
-def p4_options(d):
-    big = {"CHUNK": 1024, "BN": 256, "BK": 32, "num_warps": 8}
+def p4_options(d, t):
+    wide = {"CHUNK": 256, "BK": 16, "BN": 512, "num_warps": 4 if t <= 16 else 8}
+    rows_wide = {"BK": 16, "BD": 512, "DS": 2048}
     return [
-        ("compact", {"rows": {"compact": True}, "down": {"compact": True}}),
-        ("compact-c1024", {"rows": {"compact": True}, "down": big}),
-        ("fused-c1024", {"fused_gate": True, "rows": {}, "down": big}),
-        ("single-c1024", {"rows": {"DS": d, "BR": 32, "BK": 32, "BD": 128}, "down": big}),
+        ("default", {"rows": {}, "down": {}}),
+        ("wide", {"rows": rows_wide, "down": wide}),
+        ("wide-single", {"rows": {"BR": 32, "BK": 16, "BD": 512, "DS": d}, "down": wide}),
+        (
+            "wide-bn256",
+            {"rows": rows_wide, "down": {"CHUNK": 512, "BK": 16, "BN": 256, "num_warps": 4}},
+        ),
+        ("fused-wide", {"fused_gate": True, "rows": {"BR": 16, "BD": 256}, "down": wide}),
     ]
 
 
@@ -378,7 +383,7 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
             sets = list(zip(xs, wg, wu, wdt))
             if p4cfg is None:
                 bt = float("inf")
-                for comp, c_ in p4_options(d):
+                for comp, c_ in p4_options(d, t):
                     t_ms = bench(
                         rotating(
                             lambda x, a, b, c, c_=c_: K.chunk_ffn(x, a, b, c, config=c_), sets
@@ -406,8 +411,12 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
         nwt = [(torch.rand(e, device=DEV) + 0.5).to(dtype) for _ in range(nw)]
         wr0 = [rand_w(e, d, dtype) for _ in range(nw)]
 
+        from workbench.kernels.moe_blocks.triton import router_logits
+
         def dense_moe(x, wr, wu_, wd_):
-            F.linear(x, wr)  # router GEMV (scores' normalisation left out: dense lower bound)
+            # the same router kernel as the sparse side (cuBLAS took 32 us for it at T = 8);
+            # the scores' normalisation is left out: a lower bound of the dense layer's time
+            router_logits(x, wr)
             return F.linear(F.silu(F.linear(x, wu_)), wd_)
 
         mbase = bench(rotating(dense_moe, list(zip(xs, wr0, wu, wd))), rep)
@@ -418,7 +427,7 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
             sets = list(zip(xs, wr, nwt, wu, wdt))
             if moecfg is None:
                 bt = float("inf")
-                for comp, c_ in p4_options(d):
+                for comp, c_ in p4_options(d, t):
                     t_ms = bench(
                         rotating(
                             lambda x, r_, n_, u_, dd, c_=c_: K.moe_blocks(
@@ -469,6 +478,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--commit", default=os.environ.get("WB_COMMIT", ""))
     ap.add_argument("--dry", action="store_true", help="CPU smoke run at toy shapes")
+    ap.add_argument("--tag", default="", help="suffix of the result file names")
     args = ap.parse_args()
     global DEV, DRY
     if args.dry:
@@ -504,7 +514,8 @@ def main():
     tag = dev.replace("NVIDIA ", "").split()[0].lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kernels_{tag}_{date}.json"
+    suffix = f"_{args.tag}" if args.tag else ""
+    path = out / f"kernels_{tag}_{date}{suffix}.json"
 
     def save():
         doc = {
@@ -515,7 +526,7 @@ def main():
             "rows": rows,
         }
         path.write_text(json.dumps(doc, indent=1))
-        (out / f"kernels_{tag}_{date}.log").write_text("\n".join(LOG) + "\n")
+        (out / f"kernels_{tag}_{date}{suffix}.log").write_text("\n".join(LOG) + "\n")
 
     down_sweep = [  # compact = rank active rows in registers; False = masked tiles
         dict(CHUNK=256, BK=16, BN=512, num_warps=4),
