@@ -655,6 +655,8 @@ def write_card(out: Path, m: dict) -> None:
                   "| setting | val perplexity | TLS | CLS_8 |", "| --- | ---: | ---: | ---: |"]
         for r in sw["rows"]:
             lines.append(f"| {r['setting']} | {_f(r['ppl'])} | {_f(100 * r['tls'], 2)} % | {_f(100 * r['cls_8'], 2)} % |")
+    if m.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in m["notes"]]
     lines += ["", "Full training log (every 50 steps) in metrics.json (`history`).", ""]
     (out / "README.md").write_text("\n".join(lines))
 
