@@ -1,0 +1,107 @@
+"""wb.accelerate: the switch restores the model exactly; exact/chunk modes match the dense model;
+predictor mode reports its error; bad input gives clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from workbench.accel import accelerate
+from workbench.errors import WorkbenchError
+
+
+def _tiny(act="relu", dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, hidden_act=act, max_position_embeddings=64)
+    return tf.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _ids(n=11, seed=1, vocab=128):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_on_off_restores_modules_exactly():
+    model = _tiny()
+    mlps = [layer.mlp for layer in model.model.layers]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = _ids()
+    dense = model(ids).logits
+    h = accelerate(model, mode="exact", backend="torch")
+    assert all(type(layer.mlp).__name__ == "SparseFFN" for layer in model.model.layers)
+    assert "mlp.original" not in "".join(model.state_dict())  # no duplicated weights
+    h.off()
+    assert [layer.mlp for layer in model.model.layers] == mlps  # the very same objects
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]) and v.is_contiguous(), k
+    assert torch.equal(model(ids).logits, dense)
+
+
+def test_context_manager_restores_on_exception():
+    model = _tiny()
+    mlp0 = model.model.layers[0].mlp
+    with pytest.raises(RuntimeError, match="inside"):
+        with accelerate(model, backend="torch"):
+            raise RuntimeError("inside")
+    assert model.model.layers[0].mlp is mlp0
+
+
+def test_down_weight_is_not_duplicated():
+    model = _tiny()
+    w = model.model.layers[0].mlp.down_proj.weight
+    h = accelerate(model, backend="torch")
+    sp = model.model.layers[0].mlp
+    assert sp.w_down_t.is_contiguous() and sp.w_down_t.data_ptr() == w.data_ptr()
+    h.off()
+
+
+@pytest.mark.parametrize("mode", ["exact", "chunk"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_exact_and_chunk_match_dense(mode, backend):
+    model = _tiny(seed=3)
+    h = accelerate(model, mode=mode, backend=backend)
+    m = h.measure(_ids(13, seed=4), reps=1, warmup=0)
+    h.off()
+    assert m.summary["logits_rel_rms"] <= 1e-2
+    assert m.summary["top1_agreement"] >= 0.99
+    assert (m.layers["realised_sparsity"] >= 0).all() and (m.layers["true_sparsity"] > 0.2).all()
+    assert m.summary["backend"] == backend
+
+
+def test_predictor_mode_reports_error(tmp_path):
+    from workbench.metrics import save_predictors, train_predictors
+
+    model = _tiny(seed=5)
+    data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(6))
+    pred = train_predictors(model, data, width=16, epochs=3)
+    path = save_predictors(pred, tmp_path / "pred")
+    h = accelerate(model, mode="predictor", predictors=path, backend="torch")
+    m = h.measure(_ids(9, seed=7), reps=1, warmup=0)
+    h.off()
+    for key in ("logits_rel_rms", "top1_agreement", "predictor_recall"):
+        assert 0.0 <= m.summary[key] <= (10.0 if key == "logits_rel_rms" else 1.0), key
+    assert "predictor_recall" in m.layers
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(WorkbenchError, match="bf16/fp16"):
+        accelerate(_tiny(dtype=torch.float32))
+    with pytest.raises(WorkbenchError, match="no exact zeros"):
+        accelerate(_tiny(act="silu"))
+    with pytest.raises(WorkbenchError, match="mode"):
+        accelerate(_tiny(), mode="fastest")
+    with pytest.raises(WorkbenchError, match="needs predictors"):
+        accelerate(_tiny(), mode="predictor")
+    cfg = tf.Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, hidden_act="relu", pad_token_id=0)
+    with pytest.raises(WorkbenchError, match="fused gate_up"):
+        accelerate(tf.Phi3ForCausalLM(cfg).to(torch.bfloat16))
+
+
+def test_triton_backend_refuses_cpu_tensors_when_not_interpreting(monkeypatch):
+    from workbench.kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    with pytest.raises(WorkbenchError, match="CUDA"):
+        accelerate(_tiny(), backend="triton")

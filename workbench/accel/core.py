@@ -1,0 +1,341 @@
+"""`wb.accelerate(model, mode=...)`: flip a loaded model's FFNs onto the sparse kernels.
+
+    handle = wb.accelerate(model, mode="exact")     # swapped in now
+    model.generate(...)                              # runs the kernels
+    handle.off()                                     # the original modules are back, weights intact
+    with wb.accelerate(model, mode="chunk"):         # or as a context manager
+        ...
+    handle.measure(ids)                              # timings, realised sparsity, error vs dense
+
+Modes:
+- "exact": decode calls (<= 8 tokens) take the exact sparse FFN (gate dense, up rows and down rows
+  read only where act(gate) != 0): the same function as the dense model (a ReLU/FATReLU model
+  under its own threshold); longer calls (prefill) stay dense.
+- "chunk": calls of 2..64 tokens (e.g. speculative verification) take the chunk-union kernel
+  (BlockFFN's scheme, dense fallback when the union is too large), 1 token the exact kernel.
+- "predictor": gate and up both sparse on a Deja Vu predictor's mask (predictor included), for
+  every call: this changes the function, and measure() reports the error instead of bounding it.
+  `predictors` is a directory written by `workbench.metrics.save_predictors` (or a Predictors).
+
+backend: "auto" (Triton on CUDA, else the torch reference, which is what runs on CPU), "triton"
+or "torch". The model must be bf16 or fp16 with d_model, d_ff multiples of 16.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from workbench.accel.ffn import MODES, SparseFFN
+from workbench.adapters import Layout, locate
+from workbench.errors import WorkbenchError
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _load_predictor_tensors(predictors, names, device, dtype) -> dict[str, dict[str, torch.Tensor]]:
+    from workbench.metrics.predictor import Predictors, load_predictors
+
+    pred = predictors if isinstance(predictors, Predictors) else load_predictors(predictors)
+    tensors, cfg = pred._tensors_and_config()
+    by_name = {layer["name"]: layer["keys"] for layer in cfg["layers"]}
+    out = {}
+    for name in names:
+        if name not in by_name:
+            raise WorkbenchError(f"the predictors have no layer {name!r} (they cover {sorted(by_name)}); "
+                                 "train them on this model with workbench.metrics.train_predictors")
+        keys = by_name[name]
+        out[name] = {k: tensors[keys[k]].to(device=device, dtype=dtype).contiguous() for k in ("w1", "b1", "w2", "b2")}
+    return out
+
+
+class Accelerator:
+    """Handle returned by `accelerate`: on(), off(), context manager, measure()."""
+
+    def __init__(self, model: nn.Module, mode: str = "exact", backend: str = "auto", predictors=None,
+                 layers: list[int] | None = None, dense_fraction: float = 0.6, decode_tokens: int = 8,
+                 layout: Layout | None = None):
+        if mode not in MODES:
+            raise WorkbenchError(f"mode {mode!r}: use one of {MODES}")
+        if backend not in ("auto", "triton", "torch"):
+            raise WorkbenchError(f"backend {backend!r}: use 'auto', 'triton' or 'torch'")
+        self.model = model
+        self.mode = mode
+        self.backend = backend
+        self.layout = layout or locate(model)
+        sites = [s for s in self.layout.ffns if s.role == "dense" and (layers is None or s.layer in layers)]
+        if not sites:
+            raise WorkbenchError(f"no dense FFN to accelerate in {type(model).__name__} (layers={layers})")
+        p0 = sites[0].down.weight
+        if p0.dtype not in (torch.float16, torch.bfloat16):
+            raise WorkbenchError(f"the model is {p0.dtype}; the sparse kernels run in bf16/fp16: load it with "
+                                 "dtype=torch.bfloat16 (or call model.to(torch.bfloat16))")
+        if backend == "triton" and p0.device.type != "cuda":
+            from workbench.kernels import _common
+
+            if not _common.interpreting():
+                raise WorkbenchError(f"backend='triton' needs the model on a CUDA device (it is on {p0.device}); "
+                                     "use backend='auto' or 'torch' on CPU")
+        for s in sites:
+            for m in (s.gate, s.up, s.down):
+                if m is None:
+                    raise WorkbenchError(f"{s.name}: missing projection; accelerate needs gate, up and down")
+                if m.weight.shape[-1] % 16 or m.weight.shape[0] % 16:
+                    raise WorkbenchError(f"{s.name}: d_model={s.d_model}, d_ff={s.d_ff}: the kernels need multiples of 16")
+        pred = None
+        if mode == "predictor":
+            if predictors is None:
+                raise WorkbenchError("mode='predictor' needs predictors=PATH (saved by workbench.metrics."
+                                     "save_predictors) or a Predictors object")
+            pred = _load_predictor_tensors(predictors, [s.name for s in sites], p0.device, p0.dtype)
+        self.sparse = {s.name: SparseFFN(s, s.module, mode, backend, None if pred is None else pred[s.name],
+                                         dense_fraction, decode_tokens) for s in sites}
+        self.active = False
+
+    # -- switching -----------------------------------------------------------------------------
+    def on(self) -> Accelerator:
+        if self.active:
+            return self
+        done = []
+        try:
+            for name, sp in self.sparse.items():
+                sp.relayout()
+                parent, child = _parent(self.model, name)
+                setattr(parent, child, sp)
+                done.append(name)
+        except BaseException:
+            self._restore(done)
+            raise
+        self.active = True
+        return self
+
+    def off(self) -> Accelerator:
+        """Put the original modules back (the same objects, weights in their original layout)."""
+        self._restore(list(self.sparse))
+        self.active = False
+        return self
+
+    def _restore(self, names) -> None:
+        for name in names:
+            sp = self.sparse[name]
+            parent, child = _parent(self.model, name)
+            if getattr(parent, child) is sp:
+                setattr(parent, child, sp.original[0])
+            sp.restore_layout()
+
+    def __enter__(self) -> Accelerator:
+        return self.on()
+
+    def __exit__(self, *exc) -> None:
+        self.off()
+
+    # -- measuring ---------------------------------------------------------------------------
+    def measure(self, input_ids: torch.Tensor, *, steps: int | None = None, chunk: int | None = None,
+                reps: int = 20, warmup: int = 3) -> Measurement:
+        """Dense vs accelerated on the same model, in one run.
+
+        The prompt `input_ids` [1, T] (or [T]) is fed the way decoding feeds it -- one token a step
+        (exact, predictor) or `chunk` tokens a step (chunk mode, default 8) with a KV cache --
+        and at each step the logits of both paths are compared: relative RMS
+        ||acc - dense|| / ||dense|| of the model's logits, and top-1 agreement of the logits
+        projected in float32 from the final hidden state (the model-dtype logits' agreement is
+        reported too: their rounding makes near-ties flip on any perturbation). Realised sparsity (and, in predictor mode,
+        the predictor's recall against the exact mask) is counted per layer on those steps.
+        Timings: each FFN on the last step's hidden states, and one whole decode step, dense and
+        accelerated, medians of `reps` after `warmup` (CUDA events on GPU, perf_counter on CPU).
+        """
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        if ids.shape[0] != 1:
+            raise WorkbenchError("measure takes one sequence [1, T] (decoding is batch 1 here)")
+        dev = self.sparse[next(iter(self.sparse))].site.down.weight.device
+        ids = ids.to(dev)
+        step = chunk or (8 if self.mode == "chunk" else 1)
+        n = ids.shape[1] if steps is None else min(ids.shape[1], steps * step)
+        was_active = self.active
+        try:
+            self.off()
+            dense_logits, ffn_inputs = self._run_steps(ids[:, :n], step, capture_inputs=True)
+            self.on()
+            for sp in self.sparse.values():
+                sp.stats = {}
+                sp.track = True
+            try:
+                acc_logits, _ = self._run_steps(ids[:, :n], step)
+            finally:
+                for sp in self.sparse.values():
+                    sp.track = False
+            layer_t = self._time_layers(ffn_inputs, reps, warmup)
+            step_t = self._time_step(ids[:, :n], step, reps, warmup)
+        finally:
+            (self.on if was_active else self.off)()
+        (acc_logits, acc32), (dense_logits, dense32) = acc_logits, dense_logits
+        diff = (acc_logits.float() - dense_logits.float())
+        rel_rms = float(diff.norm() / dense_logits.float().norm())
+        top1_model = float((acc_logits.argmax(-1) == dense_logits.argmax(-1)).float().mean())
+        top1 = top1_model if acc32 is None else float((acc32.argmax(-1) == dense32.argmax(-1)).float().mean())
+        rows = []
+        for name, sp in self.sparse.items():
+            st = {k: int(v) for k, v in sp.stats.items()}
+            pairs = max(st.get("tokens", 0) * sp.site.d_ff, 1)
+            row = {"layer": sp.site.layer, "name": name, "d_ff": sp.site.d_ff,
+                   "true_sparsity": 1 - st.get("active", 0) / pairs,
+                   "realised_sparsity": 1 - st.get("used", 0) / pairs, **layer_t[name]}
+            if self.mode == "predictor":
+                row["predictor_recall"] = st.get("hit", 0) / max(st.get("active", 0), 1)
+            rows.append(row)
+        layers = pd.DataFrame(rows)
+        summary = {
+            "mode": self.mode, "backend": self._backend_used(), "device": _device_name(dev),
+            "reference_path": self._backend_used() == "torch",
+            "tokens": int(n), "tokens_per_step": step, "logits_rel_rms": rel_rms, "top1_agreement": top1,
+            "top1_agreement_model_dtype_logits": top1_model,
+            **step_t,
+        }
+        if self.mode == "predictor":
+            summary["predictor_recall"] = float(layers["predictor_recall"].mean())
+        return Measurement(layers=layers, summary=summary)
+
+    def _backend_used(self) -> str:
+        from workbench.kernels import _common
+
+        sp = next(iter(self.sparse.values()))
+        try:
+            return _common.pick_backend(sp.backend, sp.w_up)
+        except Exception:  # noqa: BLE001
+            return "torch"
+
+    @torch.no_grad()
+    def _run_steps(self, ids: torch.Tensor, step: int, capture_inputs: bool = False):
+        from transformers import DynamicCache
+
+        inputs: dict[str, torch.Tensor] = {}
+        hooks = []
+        if capture_inputs:
+            for name, sp in self.sparse.items():
+                hooks.append(sp.original[0].register_forward_pre_hook(
+                    lambda m, args, name=name: inputs.__setitem__(name, args[0].detach())))
+        try:
+            cache = DynamicCache(config=self.model.config)
+            outs, outs32 = [], []
+            head = self.model.get_output_embeddings()
+            for i in range(0, ids.shape[1], step):
+                out = self.model(input_ids=ids[:, i:i + step], past_key_values=cache, use_cache=True,
+                                 output_hidden_states=head is not None)
+                outs.append(out.logits[0])
+                if head is not None:
+                    # the same logits without the bf16 rounding of the output tensor, whose spacing
+                    # (0.06 at |logit| ~ 10) turns near-ties into coin flips
+                    outs32.append(out.hidden_states[-1][0].float() @ head.weight.float().t())
+        finally:
+            for h in hooks:
+                h.remove()
+        return (torch.cat(outs), torch.cat(outs32) if outs32 else None), inputs
+
+    def _timer(self, dev):
+        if dev.type == "cuda":
+            def run(fn, reps, warmup):
+                for _ in range(warmup):
+                    fn()
+                ts = []
+                for _ in range(reps):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    fn()
+                    e.record()
+                    e.synchronize()
+                    ts.append(s.elapsed_time(e))
+                return statistics.median(ts)
+        else:
+            def run(fn, reps, warmup):
+                for _ in range(warmup):
+                    fn()
+                ts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append((time.perf_counter() - t0) * 1e3)
+                return statistics.median(ts)
+        return run
+
+    @torch.no_grad()
+    def _time_layers(self, ffn_inputs: dict[str, torch.Tensor], reps: int, warmup: int) -> dict[str, dict]:
+        out = {}
+        for name, sp in self.sparse.items():
+            x = ffn_inputs[name]
+            run = self._timer(x.device)
+            dense_ms = run(lambda: sp.original[0](x), reps, warmup)  # noqa: B023
+            sparse_ms = run(lambda: sp(x), reps, warmup)  # noqa: B023
+            out[name] = {"dense_ms": dense_ms, "ms": sparse_ms, "speedup": dense_ms / sparse_ms}
+        return out
+
+    @torch.no_grad()
+    def _time_step(self, ids: torch.Tensor, step: int, reps: int, warmup: int) -> dict:
+        from transformers import DynamicCache
+
+        dev = ids.device
+        run = self._timer(dev)
+        ctx_ids, last = ids[:, :-step] if ids.shape[1] > step else ids[:, :1], ids[:, -step:]
+
+        def timed(active: bool) -> float:
+            (self.on if active else self.off)()
+            cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=ctx_ids, past_key_values=cache, use_cache=True)
+            base_len = cache.get_seq_length()
+
+            def one():
+                self.model(input_ids=last, past_key_values=cache, use_cache=True)
+                _crop(cache, base_len)
+
+            return run(one, reps, warmup)
+
+        dense = timed(False)
+        acc = timed(True)
+        return {"step_dense_ms": dense, "step_ms": acc, "step_speedup": dense / acc,
+                "note": "eager decode steps (launch-bound on GPU; see the CUDA-graph decode harness)"}
+
+
+@dataclass
+class Measurement:
+    layers: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (f"Measurement(mode={s.get('mode')}, backend={s.get('backend')}, rel_rms={s.get('logits_rel_rms'):.2e}, "
+                f"top1={s.get('top1_agreement'):.4f}, step {s.get('step_dense_ms'):.3f} -> {s.get('step_ms'):.3f} ms)")
+
+
+def _crop(cache, length: int) -> None:
+    """Cut a DynamicCache back to `length` tokens (transformers 5.x changed crop's argument)."""
+    extra = cache.get_seq_length() - length
+    if extra <= 0:
+        return
+    try:
+        cache.crop(-extra)  # newer 5.x: a negative count of tokens to remove
+    except ValueError:
+        cache.crop(length)  # older: the length to keep
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return "cpu"
+
+
+def accelerate(model: nn.Module, mode: str = "exact", backend: str = "auto", *, predictors=None,
+               layers: list[int] | None = None, dense_fraction: float = 0.6, decode_tokens: int = 8) -> Accelerator:
+    """Swap the model's gated ReLU/FATReLU FFNs for kernel-backed ones; returns the handle, already on.
+
+    See the module docstring for the modes. `handle.off()` (or leaving the `with` block) restores
+    the original modules exactly.
+    """
+    return Accelerator(model, mode=mode, backend=backend, predictors=predictors, layers=layers,
+                       dense_fraction=dense_fraction, decode_tokens=decode_tokens).on()
