@@ -76,5 +76,12 @@ def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, config=Non
     a = launch_rows(
         2, x2, a0, w_up, norm_weight=norm_weight, d_e=d_e, eps=eps, config=config.get("rows")
     )
-    y = sparse_down(a, w_down_t, config=config.get("down"))
+    down = None
+    if x2.shape[0] > 1:  # MoE-specific down blocks for chunks (P4 sweeps on the H100)
+        if x2.shape[0] <= 16:
+            down = dict(CHUNK=256, BK=32, BN=128, num_warps=4)
+        else:
+            down = dict(CHUNK=256, BK=16, BN=512, num_warps=8)
+    down = dict(down or {}, **(config.get("down") or {}))
+    y = sparse_down(a, w_down_t, config=down or None)
     return y[0] if was_1d else y

@@ -425,13 +425,32 @@ def _rows_epilogue(
     return a
 
 
-def default_rows_config(t: int, rows: int, d_model: int) -> dict:
-    ds = 1024 if d_model >= 2048 else min(512, triton.next_power_of_2(d_model))
+def default_rows_config(t: int, rows: int, d_model: int, mode: int = 0) -> dict:
+    """Block shapes by problem shape and mode only (H100 sweeps, benchmarks/KERNEL_NOTES.md)."""
+    p2 = triton.next_power_of_2(d_model)
+    ds = 1024 if d_model >= 2048 else min(512, p2)
     if t == 1:
         return dict(
             BR=64, BK=16, BD=min(256, ds), DS=ds, num_warps=4, num_stages=2, dense_fraction=0.6
         )
-    return dict(BR=64, BK=32, BD=min(128, ds), DS=ds, num_warps=4, num_stages=2, dense_fraction=0.6)
+    if mode == 2 and t > 16:
+        # MoE blocks, long chunks: one d_model slice per program, `a` written directly
+        bd = min(512, p2)
+        return dict(
+            BR=32,
+            BK=16,
+            BD=bd,
+            DS=triton.cdiv(d_model, bd) * bd,
+            num_warps=4,
+            num_stages=2,
+            dense_fraction=0.6,
+        )
+    if mode == 2:
+        return dict(
+            BR=64, BK=32, BD=min(128, ds), DS=ds, num_warps=4, num_stages=2, dense_fraction=0.6
+        )
+    ds = min(2048, p2)
+    return dict(BR=64, BK=16, BD=min(512, ds), DS=ds, num_warps=4, num_stages=2, dense_fraction=0.6)
 
 
 def launch_rows(
@@ -455,7 +474,7 @@ def launch_rows(
 
     t, d = x.shape
     r = w_up.shape[0]
-    cfg = dict(default_rows_config(t, r, d))
+    cfg = dict(default_rows_config(t, r, d, mode))
     if config:
         cfg.update(config)
     if cfg["DS"] % cfg["BD"] != 0:

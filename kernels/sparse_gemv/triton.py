@@ -237,9 +237,10 @@ def default_down_config(t: int, d_ff: int, d_model: int) -> dict:
         if d_model >= 4096:
             return dict(CHUNK=256, BK=16, BN=512, num_warps=4, num_stages=2, dense_fraction=0.6)
         return dict(CHUNK=128, BK=16, BN=128, num_warps=2, num_stages=2, dense_fraction=0.6)
+    # chunks of tokens (P4 sweeps, 4096x11008): wide column blocks amortise the ranking work
     if t <= 16:
-        return dict(CHUNK=256, BK=32, BN=128, num_warps=4, num_stages=2, dense_fraction=0.6)
-    return dict(CHUNK=512, BK=32, BN=128, num_warps=8, num_stages=2, dense_fraction=0.6)
+        return dict(CHUNK=256, BK=16, BN=512, num_warps=4, num_stages=2, dense_fraction=0.6)
+    return dict(CHUNK=512, BK=16, BN=256, num_warps=4, num_stages=2, dense_fraction=0.6)
 
 
 def sparse_down(
