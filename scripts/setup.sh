@@ -15,9 +15,12 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q torch==2.13.0
 fi
 
-# the package itself, editable, without touching dependencies
-if ! "$PY" -c "import workbench, workbench.kernels, workbench.widgets" >/dev/null 2>&1; then
-  echo "setup: installing the workbench package (editable)"
+# the package itself, editable, without touching dependencies; reinstalled when the installed
+# one is another checkout's (workbench.kernels maps to kernels/ of the checkout it came from)
+here=$(pwd -P)
+installed=$("$PY" -c "import os, workbench.kernels as k, workbench.widgets; print(os.path.dirname(os.path.dirname(os.path.realpath(k.__file__))))" 2>/dev/null || true)
+if [ "$installed" != "$here" ]; then
+  echo "setup: installing the workbench package (editable, from $here)"
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null \
     || "$PY" -m pip install -q --no-deps -e .
 fi

@@ -6,5 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh viz,dev
 "$PY" -m ruff check .
-"$PY" -m ipykernel install --user --name python3 >/dev/null 2>&1 || true
+# the notebooks run on a kernel of this interpreter, registered in a private Jupyter path (no
+# change to the user's kernels)
+kdir=$(mktemp -d)
+"$PY" -m ipykernel install --prefix "$kdir" --name python3 >/dev/null
+export JUPYTER_PATH="$kdir/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 exec "$PY" -m pytest -q -p no:cacheprovider --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg tests "$@"
