@@ -1,4 +1,5 @@
-"""Print the requirements of pyproject.toml (core + the given extras) that are not satisfied.
+"""Print the requirements of pyproject.toml (core + the given extras) that are not satisfied,
+one per line.
 
 Usage: python scripts/missing_requirements.py [extra,extra]. torch is never printed: setup.sh
 handles it (keeping an existing install).
@@ -34,11 +35,11 @@ def main() -> None:
         try:
             have = version(req.name)
         except PackageNotFoundError:
-            out.append(f'"{r}"')
+            out.append(r)
             continue
         if req.specifier and not req.specifier.contains(have, prereleases=True):
-            out.append(f'"{r}"')
-    print(" ".join(dict.fromkeys(out)))
+            out.append(r)
+    print("\n".join(dict.fromkeys(out)))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,8 @@ if [ "$installed" != "$here" ]; then
 fi
 
 # then only the requirements that are missing or too old
-missing=$("$PY" scripts/missing_requirements.py "$EXTRAS")
-if [ -n "$missing" ]; then
-  echo "setup: installing $missing"
-  # shellcheck disable=SC2086
-  "$PY" -m pip install -q $missing
+mapfile -t missing < <("$PY" scripts/missing_requirements.py "$EXTRAS")
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  "$PY" -m pip install -q "${missing[@]}"
 fi
