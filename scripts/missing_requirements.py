@@ -39,7 +39,8 @@ def main() -> None:
             continue
         if req.specifier and not req.specifier.contains(have, prereleases=True):
             out.append(r)
-    print("\n".join(dict.fromkeys(out)))
+    for r in dict.fromkeys(out):
+        print(r)
 
 
 if __name__ == "__main__":
