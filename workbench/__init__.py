@@ -8,6 +8,7 @@
 
 __version__ = "0.1.0"
 
+from workbench.accel import accelerate, decode_benchmark  # noqa: E402
 from workbench.adapters import Adapter, locate, register_adapter  # noqa: E402
 from workbench.capture import (  # noqa: E402
     AbsSketch,
@@ -25,6 +26,6 @@ probes = __import__("workbench.capture.probes", fromlist=["probes"])
 
 __all__ = [
     "AbsSketch", "ActivationSample", "Adapter", "NeuronStats", "Rule", "Run", "WorkbenchError",
-    "__version__", "capture", "load_model", "load_tokenizer", "locate", "profile", "probes",
+    "__version__", "accelerate", "capture", "decode_benchmark", "load_model", "load_tokenizer", "locate", "profile", "probes",
     "register_adapter",
 ]

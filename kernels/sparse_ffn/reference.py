@@ -1,7 +1,8 @@
 """Torch references of the output-sparse gate/up and the sparse gated FFN (CPU fallback).
 
-Same signatures as sparse_ffn.triton; fp32 arithmetic, the down projection's input `a` rounded to
-the model dtype (as the kernels store it), the output in the model dtype.
+Same signatures as sparse_ffn.triton; fp32 dot products, rounded like the dense HF FFN: gate and
+up to the model dtype, the product act(g) * u to the model dtype (the down projection's input
+`a`, as the kernels store it), the output in the model dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def gated_up(x, gate, w_up, *, activation="relu", threshold=0.0, config=None):
     thr = check_activation(activation, threshold)
     x2, was_1d = check_ffn(x, w_up)
     g = gate.reshape(x2.shape[0], -1).float()
-    a = (_act(g, thr) * (x2.float() @ w_up.float().t())).to(x2.dtype)
+    # round up (and the product) to the model dtype exactly as the dense FFN does, so that the
+    # sparse FFN computes the dense model's function bit for bit on the active neurons
+    up = (x2.float() @ w_up.float().t()).to(x2.dtype).float()
+    a = (_act(g, thr).to(x2.dtype).float() * up).to(x2.dtype)
     return a[0] if was_1d else a
 
 
@@ -35,8 +39,10 @@ def gate_up_predicted(x, logits, w_gate, w_up, *, activation="relu", threshold=0
     x2, was_1d = check_ffn(x, w_up, w_gate=w_gate)
     lg = logits.reshape(x2.shape[0], -1).float()
     xf = x2.float()
-    g = xf @ w_gate.float().t()
-    a = (_act(g, thr) * (xf @ w_up.float().t()) * (lg > 0)).to(x2.dtype)
+    # gate and up rounded to the model dtype, as the dense FFN computes them, then the product
+    g = (xf @ w_gate.float().t()).to(x2.dtype).float()
+    up = (xf @ w_up.float().t()).to(x2.dtype).float()
+    a = (_act(g, thr) * up * (lg > 0)).to(x2.dtype)
     return a[0] if was_1d else a
 
 

@@ -28,6 +28,12 @@ from .._common import dense_count, dot_f32
 
 
 @triton.jit
+def _rnd(v, OUT):
+    """Round fp32 `v` to OUT's element type (the model dtype) and back, as the dense FFN rounds."""
+    return v.to(OUT.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _rows_partial(
     X,
     WG,
@@ -148,7 +154,7 @@ def _rows_tile(
     pmask = r_ok[:, None] & t_ok[None, :]
     if SINGLE:
         a_t = _rows_epilogue(
-            SRC, NW, rows, r_ok, offs_t, t_ok, stride_src, inv_rms, D_E, threshold, pu, pg, MODE
+            SRC, NW, rows, r_ok, offs_t, t_ok, stride_src, inv_rms, D_E, threshold, pu, pg, OUT, MODE
         )
         if STORE_ALL:  # masked tiles cover every row: inactive ones get their zero here
             smask = (rows < R)[:, None] & t_ok[None, :]
@@ -374,12 +380,13 @@ def _sparse_rows_kernel(
             u = tl.atomic_add(uptr, zero, mask=m2, sem="relaxed")  # coherent read
             tl.store(uptr, zero, mask=m2)
             if MODE == 0:
-                a = tl.where(active, src, 0.0) * u
+                a = tl.where(active, src, 0.0) * _rnd(u, OUT)
             elif MODE == 1:
                 gptr = GACC + offs_t[:, None] * R + rows_b[None, :]
                 g = tl.atomic_add(gptr, zero, mask=m2, sem="relaxed")
                 tl.store(gptr, zero, mask=m2)
-                a = tl.where(active & (g > threshold), g, 0.0) * u
+                g = _rnd(g, OUT)
+                a = tl.where(active & (g > threshold), g, 0.0) * _rnd(u, OUT)
             else:
                 a = score * (u / (1.0 + tl.exp(-u)))
             tl.store(
@@ -404,9 +411,13 @@ def _rows_epilogue(
     threshold,
     pu,
     pg,
+    OUT,
     MODE: tl.constexpr,
 ):
-    """a [len(rows), T_PAD] from complete dot products pu (up) and pg (gate, MODE 1)."""
+    """a [len(rows), T_PAD] from complete dot products pu (up) and pg (gate, MODE 1).
+
+    Modes 0/1 round like the dense FFN in the model dtype: u (and g) to the model dtype, then
+    the product act(g) * u to the model dtype (the caller's store rounds it)."""
     m = r_ok[:, None] & t_ok[None, :]
     if MODE == 2:
         ex = rows // D_E
@@ -418,10 +429,12 @@ def _rows_epilogue(
         v = tl.load(SRC + offs_t[None, :] * stride_src + rows[:, None], mask=m, other=0.0).to(
             tl.float32
         )
+        u = _rnd(pu, OUT)
         if MODE == 0:
-            a = tl.where(v > threshold, v, 0.0) * pu
+            a = tl.where(v > threshold, v, 0.0) * u
         else:
-            a = tl.where((v > 0.0) & (pg > threshold), pg, 0.0) * pu
+            g = _rnd(pg, OUT)
+            a = tl.where((v > 0.0) & (g > threshold), g, 0.0) * u
     return a
 
 
@@ -654,12 +667,13 @@ def _fused_gate_up_kernel(
         X, WG, WG, rows, r_in, offs_t, t_ok, 0, D, stride_x, 0, T_PAD, BR, BD, DS, DOT_F32
     )
     m = r_in[:, None] & t_ok[None, :]
+    g = _rnd(g, OUT)  # the dense FFN's gate is in the model dtype: mask and value from it
     active = (g > threshold) & m
     r_act = tl.max(active.to(tl.int32), axis=1) > 0
     u, _ = _rows_partial(
         X, WU, WU, rows, r_act, offs_t, t_ok, 0, D, stride_x, 0, T_PAD, BR, BD, DS, DOT_F32
     )
-    a = tl.where(active, g, 0.0) * u
+    a = tl.where(active, g, 0.0) * _rnd(u, OUT)
     tl.store(OUT + offs_t[None, :] * stride_out + rows[:, None], a.to(OUT.dtype.element_ty), mask=m)
 
 

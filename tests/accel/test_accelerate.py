@@ -3,12 +3,17 @@ predictor mode reports its error; bad input gives clear errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
 
+import workbench as wb
 from workbench.accel import accelerate
 from workbench.errors import WorkbenchError
+
+ZOO = Path(__file__).resolve().parents[2] / "data" / "zoo" / "relu-llama" / "model.safetensors"
 
 
 def _tiny(act="relu", dtype=torch.bfloat16, seed=0):
@@ -105,3 +110,16 @@ def test_triton_backend_refuses_cpu_tensors_when_not_interpreting(monkeypatch):
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     with pytest.raises(WorkbenchError, match="CUDA"):
         accelerate(_tiny(), backend="triton")
+
+
+@pytest.mark.skipif(not ZOO.is_file(), reason="zoo:relu-llama not built")
+def test_zoo_relu_llama_exact_matches_dense():
+    model = wb.load_model("zoo:relu-llama")
+    text = "def add(a, b):\n    return a + b\n\nThe function returns the sum of its arguments."
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :32]
+    for mode in ("exact", "chunk"):
+        with accelerate(model, mode=mode, backend="torch") as h:
+            m = h.measure(ids, reps=1, warmup=0)
+        assert m.summary["logits_rel_rms"] <= 1e-2, (mode, m.summary)
+        assert m.summary["top1_agreement"] >= 0.99, (mode, m.summary)
+        assert m.layers["realised_sparsity"].mean() > 0.5

@@ -15,7 +15,8 @@ Modes:
   (BlockFFN's scheme, dense fallback when the union is too large), 1 token the exact kernel.
 - "predictor": gate and up both sparse on a Deja Vu predictor's mask (predictor included), for
   every call: this changes the function, and measure() reports the error instead of bounding it.
-  `predictors` is a directory written by `workbench.metrics.save_predictors` (or a Predictors).
+  `predictors` is a directory written by `workbench.metrics.save_predictors`, a Predictors, or a
+  dict {FFN module name: {"w1", "b1", "w2", "b2"}} (logit > 0 = active).
 
 backend: "auto" (Triton on CUDA, else the torch reference, which is what runs on CPU), "triton"
 or "torch". The model must be bf16 or fp16 with d_model, d_ff multiples of 16.
@@ -42,6 +43,12 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _load_predictor_tensors(predictors, names, device, dtype) -> dict[str, dict[str, torch.Tensor]]:
+    if isinstance(predictors, dict):  # {layer name: {"w1", "b1", "w2", "b2"}} (b2 with the threshold folded in)
+        missing = [n for n in names if n not in predictors]
+        if missing:
+            raise WorkbenchError(f"the predictor dict has no entry for {missing[:3]}...: give one per FFN layer")
+        return {n: {k: predictors[n][k].to(device=device, dtype=dtype).contiguous() for k in ("w1", "b1", "w2", "b2")}
+                for n in names}
     from workbench.metrics.predictor import Predictors, load_predictors
 
     pred = predictors if isinstance(predictors, Predictors) else load_predictors(predictors)

@@ -44,7 +44,9 @@ class SparseFFN(nn.Module):
         self.mode = mode
         self.backend = None if backend == "auto" else backend
         self.activation = "fatrelu" if site.activation == "fatrelu" else "relu"
-        self.threshold = float(site.threshold or 0.0)
+        # the dense FATReLU compares model-dtype values with a Python float, which torch rounds to
+        # the model dtype first: use that same threshold so the masks agree on every value
+        self.threshold = float(torch.tensor(float(site.threshold or 0.0), dtype=site.down.weight.dtype))
         self.dense_fraction = dense_fraction
         self.decode_tokens = decode_tokens
         self.predictor = predictor

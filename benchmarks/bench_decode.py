@@ -1,0 +1,208 @@
+"""P5: end-to-end greedy decoding of a 7B-shape ReLU Llama, dense vs wb.accelerate (exact, predictor).
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_decode.py --out $OUT [--layers 32 8] [--new-tokens 64]
+
+Model: LlamaConfig(hidden 4096, intermediate 11008, 32 heads (MHA), vocab 32000, hidden_act relu),
+bf16, random weights (HF init, std 0.02), `--layers` decoder layers (32 = the Llama-2-7B shape).
+
+FFN sparsity ~90 %: a Llama MLP has no bias to shift, so each layer's ReLU is replaced by
+FATReLU(T_l) with T_l the 0.9 quantile of that layer's gate pre-activation x W_g^T, measured in
+one calibration forward over `--calib` random tokens (the hook sets layer l's threshold from its
+own input before it runs, so later layers are calibrated on thresholded earlier layers). The model
+is then a thresholded (FATReLU) model; "dense" is that model run densely (the original modules),
+and exact mode must compute the same function: measure() records logits rel RMS and top-1.
+
+Predictor mode: width-1024 Deja Vu predictors (Linear(4096,1024)-ReLU-Linear(1024,11008)) with
+random weights; the output bias is set per layer to minus the 0.9 quantile of the predictor
+logits on the calibration inputs, so ~90 % of neurons are predicted off. With random predictors
+the function is wrong (the error figures are meaningless and reported only for form); P5 measures
+the timing of the predicted path, which does not depend on which neurons are chosen.
+
+Timing: workbench.accel.decode_benchmark: StaticCache, one CUDA graph per decode step (captured
+after warm-up, both sides), dense and accelerated alternating in the same run, `--reps` medians of
+the per-token time over `--new-tokens` - 1 replays. Results JSON: benchmarks/results format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+import workbench as wb  # noqa: E402
+from workbench.models.loading import FATReLU  # noqa: E402
+
+TARGETS = {"exact": 1.45, "predictor": 1.8}
+IDEAL = {"exact": 1.65, "predictor": 2.06}
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+DEV = "cuda"
+SHAPE = {"hidden": 4096, "ff": 11008, "heads": 32, "vocab": 32000}
+
+
+def build(layers: int, seed: int = 0):
+    cfg = tf.LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["ff"],
+                         num_hidden_layers=layers, num_attention_heads=SHAPE["heads"],
+                         num_key_value_heads=SHAPE["heads"],
+                         hidden_act="relu", max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(DEV):
+        model = tf.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+@torch.no_grad()
+def calibrate(model, calib_ids, sparsity: float, width: int):
+    """Per layer: FATReLU threshold at the `sparsity` quantile of the gate pre-activation, and a
+    random width-`width` predictor whose output bias puts `sparsity` of the logits below zero."""
+    layers = model.model.layers
+    thresholds, preds = [], {}
+    g = torch.Generator(device=DEV).manual_seed(1)
+
+    def hook(mlp, args, i):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        gate = torch.nn.functional.linear(x, mlp.gate_proj.weight).float().flatten()
+        thr = float(torch.quantile(gate[:2_000_000], sparsity))
+        thresholds.append(thr)
+        mlp.act_fn = FATReLU(thr)
+        d, f = x.shape[1], mlp.gate_proj.weight.shape[0]
+        w1 = torch.randn(width, d, generator=g, device=DEV) / d ** 0.5
+        w2 = torch.randn(f, width, generator=g, device=DEV) / width ** 0.5
+        lg = (torch.relu(x.float() @ w1.t()) @ w2.t()).flatten()
+        b2 = torch.full((f,), -float(torch.quantile(lg[:2_000_000], sparsity)), device=DEV)
+        preds[f"model.layers.{i}.mlp"] = {"w1": w1, "b1": torch.zeros(width, device=DEV), "w2": w2, "b2": b2}
+
+    hs = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: hook(m, a, i)) for i, layer in enumerate(layers)]
+    try:
+        model(input_ids=calib_ids)
+    finally:
+        for h in hs:
+            h.remove()
+    return thresholds, preds
+
+
+def run_shape(args, layers: int, rows: list, extra: dict):
+    t0 = time.time()
+    model = build(layers)
+    log(f"built {layers}-layer model in {time.time() - t0:.1f}s, "
+        f"{torch.cuda.memory_allocated() / 2**30 if DEV == 'cuda' else 0:.1f} GiB")
+    gen = torch.Generator().manual_seed(2)
+    calib = torch.randint(0, SHAPE["vocab"], (1, args.calib), generator=gen).to(DEV)
+    prompt = torch.randint(0, SHAPE["vocab"], (1, args.prompt), generator=gen).to(DEV)
+    thresholds, preds = calibrate(model, calib, args.sparsity, args.width)
+    log(f"thresholds {min(thresholds):.3f}..{max(thresholds):.3f}")
+    info = {"layers": layers, "thresholds": [round(t, 4) for t in thresholds]}
+    shape = f"llama7b-shape {layers}L {SHAPE['hidden']}x{SHAPE['ff']} vocab{SHAPE['vocab']}"
+    for mode in args.modes:
+        h = None
+        try:
+            h = wb.accelerate(model, mode=mode, backend=args.backend,
+                              predictors=preds if mode == "predictor" else None)
+            h.off()
+            mids = torch.randint(0, SHAPE["vocab"], (1, args.measure_tokens), generator=gen)
+            m = h.measure(mids, reps=3, warmup=1)
+            err = {k: m.summary.get(k) for k in ("logits_rel_rms", "top1_agreement",
+                                                 "top1_agreement_model_dtype_logits", "predictor_recall",
+                                                 "tokens", "step_dense_ms", "step_ms", "step_speedup")}
+            err["true_sparsity"] = float(m.layers["true_sparsity"].mean())
+            err["realised_sparsity"] = float(m.layers["realised_sparsity"].mean())
+            err["ffn_layer_speedup_eager_median"] = float(m.layers["speedup"].median())
+            log(mode, "measure:", err)
+            r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, handle=h,
+                                    warmup=2, reps=args.reps)
+            s = r["summary"]
+            log(mode, "decode:", {k: s[k] for k in ("tokens_per_s_dense", "tokens_per_s_accel", "speedup",
+                                                    "token_agreement", "cuda_graphs")})
+            rows.append({
+                "measure": "P5", "shape": shape, "dtype": "bf16", "mode": mode,
+                "sparsity": round(err["realised_sparsity"], 4), "tokens": args.new_tokens,
+                "baseline_ms": round(s["ms_per_token_dense"], 4), "ms": round(s["ms_per_token_accel"], 4),
+                "speedup": round(s["speedup"], 3), "target": TARGETS[mode], "bytes_ideal": IDEAL[mode],
+                "layers": layers, "tokens_per_s_dense": round(s["tokens_per_s_dense"], 2),
+                "tokens_per_s": round(s["tokens_per_s_accel"], 2), "cuda_graphs": s["cuda_graphs"],
+                "token_agreement": s["token_agreement"], "runs": r["runs"], "error": err,
+                "note": ("random predictors: error figures meaningless, timing is what P5 measures"
+                         if mode == "predictor" else "thresholded (FATReLU) model; dense = same model, original modules"),
+            })
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            extra.setdefault("failures", []).append(f"{layers}L {mode}: {type(e).__name__}: {e}")
+        finally:
+            if h is not None:
+                h.off()
+        write(args, rows, extra)
+    extra.setdefault("shapes", []).append(info)
+    del model, preds
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def write(args, rows, extra):
+    doc = {
+        "device": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (smoke test)", "date": _dt.date.today().isoformat(),
+        "commit": os.environ.get("WB_COMMIT", "unknown"),
+        "command": "PYTHONPATH=$PWD python3 benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
+        "versions": {"torch": torch.__version__, "transformers": tf.__version__},
+        "method": "decode_benchmark: StaticCache + one CUDA graph per decode step, dense/accelerated "
+                  "alternating in one run, medians over reps of ms per token; FATReLU threshold per layer "
+                  "at the 0.9 quantile of the gate pre-activation (calibration forward)",
+        "rows": rows, **extra,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_p5.json").write_text(json.dumps(doc, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/wb_out"))
+    ap.add_argument("--layers", type=int, nargs="+", default=[32])
+    ap.add_argument("--modes", nargs="+", default=["exact", "predictor"])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--measure-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--backend", default="triton")
+    ap.add_argument("--smoke-cpu", action="store_true", help="tiny shape on the CPU (reference path): checks the script")
+    args = ap.parse_args()
+    if args.smoke_cpu:
+        global DEV
+        DEV = "cpu"
+        SHAPE.update(hidden=64, ff=256, heads=4, vocab=512)
+        args.backend = "torch"
+    rows, extra = [], {}
+    for layers in args.layers:
+        try:
+            run_shape(args, layers, rows, extra)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            extra.setdefault("failures", []).append(f"{layers}L: {type(e).__name__}: {e}")
+            write(args, rows, extra)
+    for r in rows:
+        log(f"P5 {r['layers']}L {r['mode']}: {r['tokens_per_s_dense']:.1f} -> {r['tokens_per_s']:.1f} tok/s "
+            f"speedup {r['speedup']:.3f} (target {r['target']}), sparsity {r['sparsity']}, "
+            f"rel_rms {r['error']['logits_rel_rms']:.2e} top1 {r['error']['top1_agreement']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
