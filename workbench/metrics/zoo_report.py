@@ -102,8 +102,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="metrics-report")
     ap.add_argument("--only", nargs="*", default=None, help="subset of: rules cett ppl cls predictor")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     want = set(args.only or ["rules", "cett", "ppl", "cls", "predictor"])
