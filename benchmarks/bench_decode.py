@@ -73,7 +73,7 @@ def calibrate(model, calib_ids, sparsity: float, width: int):
     """Per layer: FATReLU threshold at the `sparsity` quantile of the gate pre-activation, and a
     random width-`width` predictor whose output bias puts `sparsity` of the logits below zero."""
     layers = model.model.layers
-    thresholds, preds = [], {}
+    thresholds, preds, xs = [], {}, {}
     g = torch.Generator(device=DEV).manual_seed(1)
 
     def hook(mlp, args, i):
@@ -81,6 +81,7 @@ def calibrate(model, calib_ids, sparsity: float, width: int):
         gate = torch.nn.functional.linear(x, mlp.gate_proj.weight).float().flatten()
         thr = float(torch.quantile(gate[:2_000_000], sparsity))
         thresholds.append(thr)
+        xs[i] = x[-8:].clone()  # inputs for the per-layer check
         mlp.act_fn = FATReLU(thr)
         d, f = x.shape[1], mlp.gate_proj.weight.shape[0]
         w1 = torch.randn(width, d, generator=g, device=DEV) / d ** 0.5
@@ -95,7 +96,29 @@ def calibrate(model, calib_ids, sparsity: float, width: int):
     finally:
         for h in hs:
             h.remove()
-    return thresholds, preds
+    return thresholds, preds, xs
+
+
+class _Zero(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+@torch.no_grad()
+def per_layer_error(model, h, xs):
+    """Each FFN alone on the same inputs (8 calibration tokens, one call each): rel RMS of the
+    accelerated module's output vs the original module's, and the fraction of tokens whose
+    active set differs (there is none to differ: the gate is the same cuBLAS GEMV)."""
+    h.off()
+    dense = {i: [model.model.layers[i].mlp(x[None, t:t + 1]) for t in range(x.shape[0])] for i, x in xs.items()}
+    h.on()
+    errs = []
+    for i, x in xs.items():
+        ys = [model.model.layers[i].mlp(x[None, t:t + 1]) for t in range(x.shape[0])]
+        d, a = torch.cat(dense[i]).float(), torch.cat(ys).float()
+        errs.append(float((a - d).norm() / d.norm()))
+    h.off()
+    return {"ffn_rel_rms_median": float(torch.tensor(errs).median()), "ffn_rel_rms_max": max(errs)}
 
 
 def run_shape(args, layers: int, rows: list, extra: dict):
@@ -106,7 +129,8 @@ def run_shape(args, layers: int, rows: list, extra: dict):
     gen = torch.Generator().manual_seed(2)
     calib = torch.randint(0, SHAPE["vocab"], (1, args.calib), generator=gen).to(DEV)
     prompt = torch.randint(0, SHAPE["vocab"], (1, args.prompt), generator=gen).to(DEV)
-    thresholds, preds = calibrate(model, calib, args.sparsity, args.width)
+    relu = [layer.mlp.act_fn for layer in model.model.layers]
+    thresholds, preds, xs = calibrate(model, calib, args.sparsity, args.width)
     log(f"thresholds {min(thresholds):.3f}..{max(thresholds):.3f}")
     info = {"layers": layers, "thresholds": [round(t, 4) for t in thresholds]}
     shape = f"llama7b-shape {layers}L {SHAPE['hidden']}x{SHAPE['ff']} vocab{SHAPE['vocab']}"
@@ -124,10 +148,19 @@ def run_shape(args, layers: int, rows: list, extra: dict):
             err["true_sparsity"] = float(m.layers["true_sparsity"].mean())
             err["realised_sparsity"] = float(m.layers["realised_sparsity"].mean())
             err["ffn_layer_speedup_eager_median"] = float(m.layers["speedup"].median())
+            if mode == "exact":
+                err.update(per_layer_error(model, h, xs))
             log(mode, "measure:", err)
             r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, handle=h,
                                     warmup=2, reps=args.reps)
             s = r["summary"]
+            if layers <= 8:  # the graph replays compute what the same eager decode computes
+                g16 = wb.decode_benchmark(model, prompt, new_tokens=16, handle=h, warmup=1, reps=1)
+                e16 = wb.decode_benchmark(model, prompt, new_tokens=16, handle=h, warmup=1, reps=1,
+                                          cuda_graphs=False)
+                extra.setdefault("graph_vs_eager_tokens_equal", {})[f"{layers}L {mode}"] = {
+                    side: g16["tokens"][side] == e16["tokens"][side] for side in ("dense", "accel")}
+                log("graph vs eager:", extra["graph_vs_eager_tokens_equal"])
             log(mode, "decode:", {k: s[k] for k in ("tokens_per_s_dense", "tokens_per_s_accel", "speedup",
                                                     "token_agreement", "cuda_graphs")})
             rows.append({
@@ -148,7 +181,43 @@ def run_shape(args, layers: int, rows: list, extra: dict):
             if h is not None:
                 h.off()
         write(args, rows, extra)
+    # where the dense step's time goes: the same decode with every FFN replaced by zeros
+    try:
+        mlps = [layer.mlp for layer in model.model.layers]
+        for layer in model.model.layers:
+            layer.mlp = _Zero()
+        r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, warmup=2, reps=args.reps)
+        info["no_ffn_ms_per_token"] = r["summary"]["ms_per_token_dense"]
+        log(f"{layers}L without FFNs: {info['no_ffn_ms_per_token']:.3f} ms/token")
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        extra.setdefault("failures", []).append(f"{layers}L no-FFN: {type(e).__name__}: {e}")
+    finally:
+        for layer, mlp in zip(model.model.layers, mlps, strict=True):
+            layer.mlp = mlp
+    # exact mode on the plain ReLU model (threshold 0): a continuous FFN, so the end-to-end error
+    # is not amplified by activations jumping across a FATReLU threshold (see the module doc)
+    if args.relu_check and "exact" in args.modes:
+        h = None
+        try:
+            for layer, act in zip(model.model.layers, relu, strict=True):
+                layer.mlp.act_fn = act
+            h = wb.accelerate(model, mode="exact", backend=args.backend)
+            m = h.measure(torch.randint(0, SHAPE["vocab"], (1, args.measure_tokens), generator=gen),
+                          reps=1, warmup=1)
+            info["relu0_exact"] = {k: m.summary[k] for k in ("logits_rel_rms", "top1_agreement",
+                                                             "top1_agreement_model_dtype_logits", "tokens")}
+            info["relu0_exact"]["sparsity"] = float(m.layers["true_sparsity"].mean())
+            info["relu0_exact"].update(per_layer_error(model, h, xs))
+            log(f"{layers}L ReLU(0) exact:", info["relu0_exact"])
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            extra.setdefault("failures", []).append(f"{layers}L relu0: {type(e).__name__}: {e}")
+        finally:
+            if h is not None:
+                h.off()
     extra.setdefault("shapes", []).append(info)
+    write(args, rows, extra)
     del model, preds
     gc.collect()
     torch.cuda.empty_cache()
@@ -183,6 +252,7 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--backend", default="triton")
+    ap.add_argument("--no-relu-check", dest="relu_check", action="store_false")
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny shape on the CPU (reference path): checks the script")
     args = ap.parse_args()
     if args.smoke_cpu:
