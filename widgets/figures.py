@@ -147,3 +147,24 @@ def model_bar_figure(df: pd.DataFrame, *, x: str = "model", y: str = "sparsity",
 
 __all__ = ["cett_curve_figure", "cls_curve_figure", "layer_sparsity_figure", "model_bar_figure",
            "ppl_curve_figure", "predictor_figure", "rule_sparsity_figure", "threshold_figure"]
+
+
+def speedup_target_figure(rows: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Measured speedup (bars) vs target (diamonds) per benchmark row (benchmarks/results/*.json).
+
+    rows: columns `label` (x axis), `speedup`, `target`, and optionally `measure` (bar colour).
+    """
+    _need(rows, ["label", "speedup", "target"], "speedup_target_figure")
+    fig = _fig(title or "speedup vs target", "", "speedup (x)")
+    groups = rows.groupby("measure", sort=False) if "measure" in rows else [("speedup", rows)]
+    for key, d in groups:
+        fig.add_bar(x=d["label"], y=d["speedup"], name=str(key), text=[f"{v:.2f}" for v in d["speedup"]],
+                    textposition="outside")
+    fig.add_scatter(x=rows["label"], y=rows["target"], mode="markers", name="target",
+                    marker=dict(symbol="diamond", size=10, color="black"))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="grey")
+    fig.update_layout(xaxis_tickangle=-45)
+    return fig
+
+
+__all__ += ["speedup_target_figure"]
