@@ -121,6 +121,73 @@ def per_layer_error(model, h, xs):
     return {"ffn_rel_rms_median": float(torch.tensor(errs).median()), "ffn_rel_rms_max": max(errs)}
 
 
+class _SplitDown(torch.nn.Module):
+    """The dense FFN with its down projection summed in another (equally valid) order: two halves
+    of d_ff in bf16 GEMMs, added in fp32. Measures how much the model's logits move under a mere
+    change of summation order: the floor against which the accelerated model's error is read."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = [mlp]
+
+    def forward(self, x):
+        m = self.mlp[0]
+        a = m.act_fn(m.gate_proj(x)) * m.up_proj(x)
+        w, k = m.down_proj.weight, m.down_proj.weight.shape[1] // 2
+        y = torch.nn.functional.linear(a[..., :k], w[:, :k]).float()
+        return (y + torch.nn.functional.linear(a[..., k:], w[:, k:]).float()).to(x.dtype)
+
+
+@torch.no_grad()
+def sensitivity(model, ids, backend):
+    """Logits rel RMS / top-1 (fp32-projected) of: the dense model with its down projections summed
+    in another order, and a second accelerated run (split-K atomics make the kernels' sums order-
+    nondeterministic), each against the plain dense model, fed one token a step like measure()."""
+    h = wb.accelerate(model, mode="exact", backend=backend)
+    h.off()
+
+    def cmp(a, b):
+        (la, a32), (lb, b32) = a, b
+        return {"logits_rel_rms": float((la.float() - lb.float()).norm() / lb.float().norm()),
+                "top1_agreement": float((a32.argmax(-1) == b32.argmax(-1)).float().mean())}
+
+    dense, _ = h._run_steps(ids, 1)
+    mlps = [layer.mlp for layer in model.model.layers]
+    try:
+        for layer in model.model.layers:
+            layer.mlp = _SplitDown(layer.mlp)
+        split, _ = h._run_steps(ids, 1)
+    finally:
+        for layer, mlp in zip(model.model.layers, mlps, strict=True):
+            layer.mlp = mlp
+    h.on()
+    try:
+        acc1, _ = h._run_steps(ids, 1)
+        acc2, _ = h._run_steps(ids, 1)
+    finally:
+        h.off()
+    return {"dense_split_order_vs_dense": cmp(split, dense), "exact_vs_dense": cmp(acc1, dense),
+            "exact_run2_vs_run1": cmp(acc2, acc1)}
+
+
+def run_sensitivity(args, layers: int, extra: dict):
+    model = build(layers)
+    gen = torch.Generator().manual_seed(2)
+    calib = torch.randint(0, SHAPE["vocab"], (1, args.calib), generator=gen).to(DEV)
+    ids = torch.randint(0, SHAPE["vocab"], (1, args.measure_tokens), generator=gen).to(DEV)
+    relu = [layer.mlp.act_fn for layer in model.model.layers]
+    out = {"relu0": sensitivity(model, ids, args.backend)}
+    log(f"{layers}L ReLU(0):", out["relu0"])
+    calibrate(model, calib, args.sparsity, args.width)
+    out["fatrelu_q0.9"] = sensitivity(model, ids, args.backend)
+    log(f"{layers}L FATReLU q0.9:", out["fatrelu_q0.9"])
+    del relu
+    extra.setdefault("sensitivity", {})[f"{layers}L"] = out
+    del model
+    gc.collect()
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+
+
 def run_shape(args, layers: int, rows: list, extra: dict):
     t0 = time.time()
     model = build(layers)
@@ -253,6 +320,8 @@ def main():
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--no-relu-check", dest="relu_check", action="store_false")
+    ap.add_argument("--sensitivity-only", action="store_true",
+                    help="only the error floor: dense with another summation order, and accelerated run twice")
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny shape on the CPU (reference path): checks the script")
     args = ap.parse_args()
     if args.smoke_cpu:
@@ -261,6 +330,11 @@ def main():
         SHAPE.update(hidden=64, ff=256, heads=4, vocab=512)
         args.backend = "torch"
     rows, extra = [], {}
+    if args.sensitivity_only:
+        for layers in args.layers:
+            run_sensitivity(args, layers, extra)
+            write(args, rows, extra)
+        return
     for layers in args.layers:
         try:
             run_shape(args, layers, rows, extra)
