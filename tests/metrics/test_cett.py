@@ -85,6 +85,7 @@ def test_inner_search_equals_exhaustive_scan(seed, n, d_ff, target, n_cand):
     # "the largest candidate with CETT <= target" is what an exhaustive scan finds.
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(n, d_ff, generator=g, dtype=torch.float64) * (torch.rand(n, d_ff, generator=g) > 0.3)
+    a[:, 0] += 0.1  # every token has a nonzero FFN output (else CETT is undefined: a CaptureError)
     w = torch.rand(4, d_ff, generator=g, dtype=torch.float64)
     lc = LayerCETT(a, w, n_candidates=n_cand, quantile=0.99)
     norms = (a * w.norm(dim=0)).reshape(-1).numpy()
@@ -103,6 +104,8 @@ def test_inner_search_equals_exhaustive_scan(seed, n, d_ff, target, n_cand):
 
 def test_cett_empty_and_nan_errors():
     a, w, _ = _data(3, 4, 6, 3)
+    with pytest.raises(CaptureError, match="zero on every token"):
+        LayerCETT(torch.zeros(3, 6, dtype=torch.float64), w)
     with pytest.raises(CaptureError, match="valid token"):
         cett(a, w, 0.1, valid=torch.zeros(4, dtype=torch.bool))
     a[1, 2] = float("nan")
