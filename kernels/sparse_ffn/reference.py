@@ -14,6 +14,16 @@ from .._common import check_activation, check_ffn
 from ..sparse_gemv.reference import sparse_down
 
 
+def _check_mask(name: str, src: torch.Tensor, t: int, r: int) -> torch.Tensor:
+    """The gate / predictor logits that decide the mask must be [T, d_ff] (as the kernels check)."""
+    from workbench.errors import KernelError
+
+    s = src.reshape(t, -1) if src.dim() == 1 else src
+    if s.dim() != 2 or tuple(s.shape) != (t, r):
+        raise KernelError(f"{name} must be [{t}, {r}] (tokens x d_ff), got {tuple(src.shape)}")
+    return s
+
+
 def _act(g: torch.Tensor, thr: float) -> torch.Tensor:
     return torch.where(g > thr, g, torch.zeros_like(g))
 
@@ -25,7 +35,7 @@ def gated_up(x, gate, w_up, *, activation="relu", threshold=0.0, config=None):
     """
     thr = check_activation(activation, threshold)
     x2, was_1d = check_ffn(x, w_up)
-    g = gate.reshape(x2.shape[0], -1).float()
+    g = _check_mask("gate", gate, x2.shape[0], w_up.shape[0]).float()
     # round up (and the product) to the model dtype exactly as the dense FFN does, so that the
     # sparse FFN computes the dense model's function bit for bit on the active neurons
     up = (x2.float() @ w_up.float().t()).to(x2.dtype).float()
@@ -37,7 +47,7 @@ def gate_up_predicted(x, logits, w_gate, w_up, *, activation="relu", threshold=0
     """a = act(x @ w_gate^T) * (x @ w_up^T) * [logits > 0], per token (predicted mode)."""
     thr = check_activation(activation, threshold)
     x2, was_1d = check_ffn(x, w_up, w_gate=w_gate)
-    lg = logits.reshape(x2.shape[0], -1).float()
+    lg = _check_mask("logits", logits, x2.shape[0], w_up.shape[0]).float()
     xf = x2.float()
     # gate and up rounded to the model dtype, as the dense FFN computes them, then the product
     g = (xf @ w_gate.float().t()).to(x2.dtype).float()

@@ -440,3 +440,26 @@ def test_fused_gate_up(device, dtype, tokens, kind):
             config={"fused_gate": True, "rows": rows, "down": cdown},
         )
         assert _rel(y.cpu(), y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mask_of_wrong_length_is_a_clear_error(backend):
+    """A gate / predictor-logit tensor (the mask source) not [T, d_ff]: KernelError on both paths."""
+    x = torch.zeros(2, 32, dtype=torch.bfloat16)
+    w = torch.zeros(64, 32, dtype=torch.bfloat16)
+    bad = torch.zeros(2, 48, dtype=torch.bfloat16)
+    with pytest.raises(KernelError, match=r"gate must be \[2, 64\]"):
+        K.gated_up(x, bad, w, backend=backend)
+    with pytest.raises(KernelError, match=r"logits must be \[2, 64\]"):
+        K.gate_up_predicted(x, bad, w, w, backend=backend)
+
+
+def test_reference_rounds_like_the_dense_ffn():
+    """The reference's sparse FFN equals the dense bf16 FFN (act(g) * u in the model dtype, then
+    the down projection) bit for bit on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    wg, wu, wd = (torch.randn(128, 64, generator=g).bfloat16() / 8 for _ in range(3))
+    dense = F.linear(torch.relu(F.linear(x, wg)) * F.linear(x, wu), wd.t())
+    sparse = K.sparse_ffn(x, wg, wu, wd, backend="torch")
+    assert torch.equal(sparse, dense)
