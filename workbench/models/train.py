@@ -27,6 +27,7 @@ figures use the first QUICK_WINDOWS windows of each domain; tests recompute them
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -109,6 +110,27 @@ def validation_windows(seq_len: int = 256) -> list[tuple[str, list[int]]]:
     return out
 
 
+def long_sequences(total: int = 4096, n_seq: int = 4) -> torch.Tensor:
+    """(n_seq, total) token ids: the validation documents (by id) joined with EOS as in
+    training, cut into consecutive slices of `total`, `n_seq` of them evenly spaced."""
+    tok = _tokenizer()
+    docs = sorted(load_split("validation"), key=lambda d: d.id)
+    ids = tok([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    stream = [t for seq in ids for t in (*seq, tok.eos_token_id)]
+    have = len(stream) // total
+    n_seq = min(n_seq, have)
+    pick = [int(i * have / n_seq) for i in range(n_seq)]
+    return torch.tensor([stream[i * total : (i + 1) * total] for i in pick], dtype=torch.long)
+
+
+def mamba2_drift(model, total: int = 4096, n_seq: int = 8, chunk: int = 128) -> dict:
+    """Stuffed-Mamba state drift of a Mamba-2 zoo model (workbench.metrics.state.state_drift)
+    on `n_seq` validation sequences of `total` tokens, chunk by chunk with the state carried."""
+    from workbench.metrics.state import state_drift
+
+    return state_drift(model, long_sequences(total, n_seq), chunk=chunk)
+
+
 def quick_windows(windows, n: int = QUICK_WINDOWS):
     out = []
     for dom in DOMAINS:
@@ -144,8 +166,25 @@ def build_model(spec: zoo.ZooSpec):
     if spec.family == "mixtral":
         return MixtralForCausalLM(MixtralConfig(**cfg))
     if spec.family == "mamba2":
-        return Mamba2ForCausalLM(Mamba2Config(**cfg))
+        model = Mamba2ForCausalLM(Mamba2Config(**cfg))
+        init_mamba2_decay(model, spec.recipe.get("a_init"))
+        return model
     raise ValueError(f"unknown family {spec.family!r}")
+
+
+@torch.no_grad()
+def init_mamba2_decay(model, a_init) -> None:
+    """Slow-decay initialisation of a Mamba-2: A = -exp(A_log) log-spaced over the heads in
+    [lo, hi] (transformers' default is A = 1..num_heads) in every layer. With the dt range of
+    the config (time_step_min/max, softplus(dt_bias)) this sets the per-token decay
+    dA = exp(dt * A) at initialisation; None keeps the transformers init."""
+    if not a_init:
+        return
+    lo, hi = float(a_init[0]), float(a_init[1])
+    for layer in model.backbone.layers:
+        mix = layer.mixer
+        a = torch.logspace(math.log10(lo), math.log10(hi), mix.num_heads, dtype=torch.float32)
+        mix.A_log.copy_(torch.log(a).to(mix.A_log.dtype))
 
 
 def n_params(model) -> int:
@@ -374,6 +413,19 @@ def train(
         windows = quick_windows(windows, max_eval_windows // len(DOMAINS))
     model = build_model(spec).to(device)
     model.train()
+    scan = contextlib.nullcontext()
+    if spec.family == "mamba2" and not device.startswith("cuda"):
+        from workbench.models.ssd import fast_scan
+
+        scan = fast_scan()  # same math as transformers' reference scan, much faster on CPU
+    with scan:
+        return _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows,
+                           quick, total_time_budget=time_budget, t_start=t_start, log=log)
+
+
+def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows, quick, *,
+                total_time_budget, t_start, log):
+    time_budget = total_time_budget
     log(f"[{name}] params {n_params(model):,} device {device} train tokens {len(data):,}")
     opt = _optimizer(model, recipe)
     gen = torch.Generator().manual_seed(seed)
@@ -483,6 +535,8 @@ def train(
         extra_eval["fatrelu"] = fatrelu_sweep(model, windows, (0.005, 0.01, 0.02, 0.05), uni)
     if spec.family == "mamba2":
         extra_eval["position_loss"] = position_loss(model, windows, T)
+        extra_eval["state_drift"] = mamba2_drift(model)
+        extra_eval["state_drift_quick"] = mamba2_drift(model, total=2048, n_seq=2)  # the tests' set-up
     import transformers
 
     metrics = {
@@ -508,7 +562,8 @@ def train(
         "curve": curve,
         "history": history,
         "checkpoint_sha256": zoo._sha256(out / zoo.CHECKPOINT),
-        "train_command": f"workbench zoo train {name} --seed {seed} --steps {step}",
+        "train_command": f"workbench zoo train {name} --seed {seed} --steps {step}"
+        + (" --device cpu" if device == "cpu" else ""),
     }
     (out / zoo.METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
     write_card(out, metrics)
@@ -615,9 +670,13 @@ def write_card(out: Path, m: dict) -> None:
             lines.append(f"| {t} | {_f(r['ppl'])} | {_f(100 * r['tls'], 2)} % | {_f(100 * r['cls_8'], 2)} % |")
     if "position_loss" in m and m["position_loss"]:
         lines += ["", f"## Loss by position (4096-token sequences; trained at {m['recipe']['seq_len']})", "",
+                  "One forward over each of the first 4 slices of 4,096 tokens of the validation "
+                  "windows concatenated (documents by id, no EOS between them).", "",
                   "| positions | mean NLL |", "| --- | ---: |"]
         for k, x in m["position_loss"].items():
             lines.append(f"| {k} | {_f(x, 4)} |")
+    if m.get("state_drift"):
+        lines += _drift_lines(m)
     lines += [
         "",
         f"## Quick figures (first {m['quick_windows_per_domain']} windows per domain, {q['tokens']:,} tokens; the tests recompute these)",
@@ -659,6 +718,57 @@ def write_card(out: Path, m: dict) -> None:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in m["notes"]]
     lines += ["", "Full training log (every 50 steps) in metrics.json (`history`).", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _drift_lines(m: dict) -> list[str]:
+    """Card section: Stuffed-Mamba state drift (metrics.json `state_drift`, see mamba2_drift)."""
+    d = m["state_drift"]
+    T = m["recipe"]["seq_len"]
+    pts = d["points"]
+    ref = pts.index(T) if T in pts else 0
+    lines = [
+        "",
+        f"## State drift past the training length (Stuffed Mamba; trained at {T} tokens)",
+        "",
+        f"{d['n_seq']} validation sequences of {d['total']:,} tokens (documents joined with EOS, "
+        f"evenly spaced over the split), run {d['chunk']} tokens per forward with the cache (conv "
+        "and SSM state) carried over, float32. State RMS: root mean square of the SSM state h "
+        "(heads x head_dim x d_state) of each layer after the given number of tokens; decay: mean "
+        "per-token dA = exp(dt * A) over all tokens; cos: mean cosine similarity of consecutive "
+        "chunk states.",
+        "",
+        "| layer | " + " | ".join(f"RMS @{p}" for p in pts) + f" | RMS @{pts[-1]} / @{pts[ref]} | mean decay dA | mean dt | cos |",
+        "| ---: | " + " | ".join("---:" for _ in pts) + " | ---: | ---: | ---: | ---: |",
+    ]
+    for k, v in d["state_rms"].items():
+        lines.append(
+            f"| {k} | " + " | ".join(_f(x, 4) for x in v) + f" | **{_f(v[-1] / v[ref], 2)}** | "
+            f"{_f(d['decay'][k], 5)} | {_f(d['dt'][k], 5)} | {_f(d['state_cos'][k], 4)} |"
+        )
+    lines += ["", "Mean next-token NLL by position on the same sequences:", "",
+              "| positions | mean NLL |", "| --- | ---: |"]
+    for k, x in d["loss"].items():
+        lines.append(f"| {k} | {_f(x, 4)} |")
+    if m.get("state_drift_quick"):
+        q = m["state_drift_quick"]
+        r = [v[-1] / v[q["points"].index(T)] for v in q["state_rms"].values()]
+        lines += ["", f"Test set-up ({q['n_seq']} sequences of {q['total']:,} tokens; "
+                  "tests/models/test_mamba2_drift.py recomputes it): state RMS @"
+                  f"{q['points'][-1]} / @{T} per layer " + ", ".join(_f(x, 2) for x in r)
+                  + "; NLL " + ", ".join(f"{k}: {_f(x, 4)}" for k, x in q["loss"].items()) + "."]
+    lines += [
+        "",
+        "Reproduce (CPU; a few minutes with transformers' reference scan, under a minute inside "
+        "`with workbench.models.ssd.fast_scan():`, the scan used for the figures above):",
+        "",
+        "```python",
+        "from workbench.models.train import load_zoo_model, mamba2_drift",
+        "model, _ = load_zoo_model('mamba2')",
+        f"mamba2_drift(model, total={d['total']}, n_seq={d['n_seq']}, chunk={d['chunk']})"
+        "  # -> state_rms, decay, dt, state_cos, loss",
+        "```",
+    ]
+    return lines
 
 
 def rewrite_cards(names=None) -> None:

@@ -57,7 +57,8 @@ class ZooSpec:
     recipe keys (all optional): steps, batch_size, seq_len, lr, warmup, weight_decay,
     l1 (final ProSparse L1 factor), l1_start / l1_end (fractions of training over which the
     factor rises along a sine ramp), activation_threshold (FATReLU T stored in config.json),
-    locality_weight, locality_alpha, chunk_weight, chunk_len (BlockFFN objectives).
+    locality_weight, locality_alpha, chunk_weight, chunk_len (BlockFFN objectives), a_init
+    ([lo, hi]: Mamba-2 A = -exp(A_log) log-spaced over the heads at initialisation).
     """
 
     name: str
@@ -149,12 +150,25 @@ SPECS: dict[str, ZooSpec] = {
             "expand": 2,
             "head_dim": 32,
             "num_heads": 8,
-            "state_size": 64,
+            "state_size": 128,
             "n_groups": 1,
             "conv_kernel": 4,
             "chunk_size": 64,
+            # slow-decay init (Stuffed Mamba): dt = softplus(dt_bias) log-uniform in [5e-4, 5e-3]
+            # and A in [0.1, 1] (recipe a_init), so the per-token decay exp(dt * A) starts in
+            # [0.99995, 0.995]: a state that barely forgets over the 256 training tokens
+            "time_step_min": 5e-4,
+            "time_step_max": 5e-3,
+            "time_step_floor": 1e-4,
         },
-        {**_BASE_RECIPE, "lr": 2e-3},
+        {
+            **_BASE_RECIPE,
+            "steps": 900,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "warmup": 60,
+            "a_init": [0.1, 1.0],
+        },
         "none",
     ),
 }
