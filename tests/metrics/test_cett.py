@@ -37,6 +37,7 @@ def _data(seed, n, d_ff, d_model, relu=True, bias=False):
     a = torch.randn(n, d_ff, generator=g, dtype=torch.float64)
     if relu:
         a = a.clamp_min(0)
+        a[:, 0] += 0.1  # a nonzero FFN output on every token (all-zero outputs raise, tested below)
     w = torch.randn(d_model, d_ff, generator=g, dtype=torch.float64)
     b = torch.randn(d_model, generator=g, dtype=torch.float64) if bias else None
     return a, w, b
