@@ -60,6 +60,21 @@ class Run:
             self.meta["probes"] = [{"name": p.name, **p.config()} for p in self._probes]
             self._probes = None
 
+    def add_tensors(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Attach extra tensors (e.g. a metric's results) to a finished run; saved with it.
+
+        Keys become `prefix + key`; probe keys ("<probe>/...") cannot be replaced this way.
+        """
+        self.finalize()
+        if self._tensors is None:
+            self._tensors = {}
+        probes = {p.get("name") for p in self.meta.get("probes", [])}
+        for k, t in tensors.items():
+            key = prefix + k
+            if key.split("/", 1)[0] in probes:
+                raise RunError(f"{key!r} would overwrite a probe's statistics; use another prefix")
+            self._tensors[key] = t.detach().cpu().contiguous()
+
     @property
     def rule(self) -> Rule:
         return Rule.from_json(self.meta["rule"])

@@ -36,11 +36,7 @@ def store(run: Run, name: str, df: pd.DataFrame, *, tensors: dict[str, torch.Ten
         "info": {k: _jsonable(v) if not isinstance(v, (dict, list)) else v for k, v in (info or {}).items()},
     }
     if tensors:
-        run.finalize()
-        if run._tensors is None:  # a run built without tensors: give it a dict to hold ours
-            run._tensors = {}
-        for k, t in tensors.items():
-            run._tensors[f"metrics/{name}/{k}"] = t.detach().cpu().contiguous()
+        run.add_tensors(tensors, prefix=f"metrics/{name}/")
 
 
 def table(run: Run, name: str) -> pd.DataFrame:
