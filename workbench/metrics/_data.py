@@ -7,23 +7,14 @@ Every metric drives the forward passes itself, so it knows each call's attention
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from workbench.adapters import GATED, FFNSite, Layout, locate
+from workbench.data import Batches, model_device, pad_rows, token_batches  # noqa: F401  (re-exported)
 from workbench.errors import AdapterError, CaptureError
-
-Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 def ffn_sites(model: nn.Module, layout: Layout | None = None, roles=("dense", "shared_expert")) -> list[FFNSite]:
@@ -37,77 +28,6 @@ def ffn_sites(model: nn.Module, layout: Layout | None = None, roles=("dense", "s
             "metrics need FFNs with a down projection. Register an adapter with wb.register_adapter "
             "if the model has FFNs under other names.")
     return sites
-
-
-def _texts(data) -> list[str] | None:
-    if isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
-        return list(data)
-    if isinstance(data, (list, tuple)) and data and all(hasattr(t, "text") for t in data):
-        return [t.text for t in data]  # corpus Documents
-    return None
-
-
-def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None = None,
-                  batch_size: int = 8, max_length: int | None = 256, padding_side: str = "right",
-                  max_sequences: int | None = None) -> Batches:
-    """[(input_ids [B, S], attention_mask [B, S])] from texts, corpus Documents, a LongTensor of
-    ids [batch, tokens] (with an optional mask) or an existing list of (ids, mask) pairs.
-
-    Raises CaptureError when there is no valid (non-padding) token at all.
-    """
-    if isinstance(data, (list, tuple)) and data and all(isinstance(b, tuple) and len(b) == 2
-                                                         and isinstance(b[0], torch.Tensor) for b in data):
-        batches = [(ids, m) for ids, m in data]
-    elif isinstance(data, torch.Tensor):
-        ids = data[None] if data.dim() == 1 else data
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise CaptureError(f"token ids must be a LongTensor [batch, tokens]; got {ids.dtype} {tuple(ids.shape)}")
-        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
-        if mask.shape != ids.shape:
-            raise CaptureError(f"attention_mask shape {tuple(mask.shape)} != token ids shape {tuple(ids.shape)}")
-        if max_sequences is not None:
-            ids, mask = ids[:max_sequences], mask[:max_sequences]
-        batches = [(ids[i:i + batch_size].long(), mask[i:i + batch_size].long())
-                   for i in range(0, ids.shape[0], batch_size)]
-    else:
-        texts = _texts(data)
-        if texts is None:
-            if isinstance(data, (list, tuple)) and not data:
-                raise CaptureError("the dataset is empty: no texts or token ids to run the model on")
-            raise CaptureError("data must be texts, corpus Documents, a LongTensor of token ids "
-                               f"[batch, tokens] or a list of (ids, mask) pairs; got {type(data).__name__}")
-        if tokenizer is None:
-            raise CaptureError("got texts but no tokenizer: load the model with wb.load_model (it "
-                               "attaches one) or pass tokenizer=...")
-        rows = []
-        for t in texts:
-            ids = tokenizer(t, add_special_tokens=True, truncation=max_length is not None,
-                            max_length=max_length)["input_ids"]
-            if ids:
-                rows.append(list(ids))
-            if max_sequences is not None and len(rows) >= max_sequences:
-                break
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        if pad_id is None:
-            pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-        batches = []
-        for i in range(0, len(rows), batch_size):
-            batches.append(pad_rows(rows[i:i + batch_size], pad_id, padding_side))
-    if sum(int(m.sum()) for _, m in batches) == 0:
-        raise CaptureError("the dataset is empty: no valid (non-padding) tokens")
-    return batches
-
-
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int = 0, side: str = "right"):
-    """Pad token rows to one width; returns (ids [B, S], mask [B, S])."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    m = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, r in enumerate(rows):
-        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[j, sl] = torch.tensor(list(r), dtype=torch.long)
-        m[j, sl] = 1
-    return ids, m
 
 
 def split_batches(batches: Batches, holdout: float) -> tuple[Batches, Batches]:
