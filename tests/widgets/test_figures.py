@@ -1,14 +1,16 @@
 """Figure builders: pure data in, plotly Figure out, with the data where it should be."""
 
 import pandas as pd
-import plotly.graph_objects as go
 import pytest
 import torch
-import workbench.widgets as ww
-from workbench.widgets import figures as F
 
-from tests.metrics.helpers import tiny_llama
-from workbench.capture import profile
+go = pytest.importorskip("plotly.graph_objects", reason="plotly is not installed (the viz extra)")
+
+import workbench.widgets as ww  # noqa: E402
+from workbench.widgets import figures as F  # noqa: E402
+
+from tests.metrics.helpers import tiny_llama  # noqa: E402
+from workbench.capture import profile  # noqa: E402
 
 
 def test_layer_sparsity_from_run_summary():
