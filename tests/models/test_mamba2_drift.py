@@ -18,14 +18,6 @@ pytestmark = pytest.mark.skipif("mamba2" not in zoo.available(), reason="zoo:mam
 TRAIN_LEN = 256
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     from workbench.models.train import load_zoo_model

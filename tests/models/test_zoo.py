@@ -22,14 +22,6 @@ BUILT = [n for n in NAMES if n in zoo.available()]
 pytestmark = pytest.mark.skipif(not BUILT, reason="no zoo checkpoints under data/zoo")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def quick_windows():
     from workbench.models.train import quick_windows as q
