@@ -363,6 +363,24 @@ def p4_options(d, t):
     ]
 
 
+P4_PARTS: set[str] = set()
+
+
+def moe_options(t):
+    """Expert-granular kernels (default) and a few block shapes; the earlier neuron-granular
+    path ("rows", v4) is timed for comparison only and never picked."""
+    return [
+        ("experts-default", {}),
+        ("experts-S4", {"S": 4}),
+        ("experts-S16", {"S": 16}),
+        ("experts-BN256", {"BN": 256, "S": 8}),
+        ("experts-BF32", {"BF": 32}),
+        ("experts-RB32-S16", {"RB": 32, "S": 16}),
+        ("experts-BD512-w8", {"BD": 512, "up_warps": 8}),
+        ("rows-v4", {"impl": "rows"}),
+    ]
+
+
 def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
     d, f = shape
     name = f"{d}x{f}"
@@ -379,6 +397,8 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
         del wg0
         p4cfg = None
         for cls in CLS:
+            if "exact" not in P4_PARTS:
+                break
             wg = [solve_rows(xs[i], union_mask(t, f, cls), dtype) for i in range(nw)]
             sets = list(zip(xs, wg, wu, wdt))
             if p4cfg is None:
@@ -408,6 +428,8 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
             )
             del wg
         # routed MoE blocks: E experts of d_e neurons, non-gated SiLU experts
+        if "moe" not in P4_PARTS:
+            continue
         nwt = [(torch.rand(e, device=DEV) + 0.5).to(dtype) for _ in range(nw)]
         wr0 = [rand_w(e, d, dtype) for _ in range(nw)]
 
@@ -427,7 +449,7 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
             sets = list(zip(xs, wr, nwt, wu, wdt))
             if moecfg is None:
                 bt = float("inf")
-                for comp, c_ in p4_options(d, t):
+                for comp, c_ in moe_options(t):
                     t_ms = bench(
                         rotating(
                             lambda x, r_, n_, u_, dd, c_=c_: K.moe_blocks(
@@ -438,7 +460,7 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
                         rep,
                     )
                     log(f"  sweep P4 moe T={t} CLS={cls} {comp}: {t_ms * 1e3:.2f} us")
-                    if t_ms < bt:
+                    if t_ms < bt and c_.get("impl") != "rows":
                         moecfg, bt = c_, t_ms
             ms = bench(
                 rotating(
@@ -475,12 +497,14 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--only", default="P1,P2,P4")
     ap.add_argument("--rep", type=int, default=10)
+    ap.add_argument("--p4-parts", default="exact,moe", help="P4 parts to run: exact, moe")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--commit", default=os.environ.get("WB_COMMIT", ""))
     ap.add_argument("--dry", action="store_true", help="CPU smoke run at toy shapes")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
     args = ap.parse_args()
     global DEV, DRY
+    P4_PARTS.update(args.p4_parts.split(","))
     if args.dry:
         DEV, DRY = "cpu", True
         P1_TARGETS.update({"64x512": P1_TARGETS["2048x8192"]})

@@ -1,10 +1,28 @@
-"""ReLU-routed MoE blocks on the GPU: router logits (a small Triton kernel), then one row kernel
-that computes the router scores (ReLU + RMSNorm + weight) in-kernel and reads only the active
-experts' up rows (union over the tokens), then the sparse down projection over those rows.
+"""ReLU-routed MoE blocks on the GPU, at expert granularity (BlockFFN / DECO layers).
 
-The router has its own kernel because cuBLAS picked a slow path for [T, d_model] x [E, d_model]^T
-with an E like 43: 31.8 us on the H100 for T = 8 (benchmarks/KERNEL_NOTES.md), more than the
-experts' up rows at CLS 0.8. One program per expert reads its router row once for all tokens.
+Three launches, graph-capturable, no host synchronisation, no data-dependent shapes:
+
+1. router logits A0 [T, E] (a small Triton kernel, one program per expert row: cuBLAS picked a
+   slow path for [T, d_model] x [E, d_model]^T with an E like 43, 31.8 us on the H100 at T = 8);
+2. expert up kernel, grid (E x d_e / BF): every program recomputes the router scores
+   A = RMSNorm(ReLU(A0)) * w for all tokens (a [T, E] tile from L2), and a program whose expert
+   has A = 0 on every token of the chunk exits before reading any weight. The others read BF rows
+   of their expert's up block once for the whole chunk (tl.dot over the padded token axis) and
+   write h = SiLU(up x) * A for their rows;
+3. expert down kernel, grid (d_model column blocks x S splits): every program ranks the active
+   experts in registers (the same scores, so the same set as the up kernel), and walks the work
+   items (active expert, RB-row block) i = split, split + S, ... reading only active experts' down
+   rows; fp32 partials go through atomics into a zeroed workspace and a per-column-block ticket
+   lets the last split cast the sum and re-zero the workspace.
+
+Rounding follows the dense module (workbench.models.blockffn.BlockFFNMLP in the model dtype):
+A0, the RMS-normalised scores, their product with the norm weight, the up projection, the SiLU
+and h are each rounded to the model dtype where the module rounds them, so the kernel computes
+the function the dense layer computes up to the order of the fp32 sums.
+
+``config={"impl": "rows"}`` selects the earlier neuron-granular path (the row kernel of
+sparse_ffn with in-kernel router scores, then the sparse down kernel), kept for comparison in
+benchmarks/bench_kernels.py; its scores stay in fp32.
 """
 
 from __future__ import annotations
@@ -13,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import check_same_device
+from .._common import check_same_device, dot_f32, token_pad, workspace
 from ..sparse_ffn.triton import launch_rows
 from ..sparse_gemv.triton import sparse_down
 from .reference import check_moe
@@ -65,14 +83,226 @@ def router_logits(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _rnd(x, DT: tl.constexpr):
+    """fp32 x rounded to DT (round to nearest even), kept in fp32. bf16 is rounded on the bits:
+    the Triton interpreter's fp32 -> bf16 cast truncates, the compiled one rounds."""
+    if DT == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _expert_scores(A0, NW, T, E, eps, offs_t, t_ok, offs_e, e_ok, DT: tl.constexpr):
+    """A [T_PAD, E_PAD] fp32 = RMSNorm(ReLU(A0)) * w, rounded like the module (0 off the grid)."""
+    m = t_ok[:, None] & e_ok[None, :]
+    a0 = tl.load(A0 + offs_t[:, None] * E + offs_e[None, :], mask=m, other=0.0)
+    a1 = tl.maximum(_rnd(a0, DT), 0.0)
+    var = tl.sum(a1 * a1, axis=1) / E
+    nrm = _rnd(a1 * (1.0 / tl.sqrt(var + eps))[:, None], DT)
+    nw = tl.load(NW + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+    s = _rnd(nrm * nw[None, :], DT)
+    return tl.where(m, s, 0.0)
+
+
+@triton.jit
+def _expert_up_kernel(
+    X,
+    A0,
+    NW,
+    WU,
+    H,
+    T,
+    D,
+    E,
+    D_E,
+    NF,
+    stride_x,
+    stride_w,
+    stride_h,
+    eps,
+    T_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BF: tl.constexpr,
+    BD: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    e = pid // NF
+    f = pid % NF
+    DT = X.dtype.element_ty
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = offs_t < T
+    offs_e = tl.arange(0, E_PAD)
+    s = _expert_scores(A0, NW, T, E, eps, offs_t, t_ok, offs_e, offs_e < E, DT)
+    s_e = tl.sum(tl.where(offs_e[None, :] == e, s, 0.0), axis=1)  # [T_PAD]
+    if tl.max((s_e != 0.0).to(tl.int32), axis=0) > 0:
+        loc = f * BF + tl.arange(0, BF)
+        r_ok = loc < D_E
+        rows = e * D_E + loc
+        acc = tl.zeros([T_PAD, BF], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            d_ok = offs_d < D
+            x = tl.load(
+                X + offs_t[:, None] * stride_x + offs_d[None, :],
+                mask=t_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                WU + rows[:, None] * stride_w + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            if DOT_F32:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        u = _rnd(acc, DT)
+        h = _rnd(u / (1.0 + tl.exp(-u)), DT)
+        h = _rnd(h * s_e[:, None], DT).to(DT)
+        tl.store(
+            H + offs_t[:, None] * stride_h + rows[None, :], h, mask=t_ok[:, None] & r_ok[None, :]
+        )
+
+
+@triton.jit
+def _expert_down_kernel(
+    H,
+    A0,
+    NW,
+    WD,
+    Y,
+    ACC,
+    CNT,
+    T,
+    N,
+    E,
+    D_E,
+    NR,
+    S,
+    NUM_NB,
+    stride_h,
+    stride_w,
+    stride_y,
+    eps,
+    T_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    RB: tl.constexpr,
+    BN: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = pid % NUM_NB
+    split = pid // NUM_NB
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = offs_t < T
+    offs_e = tl.arange(0, E_PAD)
+    s = _expert_scores(A0, NW, T, E, eps, offs_t, t_ok, offs_e, offs_e < E, H.dtype.element_ty)
+    act = tl.max((s != 0.0).to(tl.int32), axis=0)  # [E_PAD]: active on some token
+    cnt = tl.sum(act, axis=0)
+    rank = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < N
+    offs_r = tl.arange(0, RB)
+    acc = tl.zeros([T_PAD, BN], dtype=tl.float32)
+    for i in range(split, cnt * NR, S):
+        j = i // NR
+        e = tl.sum(tl.where(rank == j, offs_e, 0), axis=0)
+        loc = (i % NR) * RB + offs_r
+        r_ok = loc < D_E
+        rows = e * D_E + loc
+        h = tl.load(
+            H + offs_t[:, None] * stride_h + rows[None, :],
+            mask=t_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            WD + rows[:, None] * stride_w + offs_n[None, :],
+            mask=r_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc)
+        else:
+            acc = tl.dot(h, w, acc)
+    ptrs = ACC + offs_t[:, None] * N + offs_n[None, :]
+    pmask = t_ok[:, None] & n_ok[None, :]
+    if split < cnt * NR:
+        tl.atomic_add(ptrs, acc, mask=pmask, sem="relaxed")
+    tl.debug_barrier()
+    ticket = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
+    if ticket == S - 1:
+        zero = tl.zeros_like(acc)
+        total = tl.atomic_add(ptrs, zero, mask=pmask, sem="relaxed")  # coherent read
+        tl.store(ptrs, zero, mask=pmask)
+        out = _rnd(total, Y.dtype.element_ty).to(Y.dtype.element_ty)
+        tl.store(Y + offs_t[:, None] * stride_y + offs_n[None, :], out, mask=pmask)
+        tl.store(CNT + pid_n, 0)
+
+
+def default_expert_config(t: int, d_model: int, d_e: int) -> dict:
+    """Block shapes by problem shape only (never by data, so the launch is graph-safe)."""
+    return dict(BF=16, BD=256, up_warps=4, up_stages=3, RB=64, BN=128, S=8, down_warps=4,
+                down_stages=2)
+
+
+def _moe_experts(x2, a0, norm_weight, w_up, w_down_t, e, d_e, eps, config):
+    t, d = x2.shape
+    n = w_down_t.shape[1]
+    cfg = dict(default_expert_config(t, d, d_e))
+    cfg.update({k: v for k, v in (config or {}).items() if k != "impl"})
+    t_pad = max(16, token_pad(t))
+    e_pad = max(2, triton.next_power_of_2(e))
+    bf = min(cfg["BF"], max(16, triton.next_power_of_2(d_e)))
+    nf = triton.cdiv(d_e, bf)
+    rb = min(cfg["RB"], max(16, triton.next_power_of_2(d_e)))
+    nr = triton.cdiv(d_e, rb)
+    if not norm_weight.is_contiguous():
+        norm_weight = norm_weight.contiguous()
+    h = torch.empty((t, e * d_e), dtype=x2.dtype, device=x2.device)
+    df32 = dot_f32(x2.dtype)
+    _expert_up_kernel[(e * nf,)](
+        x2, a0, norm_weight, w_up, h, t, d, e, d_e, nf,
+        x2.stride(0), w_up.stride(0), h.stride(0), float(eps),
+        T_PAD=t_pad, E_PAD=e_pad, BF=bf, BD=min(cfg["BD"], triton.next_power_of_2(d)),
+        DOT_F32=df32, num_warps=cfg["up_warps"], num_stages=cfg["up_stages"],
+    )  # fmt: skip
+    bn = min(cfg["BN"], triton.next_power_of_2(n))
+    num_nb = triton.cdiv(n, bn)
+    splits = int(cfg["S"])
+    acc, cnt = workspace(
+        ("moe_down", t, n, num_nb), x2.device, [(t * n, torch.float32), (num_nb, torch.int32)]
+    )
+    y = torch.empty((t, n), dtype=x2.dtype, device=x2.device)
+    _expert_down_kernel[(num_nb * splits,)](
+        h, a0, norm_weight, w_down_t, y, acc, cnt, t, n, e, d_e, nr, splits, num_nb,
+        h.stride(0), w_down_t.stride(0), y.stride(0), float(eps),
+        T_PAD=t_pad, E_PAD=e_pad, RB=rb, BN=bn, DOT_F32=df32,
+        num_warps=cfg["down_warps"], num_stages=cfg["down_stages"],
+    )  # fmt: skip
+    return y
+
+
 def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, config=None):
     """x [T, d_model]; w_router [E, d_model]; norm_weight [E]; w_up, w_down_t [E*d_e, d_model].
 
-    config: optional {"rows": {...}, "down": {...}} block-shape overrides.
+    config: optional block-shape overrides of the expert kernels (BF, BD, up_warps, up_stages,
+    RB, BN, S, down_warps, down_stages), or {"impl": "rows", "rows": {...}, "down": {...}} for
+    the neuron-granular path.
     """
     x2, was_1d, w_up, w_down_t, e, d_e = check_moe(x, w_router, norm_weight, w_up, w_down_t)
-    config = config or {}
+    config = dict(config or {})
+    impl = config.get("impl", "experts")
+    if impl not in ("experts", "rows"):
+        raise ValueError(f"config impl={impl!r}: use 'experts' (default) or 'rows'")
     a0 = router_logits(x2, w_router)
+    if impl == "experts":
+        y = _moe_experts(x2, a0, norm_weight, w_up, w_down_t, e, d_e, eps, config)
+        return y[0] if was_1d else y
     a = launch_rows(
         2, x2, a0, w_up, norm_weight=norm_weight, d_e=d_e, eps=eps, config=config.get("rows")
     )

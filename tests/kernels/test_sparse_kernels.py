@@ -23,6 +23,7 @@ TOL = {torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 # d_model slices and partially filled tiles
 CPU_DOWN = dict(CHUNK=64, BK=16, BN=32)
 CPU_ROWS = dict(BR=32, BK=16, BD=16, DS=32)
+CPU_EXPERTS = dict(BF=16, BD=16, RB=16, BN=16, S=3)  # several programs per expert and column
 CPU_SHAPE = (48, 208)  # d_model, d_ff: multiples of 16, neither a power of two
 GPU_SHAPE = (512, 1376)
 
@@ -227,7 +228,7 @@ def test_moe_blocks(device, dtype, tokens, kind):
     nw = (torch.rand(n_exp, generator=g) + 0.5).to(dtype)
     wu, wdt = _weights(g, n_exp * d_e, d, dtype, "cpu", n=2)
     x, wr, nw, wu, wdt = (t.to(device) for t in (x, wr, nw, wu, wdt))
-    cfg = None if cdown is None else {"rows": crows, "down": cdown}
+    cfg = None if device == "cuda" else CPU_EXPERTS
     for _ in range(2):
         y = K.moe_blocks(x, wr, nw, wu, wdt, backend="triton", config=cfg)
         xf = x.double().cpu()
@@ -239,6 +240,37 @@ def test_moe_blocks(device, dtype, tokens, kind):
             assert (y == 0).all()
         else:
             assert _rel(y.cpu(), y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 4, 9])
+def test_moe_expert_kernels_read_only_active_experts(device, dtype, tokens):
+    """Expert width not a multiple of the blocks; inactive experts' weights are NaN, so any read
+    of them would show in the output; the result equals the module-rounded torch reference."""
+    d = CPU_SHAPE[0] if device == "cpu" else GPU_SHAPE[0]
+    n_exp, d_e = 6, 24
+    g = _gen("moe-nan", device, dtype, tokens)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    mask = _mask("rand", (tokens, n_exp), g, 0.25)
+    mask[:, 0] = False  # expert 0 is off for every token of the chunk
+    mask[0, 1] = True
+    wr = _controlled_gate(g, x, n_exp, mask, dtype)
+    nw = (torch.rand(n_exp, generator=g) + 0.5).to(dtype)
+    wu, wdt = _weights(g, n_exp * d_e, d, dtype, "cpu", n=2)
+    off = ~mask.any(0)
+    assert off[0]
+    ref = K.moe_blocks(x, wr, nw, wu, wdt, backend="torch")
+    rows_off = off.repeat_interleave(d_e)
+    wu[rows_off] = float("nan")
+    wdt[rows_off] = float("nan")
+    x, wr, nw, wu, wdt = (t.to(device) for t in (x, wr, nw, wu, wdt))
+    cfg = dict(CPU_EXPERTS, BF=16, RB=16) if device == "cpu" else None
+    for xi in ([x[0]] if tokens == 1 else []) + [x]:
+        y = K.moe_blocks(xi, wr, nw, wu, wdt, backend="triton", config=cfg)
+        assert y.shape == xi.shape
+        r = ref[0] if xi.dim() == 1 else ref
+        assert _rel(y.cpu(), r) < TOL[dtype] / 4
 
 
 def test_errors_name_cause_and_fix(monkeypatch):
@@ -364,7 +396,9 @@ def test_masked_tile_variant(device, dtype, tokens):
     nw = (torch.rand(n_exp, generator=g) + 0.5).to(dtype)
     wu2, wdt2 = _weights(g, n_exp * d_e, d, dtype, "cpu", n=2)
     wr, nw, wu2, wdt2 = (t.to(device) for t in (wr, nw, wu2, wdt2))
-    y = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="triton", config={"rows": crows, "down": cdown})
+    y = K.moe_blocks(
+        x, wr, nw, wu2, wdt2, backend="triton", config={"impl": "rows", "rows": crows, "down": cdown}
+    )
     r = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="torch")
     assert _rel(y.cpu(), r.cpu()) < TOL[dtype]
 
@@ -403,7 +437,7 @@ def test_single_slice_row_kernel(device, compact, tokens):
     nw = (torch.rand(n_exp, generator=g) + 0.5).to(dtype)
     wu2, wdt2 = _weights(g, n_exp * d_e, d, dtype, "cpu", n=2)
     wr, nw, wu2, wdt2 = (t.to(device) for t in (wr, nw, wu2, wdt2))
-    y = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="triton", config={"rows": crows})
+    y = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="triton", config={"impl": "rows", "rows": crows})
     r = K.moe_blocks(x, wr, nw, wu2, wdt2, backend="torch")
     assert _rel(y.cpu(), r.cpu()) < TOL[dtype]
 
