@@ -14,6 +14,7 @@ from workbench.accel import accelerate
 from workbench.errors import WorkbenchError
 
 ZOO = Path(__file__).resolve().parents[2] / "data" / "zoo" / "relu-llama" / "model.safetensors"
+ZOO_BLOCK = Path(__file__).resolve().parents[2] / "data" / "zoo" / "blockffn" / "model.safetensors"
 
 
 def _tiny(act="relu", dtype=torch.bfloat16, seed=0):
@@ -123,3 +124,53 @@ def test_zoo_relu_llama_exact_matches_dense():
         assert m.summary["logits_rel_rms"] <= 1e-2, (mode, m.summary)
         assert m.summary["top1_agreement"] >= 0.99, (mode, m.summary)
         assert m.layers["realised_sparsity"].mean() > 0.5
+
+
+def _tiny_blockffn(seed=0, **kw):
+    from workbench.models.blockffn import BlockFFNConfig, BlockFFNForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = BlockFFNConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, n_experts=6, expert_size=16,
+                         max_position_embeddings=64, **kw)
+    return BlockFFNForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_moe_blocks_model_exact_and_chunk_match_dense_and_restore(backend):
+    model = _tiny_blockffn(seed=8)
+    before = {n: m for n, m in model.named_modules()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for mode in ("exact", "chunk"):
+        h = accelerate(model, mode=mode, backend=backend)
+        assert type(model.model.layers[0].mlp).__name__ == "SparseMoE"
+        m = h.measure(_ids(13, seed=9), reps=1, warmup=0)
+        h.off()
+        assert m.summary["logits_rel_rms"] <= 1e-2, (mode, m.summary)
+        assert m.summary["top1_agreement"] >= 0.99, (mode, m.summary)
+        assert (m.layers["realised_sparsity"] <= m.layers["true_sparsity"] + 1e-9).all()
+        assert {n: m_ for n, m_ in model.named_modules()} == before
+        for n, p in model.named_parameters():
+            assert p.is_contiguous() and torch.equal(p, weights[n]), n
+
+
+def test_moe_blocks_model_refusals_name_the_cause():
+    with pytest.raises(WorkbenchError, match="router already"):
+        accelerate(_tiny_blockffn(), mode="predictor")
+    with pytest.raises(WorkbenchError, match="NormSiLU"):
+        accelerate(_tiny_blockffn(expert_act="normsilu"))
+    with pytest.raises(WorkbenchError, match="router scale"):
+        accelerate(_tiny_blockffn(router_scale=True))
+
+
+@pytest.mark.skipif(not ZOO_BLOCK.is_file(), reason="zoo:blockffn not built")
+def test_zoo_blockffn_exact_and_chunk_match_dense():
+    model = wb.load_model("zoo:blockffn")
+    text = "def add(a, b):\n    return a + b\n\nThe function returns the sum of its arguments."
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :32]
+    for mode in ("exact", "chunk"):
+        with accelerate(model, mode=mode, backend="torch") as h:
+            m = h.measure(ids, reps=1, warmup=0)
+        assert m.summary["logits_rel_rms"] <= 1e-2, (mode, m.summary)
+        assert m.summary["top1_agreement"] >= 0.99, (mode, m.summary)
+        assert m.layers["true_sparsity"].mean() > 0.5  # the trained router turns most experts off

@@ -11,6 +11,7 @@ import torch
 import workbench as wb
 
 ZOO = Path(__file__).resolve().parents[2] / "data" / "zoo" / "relu-llama" / "model.safetensors"
+ZOO_BLOCK = Path(__file__).resolve().parents[2] / "data" / "zoo" / "blockffn" / "model.safetensors"
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device machine)")]
@@ -31,3 +32,19 @@ def test_zoo_relu_llama_triton_matches_dense(mode):
     assert m.summary["logits_rel_rms"] <= 1e-2, m.summary
     assert m.summary["top1_agreement"] >= 0.99, m.summary
     assert m.layers["realised_sparsity"].mean() > 0.5
+
+
+@pytest.mark.skipif(not ZOO_BLOCK.is_file(), reason="zoo:blockffn not built")
+@pytest.mark.parametrize("mode", ["exact", "chunk"])
+def test_zoo_blockffn_triton_matches_dense(mode):
+    model = wb.load_model("zoo:blockffn", device="cuda")
+    text = ("def add(a, b):\n    return a + b\n\nThe function returns the sum of its arguments. "
+            "A list holds items in order; a dict maps keys to values.")
+    ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :48]
+    with wb.accelerate(model, mode=mode, backend="triton") as h:
+        m = h.measure(ids, reps=3, warmup=1)
+    print(mode, {k: m.summary[k] for k in ("logits_rel_rms", "top1_agreement", "tokens")})
+    assert m.summary["backend"] == "triton"
+    assert m.summary["logits_rel_rms"] <= 1e-2, m.summary
+    assert m.summary["top1_agreement"] >= 0.99, m.summary
+    assert m.layers["true_sparsity"].mean() > 0.5

@@ -13,6 +13,8 @@ Modes:
   under its own threshold); longer calls (prefill) stay dense.
 - "chunk": calls of 2..64 tokens (e.g. speculative verification) take the chunk-union kernel
   (BlockFFN's scheme, dense fallback when the union is too large), 1 token the exact kernel.
+- Routed MoE layers (BlockFFN, zoo:blockffn) take `kernels.moe_blocks` in exact and chunk modes:
+  only the experts the router turned on (union over the call's tokens) are read.
 - "predictor": gate and up both sparse on a Deja Vu predictor's mask (predictor included), for
   every call: this changes the function, and measure() reports the error instead of bounding it.
   `predictors` is a directory written by `workbench.metrics.save_predictors`, a Predictors, or a
@@ -32,8 +34,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from workbench.accel.ffn import MODES, SparseFFN
-from workbench.adapters import Layout, locate
+from workbench.accel.ffn import MODES, SparseFFN, SparseMoE, is_moe_blocks
+from workbench.adapters import FFNSite, Layout, locate
 from workbench.errors import WorkbenchError
 
 
@@ -64,6 +66,19 @@ def _load_predictor_tensors(predictors, names, device, dtype) -> dict[str, dict[
     return out
 
 
+def _moe_block_sites(model: nn.Module, layout: Layout) -> list[FFNSite]:
+    """One FFNSite per ReLU-routed MoE block layer (BlockFFN): the router's parent module."""
+    out = []
+    for r in layout.routers:
+        name = r.name.rpartition(".")[0]
+        mod = model.get_submodule(name) if name else model
+        if r.kind == "relu" and is_moe_blocks(mod):
+            out.append(FFNSite(layer=r.layer, name=name, kind="moe_blocks", activation="silu", module=mod,
+                               down=mod.down_proj, act=getattr(mod, "act_fn", None), gate=None, up=mod.up_proj,
+                               d_ff=mod.down_proj.in_features, d_model=mod.down_proj.out_features))
+    return out
+
+
 class Accelerator:
     """Handle returned by `accelerate`: on(), off(), context manager, measure()."""
 
@@ -79,6 +94,7 @@ class Accelerator:
         self.backend = backend
         self.layout = layout or locate(model)
         sites = [s for s in self.layout.ffns if s.role == "dense" and (layers is None or s.layer in layers)]
+        sites += [s for s in _moe_block_sites(model, self.layout) if layers is None or s.layer in layers]
         if not sites:
             raise WorkbenchError(f"no dense FFN to accelerate in {type(model).__name__} (layers={layers})")
         p0 = sites[0].down.weight
@@ -92,19 +108,29 @@ class Accelerator:
                 raise WorkbenchError(f"backend='triton' needs the model on a CUDA device (it is on {p0.device}); "
                                      "use backend='auto' or 'torch' on CPU")
         for s in sites:
+            if is_moe_blocks(s.module):
+                continue  # checked by SparseMoE
             for m in (s.gate, s.up, s.down):
                 if m is None:
                     raise WorkbenchError(f"{s.name}: missing projection; accelerate needs gate, up and down")
                 if m.weight.shape[-1] % 16 or m.weight.shape[0] % 16:
                     raise WorkbenchError(f"{s.name}: d_model={s.d_model}, d_ff={s.d_ff}: the kernels need multiples of 16")
         pred = None
+        moe = [s for s in sites if is_moe_blocks(s.module)]
+        if moe and mode == "predictor":
+            raise WorkbenchError(
+                f"mode='predictor' on a routed MoE model ({moe[0].name} is a BlockFFN layer): its router already "
+                "chooses the experts; use mode='exact' or 'chunk', which skip the inactive experts exactly")
         if mode == "predictor":
             if predictors is None:
                 raise WorkbenchError("mode='predictor' needs predictors=PATH (saved by workbench.metrics."
                                      "save_predictors) or a Predictors object")
             pred = _load_predictor_tensors(predictors, [s.name for s in sites], p0.device, p0.dtype)
-        self.sparse = {s.name: SparseFFN(s, s.module, mode, backend, None if pred is None else pred[s.name],
-                                         dense_fraction, decode_tokens) for s in sites}
+        self.sparse = {
+            s.name: SparseMoE(s, s.module, mode, backend, decode_tokens) if is_moe_blocks(s.module)
+            else SparseFFN(s, s.module, mode, backend, None if pred is None else pred[s.name], dense_fraction,
+                           decode_tokens)
+            for s in sites}
         self.active = False
 
     # -- switching -----------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""SparseFFN: a gated ReLU/FATReLU FFN computed by the sparse kernels, swapped in by accelerate().
+"""SparseFFN / SparseMoE: FFN layers computed by the sparse kernels, swapped in by accelerate().
+
+SparseFFN replaces a gated ReLU/FATReLU FFN (Llama style); SparseMoE replaces a ReLU-routed MoE
+block layer (BlockFFN, workbench.models.blockffn) and runs `kernels.moe_blocks`, which reads only
+the experts the router turned on for the call's tokens.
 
 It holds no weights of its own: gate and up are the original modules' weights ([d_ff, d_model],
 rows = neurons, already the kernels' layout); the down projection's weight is re-laid out once,
@@ -18,7 +22,28 @@ from workbench.errors import WorkbenchError
 MODES = ("exact", "predictor", "chunk")
 
 
-class SparseFFN(nn.Module):
+class _DownRelayout:
+    """Down weight stored [d_ff, d_model] in place while swapped in (no lasting second copy)."""
+
+    site: FFNSite
+
+    @property
+    def w_down_t(self) -> torch.Tensor:
+        return self.site.down.weight.t()  # contiguous after relayout()
+
+    def relayout(self) -> None:
+        """Store W_down as [d_ff, d_model] in place (one layer at a time: no lasting copy)."""
+        w = self.site.down.weight
+        if not w.t().is_contiguous():
+            w.data = w.data.t().contiguous().t()
+
+    def restore_layout(self) -> None:
+        w = self.site.down.weight
+        if not w.is_contiguous():
+            w.data = w.data.contiguous()
+
+
+class SparseFFN(_DownRelayout, nn.Module):
     """Drop-in replacement of one gated FFN module; see `accelerate`."""
 
     def __init__(self, site: FFNSite, original: nn.Module, mode: str, backend: str | None,
@@ -62,21 +87,6 @@ class SparseFFN(nn.Module):
     @property
     def w_up(self) -> torch.Tensor:
         return self.site.up.weight
-
-    @property
-    def w_down_t(self) -> torch.Tensor:
-        return self.site.down.weight.t()  # contiguous after relayout()
-
-    def relayout(self) -> None:
-        """Store W_down as [d_ff, d_model] in place (one layer at a time: no lasting copy)."""
-        w = self.site.down.weight
-        if not w.t().is_contiguous():
-            w.data = w.data.t().contiguous().t()
-
-    def restore_layout(self) -> None:
-        w = self.site.down.weight
-        if not w.is_contiguous():
-            w.data = w.data.contiguous()
 
     def _route(self, n: int) -> str:
         if self.mode == "exact":
@@ -141,3 +151,89 @@ class SparseFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.site.name}, mode={self.mode}, activation={self.activation}, threshold={self.threshold}"
+
+
+def is_moe_blocks(module: nn.Module) -> bool:
+    """A BlockFFN-style layer: ReLU+RMSNorm router and stacked non-gated experts."""
+    r = getattr(module, "router", None)
+    return (r is not None and hasattr(r, "proj") and hasattr(r, "norm") and hasattr(module, "n_experts")
+            and hasattr(module, "expert_size") and hasattr(module, "up_proj") and hasattr(module, "down_proj"))
+
+
+class SparseMoE(_DownRelayout, nn.Module):
+    """Drop-in replacement of one BlockFFN layer (ReLU-routed MoE blocks); see `accelerate`.
+
+    Calls of up to `decode_tokens` tokens (exact mode) or 64 tokens (chunk mode) run
+    `kernels.moe_blocks`: the union of the active experts over the call's tokens is read once;
+    longer calls (prefill) run the original module. The router's scores decide which experts are
+    active, so exact and chunk modes compute the dense layer's function.
+    """
+
+    def __init__(self, site: FFNSite, original: nn.Module, mode: str, backend: str | None,
+                 decode_tokens: int = 8):
+        super().__init__()
+        if mode not in ("exact", "chunk"):
+            raise WorkbenchError(
+                f"{site.name}: mode {mode!r} on a routed MoE layer: the router already decides which experts "
+                "run, so there is no predictor to add; use mode='exact' (decode) or 'chunk' (2..64 tokens)")
+        if getattr(original, "expert_act", "silu") != "silu":
+            raise WorkbenchError(
+                f"{site.name}: expert activation {original.expert_act!r} (DECO's NormSiLU) normalises across all "
+                "experts' units, so inactive experts cannot be skipped exactly; the MoE kernel takes "
+                "expert_act='silu' (BlockFFN)")
+        if getattr(original.router, "scale", None) is not None:
+            raise WorkbenchError(f"{site.name}: a per-expert router scale (router_scale=True) is not supported "
+                                 "by the MoE kernel")
+        for m in (original.router.proj, original.up_proj, original.down_proj):
+            if getattr(m, "bias", None) is not None:
+                raise WorkbenchError(f"{site.name}: projections with a bias are not supported by the kernels")
+        self.site = site
+        self.original = [original]
+        self.mode = mode
+        self.backend = None if backend == "auto" else backend
+        self.decode_tokens = decode_tokens
+        self.n_experts = int(original.n_experts)
+        self.expert_size = int(original.expert_size)
+        self.eps = float(original.router.norm.variance_epsilon)
+        self.predictor = None
+        self.track = False
+        self.stats: dict[str, torch.Tensor] = {}
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        return self.original[0].up_proj.weight
+
+    def _limit(self) -> int:
+        return self.decode_tokens if self.mode == "exact" else 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.track:
+            self._track(x2)
+        if x2.shape[0] > self._limit():
+            return self.original[0](x)
+        r = self.original[0].router
+        y = kernels.moe_blocks(x2, r.proj.weight, r.norm.weight, self.w_up, self.w_down_t, eps=self.eps,
+                               backend=self.backend)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @torch.no_grad()
+    def _track(self, x2: torch.Tensor) -> None:
+        """Active neurons (expert_size per active expert) and the rows the kernel reads."""
+        r = self.original[0].router
+        on = kernels.router_scores(x2, r.proj.weight, r.norm.weight, eps=self.eps) != 0  # [T, E]
+        st = self.stats
+        if not st:
+            st.update({k: torch.zeros((), dtype=torch.int64, device=x2.device) for k in ("tokens", "active", "used", "hit")})
+        n = x2.shape[0]
+        st["tokens"] += n
+        st["active"] += on.sum() * self.expert_size
+        st["hit"] += on.sum() * self.expert_size
+        if n <= self._limit():
+            st["used"] += on.any(0).sum() * self.expert_size * n  # the union is read for every token
+        else:
+            st["used"] += n * self.n_experts * self.expert_size  # dense path
+
+    def extra_repr(self) -> str:
+        return f"{self.site.name}, mode={self.mode}, experts={self.n_experts}x{self.expert_size}"
