@@ -72,3 +72,129 @@ def test_gpu_graph_decode_equals_eager_static_decode(mode):
     assert r["tokens"]["dense"] == e["tokens"]["dense"]
     assert r["tokens"]["accel"] == e["tokens"]["accel"]
     h.off()
+
+
+# -- compile_non_ffn -------------------------------------------------------------------------
+
+_NON_FFN = {f"model.layers.{i}.{c}" for i in range(2) for c in ("self_attn", "input_layernorm",
+                                                                  "post_attention_layernorm")} | {
+    "model.norm", "model.rotary_emb"}
+
+
+def _compiled_impls(model):
+    return {n: m.__dict__["_compiled_call_impl"] for n, m in model.named_modules() if "_compiled_call_impl" in m.__dict__}
+
+
+def _dynamo_cfg():
+    c = torch._dynamo.config
+    return {k: getattr(c, k) for k in ("recompile_limit", "accumulated_recompile_limit",
+                                       "fail_on_recompile_limit_hit") if hasattr(c, k)}
+
+
+def _counting_compiler(calls):
+    """Stands in for torch.compile (no compiling on CPU): runs the function, noting the module."""
+    def compiler(fn):
+        def run(module, *args, **kwargs):
+            calls.append(type(module).__name__)
+            return fn(module, *args, **kwargs)
+        return run
+    return compiler
+
+
+def test_non_ffn_modules_are_everything_but_the_ffns():
+    from workbench.accel.decode import non_ffn_modules
+
+    assert set(non_ffn_modules(_tiny())) == _NON_FFN
+
+
+def test_compiled_non_ffn_restores_on_exit_and_on_error_without_compiling():
+    from workbench.accel.decode import compiled_non_ffn
+
+    model = _tiny()
+    ids = _prompt()
+    want = model(ids).logits
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    norm = model.model.norm
+    mine = lambda *a, **k: norm._call_impl(*a, **k)  # noqa: E731  (a user's own compiled call, say)
+    norm._compiled_call_impl = mine
+    cfg = _dynamo_cfg()
+    calls: list[str] = []
+    with compiled_non_ffn(model, compiler=_counting_compiler(calls)) as mods:
+        assert set(mods) == _NON_FFN and set(_compiled_impls(model)) == _NON_FFN
+        assert torch._dynamo.config.recompile_limit >= len(mods)
+        with compiled_non_ffn(model, compiler=_counting_compiler(calls)) as inner:  # nested: no-op
+            assert inner is mods
+        got = model(ids).logits
+    assert torch.equal(got, want)
+    assert sorted(set(calls)) == ["LlamaAttention", "LlamaRMSNorm", "LlamaRotaryEmbedding"]
+    assert calls.count("LlamaAttention") == 2 and "LlamaMLP" not in calls
+    assert _compiled_impls(model) == {"model.norm": mine} and _dynamo_cfg() == cfg
+    with pytest.raises(RuntimeError, match="boom"), compiled_non_ffn(model, compiler=_counting_compiler([])):
+        assert len(_compiled_impls(model)) == len(_NON_FFN)
+        raise RuntimeError("boom")
+    assert _compiled_impls(model) == {"model.norm": mine} and _dynamo_cfg() == cfg
+    del norm._compiled_call_impl
+    assert list(model.state_dict()) == list(sd)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    with pytest.raises(WorkbenchError, match="CUDA graphs of its own"), compiled_non_ffn(model, mode="reduce-overhead"):
+        pass
+
+
+def test_decode_benchmark_compile_path_on_cpu_without_compiling(monkeypatch):
+    import workbench.accel.decode as dec
+
+    model = _tiny()
+    ids = _prompt()
+    h = wb.accelerate(model, mode="exact", backend="torch")
+    h.off()
+    plain = wb.decode_benchmark(model, ids, new_tokens=6, handle=h, reps=1, warmup=1)
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: _counting_compiler(calls)(fn))
+    r = wb.decode_benchmark(model, ids, new_tokens=6, handle=h, reps=1, warmup=1, compile_non_ffn=True)
+    s = r["summary"]
+    assert s["compile_non_ffn"] and s["compiled_modules"] == len(_NON_FFN) and "compiled" in s["note"]
+    assert r["tokens"] == plain["tokens"] and calls and not _compiled_impls(model) and not h.active
+
+    def boom(*a, **k):
+        assert set(_compiled_impls(model)) == _NON_FFN
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(dec, "_greedy_eager", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        wb.decode_benchmark(model, ids, new_tokens=6, handle=h, reps=1, warmup=1, compile_non_ffn=True)
+    assert not _compiled_impls(model) and not h.active
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device machine)")
+def test_gpu_compiled_decode_matches_uncompiled():
+    """float32 (so that a different rounding of the fused kernels cannot flip a near-tie): the
+    compiled harness decodes the tokens the uncompiled one does, and leaves the modules as they were."""
+    model = _tiny(seed=1, dtype=torch.float32).cuda()
+    ids = _prompt().cuda()
+    sd = list(model.state_dict())
+    plain = wb.decode_benchmark(model, ids, new_tokens=12, reps=1, warmup=2)
+    r = wb.decode_benchmark(model, ids, new_tokens=12, reps=2, warmup=2, compile_non_ffn=True)
+    s = r["summary"]
+    assert s["cuda_graphs"] and s["compile_non_ffn"] and s["compiled_modules"] == len(_NON_FFN)
+    assert r["tokens"]["dense"] == plain["tokens"]["dense"]
+    assert not _compiled_impls(model) and list(model.state_dict()) == sd
+    assert r["runs"][1]["setup_s"] < r["runs"][0]["setup_s"]  # compiled once, in the first warm-up
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device machine)")
+def test_gpu_compiled_graph_decode_equals_compiled_eager_decode():
+    """bf16 with the sparse kernels: the compiled step captured in the graph computes what the same
+    compiled step computes eagerly, on both sides; the handle and the modules are left as they were."""
+    model = _tiny(seed=1).cuda()
+    ids = _prompt().cuda()
+    h = wb.accelerate(model, mode="exact", backend="triton")
+    r = wb.decode_benchmark(model, ids, new_tokens=12, handle=h, reps=2, warmup=2, compile_non_ffn=True)
+    e = wb.decode_benchmark(model, ids, new_tokens=12, handle=h, reps=1, warmup=1, cuda_graphs=False,
+                            compile_non_ffn=True)
+    assert r["summary"]["cuda_graphs"] and r["summary"]["compile_non_ffn"] and not r["summary"]["reference"]
+    assert r["tokens"]["dense"] == e["tokens"]["dense"]
+    assert r["tokens"]["accel"] == e["tokens"]["accel"]
+    assert h.active and not _compiled_impls(model)
+    h.off()

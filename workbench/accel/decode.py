@@ -15,25 +15,153 @@ and a warm-up (the sparse kernels allocate their workspaces on first call, never
 
 Without CUDA (or with cuda_graphs=False) the same loop runs eagerly; on CPU it is the torch
 reference path, and the result says so (`reference: True`): its timings are not the kernels'.
+
+compile_non_ffn=True: everything of the model except the FFNs -- each block's children other than
+its FFN (Llama: self_attn, input_layernorm, post_attention_layernorm) and the blocks' container's
+children other than the blocks and embeddings (Llama: the final norm, rotary_emb) -- runs through
+torch.compile for the whole call, on both sides alike (the FFN modules, dense or accelerated, stay
+as they are), so the ratio compares FFNs inside a step whose other part is not dominated by small
+eager kernels. See `compiled_non_ffn` for how (nothing of the model changes permanently).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import statistics
 import time
+import types
+import weakref
 
 import torch
 from torch import nn
 
 from workbench.errors import WorkbenchError
 
+_MISSING = object()
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled modules, inside a block
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes with graphs of their own
 
-def _greedy_eager(model, prompt, new_tokens, cache) -> tuple[list[int], float]:
+
+def _call_module(module: nn.Module, *args, **kwargs):
+    """What a compiled non-FFN module runs: its own (uncompiled) call, traced by dynamo."""
+    return module._call_impl(*args, **kwargs)
+
+
+def non_ffn_modules(model: nn.Module, layout=None) -> dict[str, nn.Module]:
+    """The modules `compiled_non_ffn` compiles, by name: each block's direct children except the
+    one that is (or holds) its FFN or router, and the direct children of the blocks' container's
+    owner except the blocks and the embeddings (Llama: model.layers.i.{self_attn,
+    input_layernorm, post_attention_layernorm}, model.norm, model.rotary_emb)."""
+    from workbench.adapters import locate
+
+    layout = layout or locate(model)
+    ffn = [s.name for s in layout.ffns] + [r.name for r in layout.routers]
+    if not ffn:
+        raise WorkbenchError(f"no FFN found in {type(model).__name__}: nothing to keep out of the compile")
+
+    def holds_ffn(name: str) -> bool:
+        return any(n == name or n.startswith(name + ".") for n in ffn)
+
+    blocks: list[str] = []
+    for s in layout.ffns:
+        block = s.name.rpartition(".")[0]
+        if not block or isinstance(model.get_submodule(block), nn.ModuleList):
+            raise WorkbenchError(f"{s.name}: compile_non_ffn needs FFNs that are children of their blocks")
+        if block not in blocks:
+            blocks.append(block)
+    out: dict[str, nn.Module] = {}
+    for block in blocks:
+        for child, mod in model.get_submodule(block).named_children():
+            if not holds_ffn(f"{block}.{child}"):
+                out[f"{block}.{child}"] = mod
+    containers = {b.rpartition(".")[0] for b in blocks}  # e.g. model.layers
+    for owner in sorted({c.rpartition(".")[0] for c in containers}):  # e.g. model
+        for child, mod in model.get_submodule(owner).named_children():
+            name = f"{owner}.{child}" if owner else child
+            if name not in containers and not isinstance(mod, nn.Embedding) and not holds_ffn(name):
+                out[name] = mod
+    return out
+
+
+def _dynamo_limits(entries: int) -> dict:
+    """Config overrides that let dynamo keep `entries` cache entries for the one compiled function
+    (one per module: the attention modules differ by layer_idx, a constant it specialises on),
+    and make a hit limit raise rather than silently run eagerly."""
+    cfg = torch._dynamo.config
+    out = {}
+    per_code = next((n for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n)), None)
+    if per_code:
+        out[per_code] = max(getattr(cfg, per_code), entries)
+    total = next((n for n in ("accumulated_recompile_limit", "accumulated_cache_size_limit") if hasattr(cfg, n)), None)
+    if total:
+        out[total] = getattr(cfg, total) + entries
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        out["fail_on_recompile_limit_hit"] = True
+    return out
+
+
+@contextlib.contextmanager
+def compiled_non_ffn(model: nn.Module, *, layout=None, mode: str | None = None, compiler=None):
+    """Inside the block, the modules of `non_ffn_modules(model)` run compiled; on exit (also on
+    exceptions) each is back to exactly what it was.
+
+    How: like `nn.Module.compile()`, each module's `_compiled_call_impl` is set (so the module tree,
+    the state_dict and the FFN swapping of `wb.accelerate` are untouched), here to one function
+    compiled for this block (a fresh code object, so dynamo's cache entries are this block's
+    alone and are dropped on exit; a `_compiled_call_impl` the module had before is put back).
+    Dynamo's recompile limits are raised for the block only (one cache entry per module: the
+    attention modules differ by their layer index) and a hit limit raises instead of silently
+    running eagerly. Shapes are static (dynamic=False): run the prefill under
+    `torch.compiler.set_stance("force_eager")` so only the decode shape compiles (decode_benchmark
+    does). `mode`: torch.compile's mode, not one that makes CUDA graphs of its own. `compiler`
+    (for tests): a function taking the function to compile, in place of torch.compile.
+    Nested blocks on the same model are no-ops.
+    """
+    if mode in _CUDAGRAPH_MODES:
+        raise WorkbenchError(f"compile mode {mode!r} captures CUDA graphs of its own; the decode harness "
+                             "captures one graph per step: use the default or 'max-autotune-no-cudagraphs'")
+    if model in _COMPILED:  # an enclosing block compiled them already
+        yield _COMPILED[model]
+        return
+    mods = non_ffn_modules(model, layout)
+    fn = types.FunctionType(_call_module.__code__.replace(), _call_module.__globals__, "_call_module")
+    if compiler is None:
+        compiled = torch.compile(fn, dynamic=False, **({"mode": mode} if mode else {}))
+    else:
+        compiled = compiler(fn)
+    saved = []
+    try:
+        with torch._dynamo.config.patch(**_dynamo_limits(len(mods) + 8)):
+            for m in mods.values():
+                saved.append((m, m.__dict__.get("_compiled_call_impl", _MISSING)))
+                m._compiled_call_impl = functools.partial(compiled, m)
+            _COMPILED[model] = mods
+            yield mods
+    finally:
+        _COMPILED.pop(model, None)
+        for m, prev in saved:
+            if prev is _MISSING:
+                m.__dict__.pop("_compiled_call_impl", None)
+            else:
+                m._compiled_call_impl = prev
+        reset = getattr(torch._dynamo, "reset_code", None)
+        if compiler is None and reset is not None:
+            reset(fn.__code__)  # this block's compiled code goes with it
+
+
+def _eager(compiled: bool):
+    """Prefills run eagerly when the non-FFN modules are compiled (only the decode shape compiles)."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+
+
+def _greedy_eager(model, prompt, new_tokens, cache, compiled=False) -> tuple[list[int], float]:
     """Prefill + `new_tokens` greedy steps, eager; returns the tokens and the decode seconds."""
     dev = prompt.device
     p = prompt.shape[1]
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
-                cache_position=torch.arange(p, device=dev))
+    with _eager(compiled):
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                    cache_position=torch.arange(p, device=dev))
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     toks = [tok]
     _sync(dev)
@@ -56,10 +184,10 @@ def _sync(dev: torch.device) -> None:
 class _GraphDecoder:
     """One decode step of `model` captured as a CUDA graph over a StaticCache."""
 
-    def __init__(self, model, prompt, max_len, warmup):
+    def __init__(self, model, prompt, max_len, warmup, compiled=False):
         from transformers import StaticCache
 
-        self.model, self.prompt = model, prompt
+        self.model, self.prompt, self.compiled = model, prompt, compiled
         dev = prompt.device
         self.p = prompt.shape[1]
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -73,7 +201,9 @@ class _GraphDecoder:
                 self._step()
         torch.cuda.current_stream(dev).wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # compiled: everything compiled during the warm-up; a recompile inside the capture raises
+        no_compile = torch.compiler.set_stance("fail_on_recompile") if compiled else contextlib.nullcontext()
+        with no_compile, torch.cuda.graph(self.graph):
             self._step()
 
     def _step(self):
@@ -86,8 +216,9 @@ class _GraphDecoder:
     def prefill(self):
         """Run the prompt (eager, untimed) and set the static buffers to the first decode step."""
         self.cache.reset()
-        out = self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True,
-                         cache_position=torch.arange(self.p, device=self.prompt.device))
+        with _eager(self.compiled):
+            out = self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True,
+                             cache_position=torch.arange(self.p, device=self.prompt.device))
         self.ids.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         self.pos.fill_(self.p)
 
@@ -109,14 +240,21 @@ class _GraphDecoder:
 
 @torch.no_grad()
 def decode_benchmark(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32, handle=None,
-                     cuda_graphs: bool = True, warmup: int = 2, reps: int = 3) -> dict:
+                     cuda_graphs: bool = True, warmup: int = 2, reps: int = 3,
+                     compile_non_ffn: bool = False, compile_mode: str | None = None) -> dict:
     """Greedy decoding of `new_tokens` after `prompt_ids` [1, P], dense and (with `handle`)
     accelerated, alternating, `reps` times each; tokens/s are medians over the reps.
 
-    Returns {"summary": {...}, "runs": [per side and rep]}; summary holds tokens_per_s_dense,
-    tokens_per_s_accel, speedup, ms_per_token_*, tokens_match (greedy tokens identical to the
-    dense ones), first_mismatch, cuda_graphs, reference (True when the torch reference path ran,
-    e.g. on CPU: timings are not the kernels') and the device. The handle is left as it was.
+    compile_non_ffn: run everything but the FFNs through torch.compile (`compiled_non_ffn`: the
+    same compiled modules on both sides, restored on return; `compile_mode` is torch.compile's
+    mode); the prefill stays eager, the decode step compiles during the warm-up (the first
+    side's setup_s includes the compile time) and is captured in the harness's CUDA graph.
+
+    Returns {"summary": {...}, "runs": [per side and rep], "tokens": {side: greedy tokens}};
+    summary holds tokens_per_s_dense, tokens_per_s_accel, speedup, ms_per_token_*, tokens_match
+    (greedy tokens identical to the dense ones), first_mismatch, cuda_graphs, compile_non_ffn,
+    reference (True when the torch reference path ran, e.g. on CPU: timings are not the
+    kernels') and the device. The handle is left as it was.
     """
     from transformers import StaticCache
 
@@ -133,30 +271,41 @@ def decode_benchmark(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
     sides = ["dense"] + (["accel"] if handle is not None else [])
     runs: list[dict] = []
     tokens: dict[str, list[int]] = {}
-    try:
-        for rep in range(reps):
-            for side in sides:
-                if handle is not None:
-                    (handle.on if side == "accel" else handle.off)()
-                if graphs:
-                    dec = _GraphDecoder(model, ids, max_len, warmup)
-                    toks, dt = dec.run(new_tokens)
-                    del dec
-                else:
-                    for _ in range(warmup if rep == 0 else 0):
-                        _greedy_eager(model, ids, min(new_tokens, 3), StaticCache(config=model.config, max_cache_len=max_len))
-                    toks, dt = _greedy_eager(model, ids, new_tokens, StaticCache(config=model.config, max_cache_len=max_len))
-                tokens.setdefault(side, toks)
-                steps = new_tokens - 1
-                runs.append({"rep": rep, "side": side, "decode_steps": steps, "s": dt,
-                             "ms_per_token": dt * 1e3 / steps, "tokens_per_s": steps / dt})
-    finally:
-        if handle is not None:
-            (handle.on if was_active else handle.off)()
+    compiled = bool(compile_non_ffn)
+    ctx = (compiled_non_ffn(model, layout=handle.layout if handle is not None else None, mode=compile_mode)
+           if compiled else contextlib.nullcontext({}))
+    with ctx as compiled_mods:
+        try:
+            for rep in range(reps):
+                for side in sides:
+                    if handle is not None:
+                        (handle.on if side == "accel" else handle.off)()
+                    t_setup = time.perf_counter()
+                    if graphs:
+                        dec = _GraphDecoder(model, ids, max_len, warmup, compiled)
+                        setup_s = time.perf_counter() - t_setup
+                        toks, dt = dec.run(new_tokens)
+                        del dec
+                    else:
+                        for _ in range(warmup if rep == 0 else 0):
+                            _greedy_eager(model, ids, min(new_tokens, 3),
+                                          StaticCache(config=model.config, max_cache_len=max_len), compiled)
+                        setup_s = time.perf_counter() - t_setup
+                        toks, dt = _greedy_eager(model, ids, new_tokens,
+                                                 StaticCache(config=model.config, max_cache_len=max_len), compiled)
+                    tokens.setdefault(side, toks)
+                    steps = new_tokens - 1
+                    runs.append({"rep": rep, "side": side, "decode_steps": steps, "s": dt,
+                                 "ms_per_token": dt * 1e3 / steps, "tokens_per_s": steps / dt,
+                                 "setup_s": setup_s})
+        finally:
+            if handle is not None:
+                (handle.on if was_active else handle.off)()
     med = {s: statistics.median(r["tokens_per_s"] for r in runs if r["side"] == s) for s in sides}
     summary = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "cuda_graphs": graphs, "prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens,
+        "cuda_graphs": graphs, "compile_non_ffn": compiled, "compile_mode": compile_mode if compiled else None,
+        "compiled_modules": len(compiled_mods), "prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens,
         "reps": reps, "tokens_per_s_dense": med["dense"], "ms_per_token_dense": 1e3 / med["dense"],
     }
     if handle is not None:
@@ -174,4 +323,6 @@ def decode_benchmark(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
         summary["reference"] = dev.type != "cuda"
     summary["note"] = ("torch reference path (CPU): timings are not the kernels'" if summary["reference"]
                        else "CUDA graph replays, medians" if graphs else "eager decoding (launch-bound on GPU)")
+    if compiled:
+        summary["note"] += "; non-FFN modules compiled (torch.compile), FFNs as they are"
     return {"summary": summary, "runs": runs, "tokens": tokens}
