@@ -1,6 +1,6 @@
 """P5: end-to-end greedy decoding of a 7B-shape ReLU Llama, dense vs wb.accelerate (exact, predictor).
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_decode.py --out $OUT [--layers 32 8] [--new-tokens 64]
+    PYTHONPATH=$PWD python3 benchmarks/bench_decode.py --out $OUT [--layers 32 8] [--new-tokens 64] [--compile]
 
 Model: LlamaConfig(hidden 4096, intermediate 11008, 32 heads (MHA), vocab 32000, hidden_act relu),
 bf16, random weights (HF init, std 0.02), `--layers` decoder layers (32 = the Llama-2-7B shape).
@@ -21,11 +21,19 @@ the timing of the predicted path, which does not depend on which neurons are cho
 Timing: workbench.accel.decode_benchmark: StaticCache, one CUDA graph per decode step (captured
 after warm-up, both sides), dense and accelerated alternating in the same run, `--reps` medians of
 the per-token time over `--new-tokens` - 1 replays. Results JSON: benchmarks/results format.
+
+--compile (= --compile both): each mode is measured twice, as it is (rows with "compile_non_ffn":
+false) and with everything but the FFNs compiled by torch.compile (decode_benchmark's
+compile_non_ffn; rows with "compile_non_ffn": true), both sides alike; the compiled runs share one
+compile of the shape (a `compiled_non_ffn` block around them). --compile on: compiled rows only.
+Each shape's no-FFN decode (every FFN replaced by zeros) is measured for each variant too, and
+each row carries its breakdown (no-FFN ms, FFN ms dense and accelerated, FFN-only speedup).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -43,6 +51,7 @@ import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
 import workbench as wb  # noqa: E402
+from workbench.accel.decode import compiled_non_ffn  # noqa: E402
 from workbench.models.loading import FATReLU  # noqa: E402
 
 TARGETS = {"exact": 1.45, "predictor": 1.8}
@@ -188,6 +197,91 @@ def run_sensitivity(args, layers: int, extra: dict):
     torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
+def decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, compiled, errs,
+                plain_dense_tokens, rows, extra):
+    """One P5 row: the error figures (measured once per mode, uncompiled) and the decode timing."""
+    h = None
+    tag = f"{layers}L {mode}" + (" compiled" if compiled else "")
+    try:
+        h = wb.accelerate(model, mode=mode, backend=args.backend,
+                          predictors=preds if mode == "predictor" else None)
+        h.off()
+        if mode not in errs:  # measured once, on the uncompiled modules (eager inside a compiled block)
+            mids = torch.randint(0, SHAPE["vocab"], (1, args.measure_tokens), generator=gen)
+            with torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext():
+                m = h.measure(mids, reps=3, warmup=1)
+            err = {k: m.summary.get(k) for k in ("logits_rel_rms", "top1_agreement",
+                                                 "top1_agreement_model_dtype_logits", "predictor_recall",
+                                                 "tokens", "step_dense_ms", "step_ms", "step_speedup")}
+            err["true_sparsity"] = float(m.layers["true_sparsity"].mean())
+            err["realised_sparsity"] = float(m.layers["realised_sparsity"].mean())
+            err["ffn_layer_speedup_eager_median"] = float(m.layers["speedup"].median())
+            if mode == "exact":
+                err.update(per_layer_error(model, h, xs))
+            log(mode, "measure:", err)
+            errs[mode] = err
+        err = errs[mode]
+        r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, handle=h,
+                                warmup=2, reps=args.reps, compile_non_ffn=compiled)
+        s = r["summary"]
+        if layers <= 8 and not compiled:  # the graph replays compute what the same eager decode computes
+            g16 = wb.decode_benchmark(model, prompt, new_tokens=16, handle=h, warmup=1, reps=1)
+            e16 = wb.decode_benchmark(model, prompt, new_tokens=16, handle=h, warmup=1, reps=1,
+                                      cuda_graphs=False)
+            extra.setdefault("graph_vs_eager_tokens_equal", {})[tag] = {
+                side: g16["tokens"][side] == e16["tokens"][side] for side in ("dense", "accel")}
+            log("graph vs eager:", extra["graph_vs_eager_tokens_equal"])
+        log(tag, "decode:", {k: s[k] for k in ("ms_per_token_dense", "ms_per_token_accel", "speedup",
+                                               "token_agreement", "cuda_graphs", "compile_non_ffn")},
+            "setup_s", [round(x["setup_s"], 1) for x in r["runs"]])
+        row = {
+            "measure": "P5", "shape": shape, "dtype": "bf16", "mode": mode,
+            "sparsity": round(err["realised_sparsity"], 4), "tokens": args.new_tokens,
+            "baseline_ms": round(s["ms_per_token_dense"], 4), "ms": round(s["ms_per_token_accel"], 4),
+            "speedup": round(s["speedup"], 3), "target": TARGETS[mode], "bytes_ideal": IDEAL[mode],
+            "compile_non_ffn": compiled, "compiled_modules": s["compiled_modules"],
+            "layers": layers, "tokens_per_s_dense": round(s["tokens_per_s_dense"], 2),
+            "tokens_per_s": round(s["tokens_per_s_accel"], 2), "cuda_graphs": s["cuda_graphs"],
+            "token_agreement": s["token_agreement"], "runs": r["runs"], "error": err,
+            "note": ("random predictors: error figures meaningless, timing is what P5 measures"
+                     if mode == "predictor" else "thresholded (FATReLU) model; dense = same model, original modules")
+                    + ("; non-FFN modules compiled (torch.compile), both sides; error figures from the "
+                       "uncompiled model" if compiled else ""),
+        }
+        if not compiled:
+            plain_dense_tokens[mode] = r["tokens"]["dense"]
+        elif mode in plain_dense_tokens:  # the compiled dense model decodes what the uncompiled one does?
+            a, b = plain_dense_tokens[mode], r["tokens"]["dense"]
+            row["dense_token_agreement_vs_uncompiled"] = sum(x == y for x, y in zip(a, b)) / len(a)
+        rows.append(row)
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        extra.setdefault("failures", []).append(f"{tag}: {type(e).__name__}: {e}")
+    finally:
+        if h is not None:
+            h.off()
+    write(args, rows, extra)
+
+
+def no_ffn(args, model, prompt, layers, compiled, info, extra):
+    """Where the dense step's time goes: the same decode with every FFN replaced by zeros."""
+    key = "no_ffn_ms_per_token" + ("_compiled" if compiled else "")
+    mlps = [layer.mlp for layer in model.model.layers]
+    try:
+        for layer in model.model.layers:
+            layer.mlp = _Zero()
+        r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, warmup=2, reps=args.reps,
+                                compile_non_ffn=compiled)
+        info[key] = r["summary"]["ms_per_token_dense"]
+        log(f"{layers}L without FFNs{' (compiled)' if compiled else ''}: {info[key]:.3f} ms/token")
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        extra.setdefault("failures", []).append(f"{layers}L no-FFN compiled={compiled}: {type(e).__name__}: {e}")
+    finally:
+        for layer, mlp in zip(model.model.layers, mlps, strict=True):
+            layer.mlp = mlp
+
+
 def run_shape(args, layers: int, rows: list, extra: dict):
     t0 = time.time()
     model = build(layers)
@@ -201,67 +295,33 @@ def run_shape(args, layers: int, rows: list, extra: dict):
     log(f"thresholds {min(thresholds):.3f}..{max(thresholds):.3f}")
     info = {"layers": layers, "thresholds": [round(t, 4) for t in thresholds]}
     shape = f"llama7b-shape {layers}L {SHAPE['hidden']}x{SHAPE['ff']} vocab{SHAPE['vocab']}"
-    for mode in args.modes:
-        h = None
-        try:
-            h = wb.accelerate(model, mode=mode, backend=args.backend,
-                              predictors=preds if mode == "predictor" else None)
-            h.off()
-            mids = torch.randint(0, SHAPE["vocab"], (1, args.measure_tokens), generator=gen)
-            m = h.measure(mids, reps=3, warmup=1)
-            err = {k: m.summary.get(k) for k in ("logits_rel_rms", "top1_agreement",
-                                                 "top1_agreement_model_dtype_logits", "predictor_recall",
-                                                 "tokens", "step_dense_ms", "step_ms", "step_speedup")}
-            err["true_sparsity"] = float(m.layers["true_sparsity"].mean())
-            err["realised_sparsity"] = float(m.layers["realised_sparsity"].mean())
-            err["ffn_layer_speedup_eager_median"] = float(m.layers["speedup"].median())
-            if mode == "exact":
-                err.update(per_layer_error(model, h, xs))
-            log(mode, "measure:", err)
-            r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, handle=h,
-                                    warmup=2, reps=args.reps)
-            s = r["summary"]
-            if layers <= 8:  # the graph replays compute what the same eager decode computes
-                g16 = wb.decode_benchmark(model, prompt, new_tokens=16, handle=h, warmup=1, reps=1)
-                e16 = wb.decode_benchmark(model, prompt, new_tokens=16, handle=h, warmup=1, reps=1,
-                                          cuda_graphs=False)
-                extra.setdefault("graph_vs_eager_tokens_equal", {})[f"{layers}L {mode}"] = {
-                    side: g16["tokens"][side] == e16["tokens"][side] for side in ("dense", "accel")}
-                log("graph vs eager:", extra["graph_vs_eager_tokens_equal"])
-            log(mode, "decode:", {k: s[k] for k in ("tokens_per_s_dense", "tokens_per_s_accel", "speedup",
-                                                    "token_agreement", "cuda_graphs")})
-            rows.append({
-                "measure": "P5", "shape": shape, "dtype": "bf16", "mode": mode,
-                "sparsity": round(err["realised_sparsity"], 4), "tokens": args.new_tokens,
-                "baseline_ms": round(s["ms_per_token_dense"], 4), "ms": round(s["ms_per_token_accel"], 4),
-                "speedup": round(s["speedup"], 3), "target": TARGETS[mode], "bytes_ideal": IDEAL[mode],
-                "layers": layers, "tokens_per_s_dense": round(s["tokens_per_s_dense"], 2),
-                "tokens_per_s": round(s["tokens_per_s_accel"], 2), "cuda_graphs": s["cuda_graphs"],
-                "token_agreement": s["token_agreement"], "runs": r["runs"], "error": err,
-                "note": ("random predictors: error figures meaningless, timing is what P5 measures"
-                         if mode == "predictor" else "thresholded (FATReLU) model; dense = same model, original modules"),
-            })
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            extra.setdefault("failures", []).append(f"{layers}L {mode}: {type(e).__name__}: {e}")
-        finally:
-            if h is not None:
-                h.off()
-        write(args, rows, extra)
-    # where the dense step's time goes: the same decode with every FFN replaced by zeros
-    try:
-        mlps = [layer.mlp for layer in model.model.layers]
-        for layer in model.model.layers:
-            layer.mlp = _Zero()
-        r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, warmup=2, reps=args.reps)
-        info["no_ffn_ms_per_token"] = r["summary"]["ms_per_token_dense"]
-        log(f"{layers}L without FFNs: {info['no_ffn_ms_per_token']:.3f} ms/token")
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        extra.setdefault("failures", []).append(f"{layers}L no-FFN: {type(e).__name__}: {e}")
-    finally:
-        for layer, mlp in zip(model.model.layers, mlps, strict=True):
-            layer.mlp = mlp
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    errs: dict[str, dict] = {}
+    plain_dense_tokens: dict[str, list[int]] = {}
+    for compiled in variants:
+        # the compiled runs share one compile of this shape: decode_benchmark(compile_non_ffn=True)
+        # inside the block reuses it (nothing else runs in the block: measure() would compile
+        # other shapes)
+        block = compiled_non_ffn(model) if compiled else contextlib.nullcontext()
+        t_block = time.time()
+        with block:
+            for mode in args.modes:
+                decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, compiled, errs,
+                            plain_dense_tokens, rows, extra)
+            no_ffn(args, model, prompt, layers, compiled, info, extra)
+        if compiled:
+            info["compiled_block_s"] = round(time.time() - t_block, 1)
+    for r in rows:  # where each row's step goes: no-FFN part, FFN part dense and accelerated
+        if r["layers"] != layers:
+            continue
+        key = "no_ffn_ms_per_token" + ("_compiled" if r["compile_non_ffn"] else "")
+        if key in info:
+            nf = info[key]
+            r["breakdown_ms_per_token"] = {
+                "no_ffn_ms": round(nf, 4), "ffn_dense_ms": round(r["baseline_ms"] - nf, 4),
+                "ffn_accel_ms": round(r["ms"] - nf, 4),
+                "ffn_only_speedup": round((r["baseline_ms"] - nf) / (r["ms"] - nf), 3)}
+    write(args, rows, extra)
     # exact mode on the plain ReLU model (threshold 0): a continuous FFN, so the end-to-end error
     # is not amplified by activations jumping across a FATReLU threshold (see the module doc)
     if args.relu_check and "exact" in args.modes:
@@ -319,6 +379,8 @@ def main():
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--backend", default="triton")
+    ap.add_argument("--compile", nargs="?", const="both", default="off", choices=["off", "on", "both"],
+                    help="non-FFN modules through torch.compile: both (bare --compile) = rows with and without")
     ap.add_argument("--no-relu-check", dest="relu_check", action="store_false")
     ap.add_argument("--sensitivity-only", action="store_true",
                     help="only the error floor: dense with another summation order, and accelerated run twice")
@@ -343,7 +405,8 @@ def main():
             extra.setdefault("failures", []).append(f"{layers}L: {type(e).__name__}: {e}")
             write(args, rows, extra)
     for r in rows:
-        log(f"P5 {r['layers']}L {r['mode']}: {r['tokens_per_s_dense']:.1f} -> {r['tokens_per_s']:.1f} tok/s "
+        log(f"P5 {r['layers']}L {r['mode']}{' compiled' if r['compile_non_ffn'] else ''}: "
+            f"{r['baseline_ms']:.3f} -> {r['ms']:.3f} ms/token, {r['tokens_per_s_dense']:.1f} -> {r['tokens_per_s']:.1f} tok/s "
             f"speedup {r['speedup']:.3f} (target {r['target']}), sparsity {r['sparsity']}, "
             f"rel_rms {r['error']['logits_rel_rms']:.2e} top1 {r['error']['top1_agreement']:.3f}")
 
