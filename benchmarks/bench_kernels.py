@@ -371,12 +371,12 @@ def moe_options(t):
     path ("rows", v4) is timed for comparison only and never picked."""
     return [
         ("experts-default", {}),
-        ("experts-S4", {"S": 4}),
-        ("experts-S16", {"S": 16}),
-        ("experts-BN256", {"BN": 256, "S": 8}),
-        ("experts-BF32", {"BF": 32}),
-        ("experts-RB32-S16", {"RB": 32, "S": 16}),
-        ("experts-BD512-w8", {"BD": 512, "up_warps": 8}),
+        ("experts-BF16-S8", {"BF": 16, "S": 8}),
+        ("experts-BF64-KS4", {"BF": 64, "KS": 4}),
+        ("experts-BF64-KS8", {"BF": 64, "KS": 8}),
+        ("experts-BF32-KS4", {"BF": 32, "KS": 4}),
+        ("experts-BF64-KS4-S32-RB32", {"BF": 64, "KS": 4, "S": 32, "RB": 32}),
+        ("experts-BF64-KS4-BN256", {"BF": 64, "KS": 4, "BN": 256}),
         ("rows-v4", {"impl": "rows"}),
     ]
 

@@ -8,7 +8,9 @@ Three launches, graph-capturable, no host synchronisation, no data-dependent sha
    A = RMSNorm(ReLU(A0)) * w for all tokens (a [T, E] tile from L2), and a program whose expert
    has A = 0 on every token of the chunk exits before reading any weight. The others read BF rows
    of their expert's up block once for the whole chunk (tl.dot over the padded token axis) and
-   write h = SiLU(up x) * A for their rows;
+   write h = SiLU(up x) * A for their rows. With KS > 1 the d_model axis is split over KS
+   programs per row block (fp32 partials through atomics, the block's last program applies the
+   SiLU and the scores), so wide row blocks still give enough programs;
 3. expert down kernel, grid (d_model column blocks x S splits): every program ranks the active
    experts in registers (the same scores, so the same set as the up kernel), and walks the work
    items (active expert, RB-row block) i = split, split + S, ... reading only active experts' down
@@ -115,11 +117,14 @@ def _expert_up_kernel(
     NW,
     WU,
     H,
+    UACC,
+    TCNT,
     T,
     D,
     E,
     D_E,
     NF,
+    DK,
     stride_x,
     stride_w,
     stride_h,
@@ -128,11 +133,14 @@ def _expert_up_kernel(
     E_PAD: tl.constexpr,
     BF: tl.constexpr,
     BD: tl.constexpr,
+    KS: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    e = pid // NF
-    f = pid % NF
+    ks = pid % KS
+    tile = pid // KS  # (expert, row block); the KS programs of a tile are neighbours
+    e = tile // NF
+    f = tile % NF
     DT = X.dtype.element_ty
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
@@ -144,7 +152,8 @@ def _expert_up_kernel(
         r_ok = loc < D_E
         rows = e * D_E + loc
         acc = tl.zeros([T_PAD, BF], dtype=tl.float32)
-        for d0 in range(0, D, BD):
+        d_lo = ks * DK
+        for d0 in range(d_lo, d_lo + DK, BD):
             offs_d = d0 + tl.arange(0, BD)
             d_ok = offs_d < D
             x = tl.load(
@@ -161,12 +170,26 @@ def _expert_up_kernel(
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
-        u = _rnd(acc, DT)
-        h = _rnd(u / (1.0 + tl.exp(-u)), DT)
-        h = _rnd(h * s_e[:, None], DT).to(DT)
-        tl.store(
-            H + offs_t[:, None] * stride_h + rows[None, :], h, mask=t_ok[:, None] & r_ok[None, :]
-        )
+        m2 = t_ok[:, None] & r_ok[None, :]
+        hp = H + offs_t[:, None] * stride_h + rows[None, :]
+        if KS == 1:
+            u = _rnd(acc, DT)
+            h = _rnd(u / (1.0 + tl.exp(-u)), DT)
+            tl.store(hp, _rnd(h * s_e[:, None], DT).to(DT), mask=m2)
+        else:
+            # split over d_model: fp32 partials through atomics, the tile's last program finishes
+            up = UACC + offs_t[:, None] * (E * D_E) + rows[None, :]
+            tl.atomic_add(up, acc, mask=m2, sem="relaxed")
+            tl.debug_barrier()
+            ticket = tl.atomic_add(TCNT + tile, 1, sem="acq_rel")
+            if ticket == KS - 1:
+                zero = tl.zeros_like(acc)
+                total = tl.atomic_add(up, zero, mask=m2, sem="relaxed")  # coherent read
+                tl.store(up, zero, mask=m2)
+                tl.store(TCNT + tile, 0)
+                u = _rnd(total, DT)
+                h = _rnd(u / (1.0 + tl.exp(-u)), DT)
+                tl.store(hp, _rnd(h * s_e[:, None], DT).to(DT), mask=m2)
 
 
 @triton.jit
@@ -246,51 +269,78 @@ def _expert_down_kernel(
 
 def default_expert_config(t: int, d_model: int, d_e: int) -> dict:
     """Block shapes by problem shape only (never by data, so the launch is graph-safe)."""
-    return dict(BF=16, BD=256, up_warps=4, up_stages=3, RB=64, BN=128, S=8, down_warps=4,
+    return dict(BF=32, BD=256, KS=1, up_warps=4, up_stages=3, RB=64, BN=128, S=16, down_warps=4,
                 down_stages=2)
 
 
-def _moe_experts(x2, a0, norm_weight, w_up, w_down_t, e, d_e, eps, config):
-    t, d = x2.shape
-    n = w_down_t.shape[1]
+def _expert_cfg(t, d, d_e, config):
     cfg = dict(default_expert_config(t, d, d_e))
     cfg.update({k: v for k, v in (config or {}).items() if k != "impl"})
+    return cfg
+
+
+def launch_expert_up(x2, a0, norm_weight, w_up, e, d_e, eps, config=None) -> torch.Tensor:
+    """h [T, E*d_e] = SiLU(up x) * A for the active experts' rows (other rows left unwritten)."""
+    t, d = x2.shape
+    cfg = _expert_cfg(t, d, d_e, config)
     t_pad = max(16, token_pad(t))
-    e_pad = max(2, triton.next_power_of_2(e))
     bf = min(cfg["BF"], max(16, triton.next_power_of_2(d_e)))
     nf = triton.cdiv(d_e, bf)
+    bd = min(cfg["BD"], triton.next_power_of_2(d))
+    ks = int(cfg["KS"])
+    dk = triton.cdiv(triton.cdiv(d, ks), bd) * bd
+    if ks > 1:
+        uacc, tcnt = workspace(
+            ("moe_up", t, e * d_e, e * nf), x2.device,
+            [(t * e * d_e, torch.float32), (e * nf, torch.int32)],
+        )  # fmt: skip
+    else:
+        uacc = tcnt = a0  # unused
+    h = torch.empty((t, e * d_e), dtype=x2.dtype, device=x2.device)
+    _expert_up_kernel[(e * nf * ks,)](
+        x2, a0, norm_weight, w_up, h, uacc, tcnt, t, d, e, d_e, nf, dk,
+        x2.stride(0), w_up.stride(0), h.stride(0), float(eps),
+        T_PAD=t_pad, E_PAD=max(2, triton.next_power_of_2(e)), BF=bf, BD=bd, KS=ks,
+        DOT_F32=dot_f32(x2.dtype), num_warps=cfg["up_warps"], num_stages=cfg["up_stages"],
+    )  # fmt: skip
+    return h
+
+
+def launch_expert_down(h, a0, norm_weight, w_down_t, e, d_e, eps, config=None) -> torch.Tensor:
+    """y [T, d_model] = h @ w_down_t over the active experts' rows only."""
+    t = h.shape[0]
+    n = w_down_t.shape[1]
+    cfg = _expert_cfg(t, n, d_e, config)
+    t_pad = max(16, token_pad(t))
     rb = min(cfg["RB"], max(16, triton.next_power_of_2(d_e)))
     nr = triton.cdiv(d_e, rb)
-    if not norm_weight.is_contiguous():
-        norm_weight = norm_weight.contiguous()
-    h = torch.empty((t, e * d_e), dtype=x2.dtype, device=x2.device)
-    df32 = dot_f32(x2.dtype)
-    _expert_up_kernel[(e * nf,)](
-        x2, a0, norm_weight, w_up, h, t, d, e, d_e, nf,
-        x2.stride(0), w_up.stride(0), h.stride(0), float(eps),
-        T_PAD=t_pad, E_PAD=e_pad, BF=bf, BD=min(cfg["BD"], triton.next_power_of_2(d)),
-        DOT_F32=df32, num_warps=cfg["up_warps"], num_stages=cfg["up_stages"],
-    )  # fmt: skip
     bn = min(cfg["BN"], triton.next_power_of_2(n))
     num_nb = triton.cdiv(n, bn)
     splits = int(cfg["S"])
     acc, cnt = workspace(
-        ("moe_down", t, n, num_nb), x2.device, [(t * n, torch.float32), (num_nb, torch.int32)]
+        ("moe_down", t, n, num_nb), h.device, [(t * n, torch.float32), (num_nb, torch.int32)]
     )
-    y = torch.empty((t, n), dtype=x2.dtype, device=x2.device)
+    y = torch.empty((t, n), dtype=h.dtype, device=h.device)
     _expert_down_kernel[(num_nb * splits,)](
         h, a0, norm_weight, w_down_t, y, acc, cnt, t, n, e, d_e, nr, splits, num_nb,
         h.stride(0), w_down_t.stride(0), y.stride(0), float(eps),
-        T_PAD=t_pad, E_PAD=e_pad, RB=rb, BN=bn, DOT_F32=df32,
-        num_warps=cfg["down_warps"], num_stages=cfg["down_stages"],
+        T_PAD=t_pad, E_PAD=max(2, triton.next_power_of_2(e)), RB=rb, BN=bn,
+        DOT_F32=dot_f32(h.dtype), num_warps=cfg["down_warps"], num_stages=cfg["down_stages"],
     )  # fmt: skip
     return y
+
+
+def _moe_experts(x2, a0, norm_weight, w_up, w_down_t, e, d_e, eps, config):
+    if not norm_weight.is_contiguous():
+        norm_weight = norm_weight.contiguous()
+    h = launch_expert_up(x2, a0, norm_weight, w_up, e, d_e, eps, config)
+    return launch_expert_down(h, a0, norm_weight, w_down_t, e, d_e, eps, config)
 
 
 def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, config=None):
     """x [T, d_model]; w_router [E, d_model]; norm_weight [E]; w_up, w_down_t [E*d_e, d_model].
 
-    config: optional block-shape overrides of the expert kernels (BF, BD, up_warps, up_stages,
+    config: optional block-shape overrides of the expert kernels (BF, BD, KS, up_warps, up_stages,
     RB, BN, S, down_warps, down_stages), or {"impl": "rows", "rows": {...}, "down": {...}} for
     the neuron-granular path.
     """

@@ -265,12 +265,16 @@ def test_moe_expert_kernels_read_only_active_experts(device, dtype, tokens):
     wu[rows_off] = float("nan")
     wdt[rows_off] = float("nan")
     x, wr, nw, wu, wdt = (t.to(device) for t in (x, wr, nw, wu, wdt))
-    cfg = dict(CPU_EXPERTS, BF=16, RB=16) if device == "cpu" else None
-    for xi in ([x[0]] if tokens == 1 else []) + [x]:
-        y = K.moe_blocks(xi, wr, nw, wu, wdt, backend="triton", config=cfg)
-        assert y.shape == xi.shape
-        r = ref[0] if xi.dim() == 1 else ref
-        assert _rel(y.cpu(), r) < TOL[dtype] / 4
+    if device == "cpu":
+        cfgs = [dict(CPU_EXPERTS, BF=16, RB=16), dict(CPU_EXPERTS, BF=16, RB=16, KS=3)]
+    else:
+        cfgs = [None, dict(KS=4, BF=64)]  # KS: the d_model axis split over programs
+    for cfg in cfgs:
+        for xi in ([x[0]] if tokens == 1 else []) + [x]:
+            y = K.moe_blocks(xi, wr, nw, wu, wdt, backend="triton", config=cfg)
+            assert y.shape == xi.shape
+            r = ref[0] if xi.dim() == 1 else ref
+            assert _rel(y.cpu(), r) < TOL[dtype] / 4, cfg
 
 
 def test_errors_name_cause_and_fix(monkeypatch):

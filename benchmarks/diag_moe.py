@@ -1,0 +1,69 @@
+"""Where the MoE-block layer's time goes (P4, 4096x11008 as 43 experts x 256, fp16): router, up
+and down kernels timed alone and whole, for several block shapes, graph replays over rotated
+weights as in bench_kernels.py, at T = 8 and 32 and CLS = 0.8.
+
+    PYTHONPATH=$PWD python3 benchmarks/diag_moe.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from bench_kernels import K, bench, log, rand_w, rotating, solve_rows, union_mask  # noqa: E402
+from workbench.kernels.moe_blocks.triton import (  # noqa: E402
+    launch_expert_down,
+    launch_expert_up,
+    router_logits,
+)
+
+UP = [
+    {"BF": 16},
+    {"BF": 32},
+    {"BF": 64, "KS": 4},
+    {"BF": 64, "KS": 8},
+    {"BF": 128, "KS": 8, "up_warps": 8},
+    {"BF": 32, "KS": 4},
+]
+DOWN = [{"S": 8}, {"S": 16}, {"S": 16, "BN": 256}, {"S": 32, "RB": 32}, {"S": 16, "down_warps": 8}]
+
+
+def main():
+    d, f, d_e, nw, dt = 4096, 11008, 256, 3, torch.float16
+    e = f // d_e
+    wu = [rand_w(f, d, dt) for _ in range(nw)]
+    wdt = [rand_w(f, d, dt) for _ in range(nw)]
+    for t in (8, 32):
+        xs = [torch.randn(t, d, device="cuda").to(dt) for _ in range(nw)]
+        wr = [solve_rows(xs[i], union_mask(t, e, 0.8), dt) for i in range(nw)]
+        nwt = [(torch.rand(e, device="cuda") + 0.5).to(dt) for _ in range(nw)]
+        a0 = [router_logits(xs[i], wr[i]) for i in range(nw)]
+        hs = [launch_expert_up(xs[i], a0[i], nwt[i], wu[i], e, d_e, 1e-6) for i in range(nw)]
+        sets = list(zip(xs, wr, nwt, wu, wdt, a0, hs))
+        active = int((a0[0] > 0).any(0).sum())
+        mb = active * d_e * d * 2 / 1e6
+        log(f"T={t}: {active}/{e} experts active, {mb:.1f} MB per matrix, "
+            f"{mb / 2.5e6 * 1e6:.2f} us each at 2.5 TB/s")
+        ms = bench(rotating(lambda x, r, n, u, dd, a, h: router_logits(x, r), sets), 10)
+        log(f"  router kernel: {ms * 1e3:.2f} us")
+        ms = bench(rotating(lambda x, r, n, u, dd, a, h: F.linear(x, r), sets), 10)
+        log(f"  router cuBLAS: {ms * 1e3:.2f} us")
+        for c in UP:
+            ms = bench(rotating(lambda x, r, n, u, dd, a, h, c=c: launch_expert_up(
+                x, a, n, u, e, d_e, 1e-6, c), sets), 10)
+            log(f"  up {c}: {ms * 1e3:.2f} us ({mb / ms / 1e6:.2f} TB/s)")
+        for c in DOWN:
+            ms = bench(rotating(lambda x, r, n, u, dd, a, h, c=c: launch_expert_down(
+                h, a, n, dd, e, d_e, 1e-6, c), sets), 10)
+            log(f"  down {c}: {ms * 1e3:.2f} us ({mb / ms / 1e6:.2f} TB/s)")
+        ms = bench(rotating(lambda x, r, n, u, dd, a, h: K.moe_blocks(x, r, n, u, dd), sets), 10)
+        log(f"  whole (defaults): {ms * 1e3:.2f} us")
+        del xs, wr, a0, hs, sets
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
