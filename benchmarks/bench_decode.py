@@ -26,6 +26,9 @@ the per-token time over `--new-tokens` - 1 replays. Results JSON: benchmarks/res
 false) and with everything but the FFNs compiled by torch.compile (decode_benchmark's
 compile_non_ffn; rows with "compile_non_ffn": true), both sides alike; the compiled runs share one
 compile of the shape (a `compiled_non_ffn` block around them). --compile on: compiled rows only.
+--compile-mode M [M ...]: torch.compile modes, one compiled variant each (default: "default"; e.g.
+max-autotune-no-cudagraphs); rows carry "compile_mode". Per compiled variant, one decode step's
+logits compiled vs the same step run eagerly from the same cache state (compiled_step_check).
 Each shape's no-FFN decode (every FFN replaced by zeros) is measured for each variant too, and
 each row carries its breakdown (no-FFN ms, FFN ms dense and accelerated, FFN-only speedup).
 """
@@ -197,11 +200,16 @@ def run_sensitivity(args, layers: int, extra: dict):
     torch.cuda.empty_cache() if DEV == "cuda" else None
 
 
-def decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, compiled, errs,
+def _suffix(cmode: str | None) -> str:
+    return "" if cmode is None else "_compiled" if cmode == "default" else f"_compiled_{cmode}"
+
+
+def decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, cmode, errs,
                 plain_dense_tokens, rows, extra):
     """One P5 row: the error figures (measured once per mode, uncompiled) and the decode timing."""
     h = None
-    tag = f"{layers}L {mode}" + (" compiled" if compiled else "")
+    compiled = cmode is not None
+    tag = f"{layers}L {mode}" + (f" compiled ({cmode})" if compiled else "")
     try:
         h = wb.accelerate(model, mode=mode, backend=args.backend,
                           predictors=preds if mode == "predictor" else None)
@@ -239,7 +247,7 @@ def decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, compil
             "sparsity": round(err["realised_sparsity"], 4), "tokens": args.new_tokens,
             "baseline_ms": round(s["ms_per_token_dense"], 4), "ms": round(s["ms_per_token_accel"], 4),
             "speedup": round(s["speedup"], 3), "target": TARGETS[mode], "bytes_ideal": IDEAL[mode],
-            "compile_non_ffn": compiled, "compiled_modules": s["compiled_modules"],
+            "compile_non_ffn": compiled, "compile_mode": cmode, "compiled_modules": s["compiled_modules"],
             "layers": layers, "tokens_per_s_dense": round(s["tokens_per_s_dense"], 2),
             "tokens_per_s": round(s["tokens_per_s_accel"], 2), "cuda_graphs": s["cuda_graphs"],
             "token_agreement": s["token_agreement"], "runs": r["runs"], "error": err,
@@ -263,9 +271,31 @@ def decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, compil
     write(args, rows, extra)
 
 
-def no_ffn(args, model, prompt, layers, compiled, info, extra):
+@torch.no_grad()
+def compiled_step_check(model, prompt, max_len):
+    """Inside a compiled block: one decode step's logits, compiled vs the same step run eagerly,
+    from the same (eager) prefill; rel RMS and top-1 (fp32 logits of the model)."""
+    from transformers import StaticCache
+
+    p = prompt.shape[1]
+    out = {}
+    for stance in ("force_eager", "default"):
+        cache = StaticCache(config=model.config, max_cache_len=max_len)
+        with torch.compiler.set_stance("force_eager"):
+            lg = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                       cache_position=torch.arange(p, device=prompt.device)).logits
+        tok = lg[:, -1].argmax(-1, keepdim=True)
+        with torch.compiler.set_stance(stance):
+            out[stance] = model(input_ids=tok, past_key_values=cache, use_cache=True,
+                                cache_position=torch.tensor([p], device=prompt.device)).logits[0, -1].float()
+    a, b = out["default"], out["force_eager"]
+    return {"logits_rel_rms": float((a - b).norm() / b.norm()), "top1_equal": bool(a.argmax() == b.argmax())}
+
+
+def no_ffn(args, model, prompt, layers, cmode, info, extra):
     """Where the dense step's time goes: the same decode with every FFN replaced by zeros."""
-    key = "no_ffn_ms_per_token" + ("_compiled" if compiled else "")
+    compiled = cmode is not None
+    key = "no_ffn_ms_per_token" + _suffix(cmode)
     mlps = [layer.mlp for layer in model.model.layers]
     try:
         for layer in model.model.layers:
@@ -273,7 +303,7 @@ def no_ffn(args, model, prompt, layers, compiled, info, extra):
         r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, warmup=2, reps=args.reps,
                                 compile_non_ffn=compiled)
         info[key] = r["summary"]["ms_per_token_dense"]
-        log(f"{layers}L without FFNs{' (compiled)' if compiled else ''}: {info[key]:.3f} ms/token")
+        log(f"{layers}L without FFNs{f' (compiled {cmode})' if compiled else ''}: {info[key]:.3f} ms/token")
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         extra.setdefault("failures", []).append(f"{layers}L no-FFN compiled={compiled}: {type(e).__name__}: {e}")
@@ -295,26 +325,34 @@ def run_shape(args, layers: int, rows: list, extra: dict):
     log(f"thresholds {min(thresholds):.3f}..{max(thresholds):.3f}")
     info = {"layers": layers, "thresholds": [round(t, 4) for t in thresholds]}
     shape = f"llama7b-shape {layers}L {SHAPE['hidden']}x{SHAPE['ff']} vocab{SHAPE['vocab']}"
-    variants = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    variants = {"off": [None], "on": args.compile_mode, "both": [None, *args.compile_mode]}[args.compile]
     errs: dict[str, dict] = {}
     plain_dense_tokens: dict[str, list[int]] = {}
-    for compiled in variants:
+    for cmode in variants:
         # the compiled runs share one compile of this shape: decode_benchmark(compile_non_ffn=True)
         # inside the block reuses it (nothing else runs in the block: measure() would compile
         # other shapes)
-        block = compiled_non_ffn(model) if compiled else contextlib.nullcontext()
+        block = compiled_non_ffn(model, mode=cmode) if cmode else contextlib.nullcontext()
         t_block = time.time()
         with block:
             for mode in args.modes:
-                decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, compiled, errs,
+                decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, cmode, errs,
                             plain_dense_tokens, rows, extra)
-            no_ffn(args, model, prompt, layers, compiled, info, extra)
-        if compiled:
-            info["compiled_block_s"] = round(time.time() - t_block, 1)
+            no_ffn(args, model, prompt, layers, cmode, info, extra)
+            if cmode:
+                try:
+                    chk = compiled_step_check(model, prompt, args.prompt + args.new_tokens + 3)
+                    info["compiled_step_check" + _suffix(cmode)] = chk
+                    log(f"compiled ({cmode}) vs eager, one decode step:", chk)
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    extra.setdefault("failures", []).append(f"{layers}L step check {cmode}: {type(e).__name__}: {e}")
+        if cmode:
+            info["compiled_block_s" + _suffix(cmode)] = round(time.time() - t_block, 1)
     for r in rows:  # where each row's step goes: no-FFN part, FFN part dense and accelerated
         if r["layers"] != layers:
             continue
-        key = "no_ffn_ms_per_token" + ("_compiled" if r["compile_non_ffn"] else "")
+        key = "no_ffn_ms_per_token" + _suffix(r["compile_mode"])
         if key in info:
             nf = info[key]
             r["breakdown_ms_per_token"] = {
@@ -381,6 +419,8 @@ def main():
     ap.add_argument("--backend", default="triton")
     ap.add_argument("--compile", nargs="?", const="both", default="off", choices=["off", "on", "both"],
                     help="non-FFN modules through torch.compile: both (bare --compile) = rows with and without")
+    ap.add_argument("--compile-mode", nargs="+", default=["default"],
+                    help="torch.compile modes of the compiled variants (not ones with CUDA graphs of their own)")
     ap.add_argument("--no-relu-check", dest="relu_check", action="store_false")
     ap.add_argument("--sensitivity-only", action="store_true",
                     help="only the error floor: dense with another summation order, and accelerated run twice")
@@ -405,7 +445,7 @@ def main():
             extra.setdefault("failures", []).append(f"{layers}L: {type(e).__name__}: {e}")
             write(args, rows, extra)
     for r in rows:
-        log(f"P5 {r['layers']}L {r['mode']}{' compiled' if r['compile_non_ffn'] else ''}: "
+        log(f"P5 {r['layers']}L {r['mode']}{' compiled ' + r['compile_mode'] if r['compile_non_ffn'] else ''}: "
             f"{r['baseline_ms']:.3f} -> {r['ms']:.3f} ms/token, {r['tokens_per_s_dense']:.1f} -> {r['tokens_per_s']:.1f} tok/s "
             f"speedup {r['speedup']:.3f} (target {r['target']}), sparsity {r['sparsity']}, "
             f"rel_rms {r['error']['logits_rel_rms']:.2e} top1 {r['error']['top1_agreement']:.3f}")

@@ -120,6 +120,29 @@ def eager_labels(model, dec):
     return seq
 
 
+def align(seq, names):
+    """Labels for the graph's kernels from the eager sequence: kernels matched by name in order
+    (difflib; the eager profile can list a kernel twice or two neighbours swapped), the ones left
+    over take the label of the matched kernel before them."""
+    import difflib
+
+    if not seq:
+        return None, 0
+    sm = difflib.SequenceMatcher(None, [n for n, _ in seq], names, autojunk=False)
+    labels: list = [None] * len(names)
+    matched = 0
+    for a, b, size in sm.get_matching_blocks():
+        for k in range(size):
+            labels[b + k] = seq[a + k][1]
+        matched += size
+    last = seq[0][1]
+    for j, lab in enumerate(labels):
+        if lab is None:
+            labels[j] = last
+        last = labels[j]
+    return labels, matched
+
+
 def summarise(names, dur, labels, layers):
     by_kind: dict[str, float] = defaultdict(float)
     n_kind: dict[str, int] = defaultdict(int)
@@ -152,13 +175,11 @@ def profile_variant(model, prompt, layers, compiled, replays, doc):
             except Exception as e:  # noqa: BLE001
                 seq = []
                 log(f"eager attribution failed: {type(e).__name__}: {e}")
-            if [n for n, _ in seq] == names:
-                labels = [lab for _, lab in seq]
-            else:
-                log(f"eager sequence ({len(seq)} kernels) does not line up with the graph's ({len(names)}); "
-                    "kernels grouped by name only")
-                doc.setdefault("eager_sequence_mismatch", {"eager": [n[:80] for n, _ in seq[:80]],
-                                                           "graph": [n[:80] for n in names[:80]]})
+            labels, matched = align(seq, names)
+            log(f"eager attribution: {matched} of {len(names)} graph kernels matched by name and order "
+                f"({len(seq)} eager kernels)")
+            doc.setdefault("attribution", {})[tag] = {"graph_kernels": len(names), "eager_kernels": len(seq),
+                                                      "matched": matched}
         del dec
     kinds, kernels = summarise(names, dur, labels, layers)
     busy = sum(dur)
