@@ -28,7 +28,9 @@ compile_non_ffn; rows with "compile_non_ffn": true), both sides alike; the compi
 compile of the shape (a `compiled_non_ffn` block around them). --compile on: compiled rows only.
 --compile-mode M [M ...]: torch.compile modes, one compiled variant each (default: "default"; e.g.
 max-autotune-no-cudagraphs); rows carry "compile_mode". Per compiled variant, one decode step's
-logits compiled vs the same step run eagerly from the same cache state (compiled_step_check).
+logits compiled vs the same step run eagerly from the same cache state (compiled_step_check), on
+the FATReLU model and with the plain ReLU put back (continuous: shows the rounding difference
+without the threshold's amplification).
 Each shape's no-FFN decode (every FFN replaced by zeros) is measured for each variant too, and
 each row carries its breakdown (no-FFN ms, FFN ms dense and accelerated, FFN-only speedup).
 """
@@ -339,14 +341,21 @@ def run_shape(args, layers: int, rows: list, extra: dict):
                 decode_mode(args, model, mode, preds, xs, gen, prompt, shape, layers, cmode, errs,
                             plain_dense_tokens, rows, extra)
             no_ffn(args, model, prompt, layers, cmode, info, extra)
-            if cmode:
+            if cmode:  # on the FATReLU model (discontinuous: amplifies any rounding) and on plain ReLU
+                fat = [layer.mlp.act_fn for layer in model.model.layers]
                 try:
-                    chk = compiled_step_check(model, prompt, args.prompt + args.new_tokens + 3)
+                    chk = {"fatrelu_q0.9": compiled_step_check(model, prompt, args.prompt + args.new_tokens + 3)}
+                    for layer, act in zip(model.model.layers, relu, strict=True):
+                        layer.mlp.act_fn = act
+                    chk["relu0"] = compiled_step_check(model, prompt, args.prompt + args.new_tokens + 3)
                     info["compiled_step_check" + _suffix(cmode)] = chk
-                    log(f"compiled ({cmode}) vs eager, one decode step:", chk)
+                    log(f"compiled ({cmode}) vs eager, one decode step from the same cache:", chk)
                 except Exception as e:  # noqa: BLE001
                     traceback.print_exc()
                     extra.setdefault("failures", []).append(f"{layers}L step check {cmode}: {type(e).__name__}: {e}")
+                finally:
+                    for layer, act in zip(model.model.layers, fat, strict=True):
+                        layer.mlp.act_fn = act
         if cmode:
             info["compiled_block_s" + _suffix(cmode)] = round(time.time() - t_block, 1)
     for r in rows:  # where each row's step goes: no-FFN part, FFN part dense and accelerated
