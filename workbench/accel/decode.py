@@ -17,8 +17,9 @@ Without CUDA (or with cuda_graphs=False) the same loop runs eagerly; on CPU it i
 reference path, and the result says so (`reference: True`): its timings are not the kernels'.
 
 compile_non_ffn=True: everything of the model except the FFNs -- each block's children other than
-its FFN (Llama: self_attn, input_layernorm, post_attention_layernorm) and the blocks' container's
-children other than the blocks and embeddings (Llama: the final norm, rotary_emb) -- runs through
+its FFN (Llama: self_attn, input_layernorm, post_attention_layernorm) and the children of the
+module holding the block list, other than that list and the embeddings (Llama: the final norm,
+rotary_emb; lm_head is left as it is: one GEMV, nothing to fuse) -- runs through
 torch.compile for the whole call, on both sides alike (the FFN modules, dense or accelerated, stay
 as they are), so the ratio compares FFNs inside a step whose other part is not dominated by small
 eager kernels. See `compiled_non_ffn` for how (nothing of the model changes permanently).
@@ -50,8 +51,8 @@ def _call_module(module: nn.Module, *args, **kwargs):
 
 def non_ffn_modules(model: nn.Module, layout=None) -> dict[str, nn.Module]:
     """The modules `compiled_non_ffn` compiles, by name: each block's direct children except the
-    one that is (or holds) its FFN or router, and the direct children of the blocks' container's
-    owner except the blocks and the embeddings (Llama: model.layers.i.{self_attn,
+    one that is (or holds) its FFN or router, and the direct children of the module holding the
+    block list except that list and the embeddings (Llama: model.layers.i.{self_attn,
     input_layernorm, post_attention_layernorm}, model.norm, model.rotary_emb)."""
     from workbench.adapters import locate
 
