@@ -372,6 +372,7 @@ def moe_options(t):
     return [
         ("experts-default", {}),
         ("experts-BF16-S8", {"BF": 16, "S": 8}),
+        ("experts-BF32-KS1-S16", {"BF": 32, "KS": 1, "S": 16, "BN": 128}),
         ("experts-BF64-KS4", {"BF": 64, "KS": 4}),
         ("experts-BF64-KS8", {"BF": 64, "KS": 8}),
         ("experts-BF32-KS4", {"BF": 32, "KS": 4}),

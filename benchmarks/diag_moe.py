@@ -27,8 +27,18 @@ UP = [
     {"BF": 64, "KS": 8},
     {"BF": 128, "KS": 8, "up_warps": 8},
     {"BF": 32, "KS": 4},
+    {"BF": 64, "KS": 4, "BD": 128, "up_stages": 4},
+    {"BF": 64, "KS": 2, "BD": 512, "up_warps": 8},
 ]
-DOWN = [{"S": 8}, {"S": 16}, {"S": 16, "BN": 256}, {"S": 32, "RB": 32}, {"S": 16, "down_warps": 8}]
+DOWN = [
+    {"S": 8},
+    {"S": 16},
+    {"S": 16, "BN": 256},
+    {"S": 32, "RB": 32},
+    {"S": 16, "down_warps": 8},
+    {"S": 8, "RB": 128, "BN": 256},
+    {"S": 16, "BN": 256, "down_stages": 3},
+]
 
 
 def main():
@@ -54,13 +64,16 @@ def main():
         for c in UP:
             ms = bench(rotating(lambda x, r, n, u, dd, a, h, c=c: launch_expert_up(
                 x, a, n, u, e, d_e, 1e-6, c), sets), 10)
-            log(f"  up {c}: {ms * 1e3:.2f} us ({mb / ms / 1e6:.2f} TB/s)")
+            log(f"  up {c}: {ms * 1e3:.2f} us ({mb / ms / 1e3:.2f} TB/s)")
         for c in DOWN:
             ms = bench(rotating(lambda x, r, n, u, dd, a, h, c=c: launch_expert_down(
                 h, a, n, dd, e, d_e, 1e-6, c), sets), 10)
-            log(f"  down {c}: {ms * 1e3:.2f} us ({mb / ms / 1e6:.2f} TB/s)")
+            log(f"  down {c}: {ms * 1e3:.2f} us ({mb / ms / 1e3:.2f} TB/s)")
         ms = bench(rotating(lambda x, r, n, u, dd, a, h: K.moe_blocks(x, r, n, u, dd), sets), 10)
         log(f"  whole (defaults): {ms * 1e3:.2f} us")
+        ms = bench(rotating(lambda x, r, n, u, dd, a, h: K.moe_blocks(
+            x, r, n, u, dd, config={"impl": "rows"}), sets), 10)
+        log(f"  whole, neuron-granular v4 path (impl='rows'): {ms * 1e3:.2f} us")
         del xs, wr, a0, hs, sets
     torch.cuda.empty_cache()
 
