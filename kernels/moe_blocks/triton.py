@@ -102,7 +102,7 @@ def _rnd(x, DT: tl.constexpr):
 def _expert_scores(A0, NW, T, E, eps, offs_t, t_ok, offs_e, e_ok, DT: tl.constexpr):
     """A [T_PAD, E_PAD] fp32 = RMSNorm(ReLU(A0)) * w, rounded like the module (0 off the grid)."""
     m = t_ok[:, None] & e_ok[None, :]
-    a0 = tl.load(A0 + offs_t[:, None] * E + offs_e[None, :], mask=m, other=0.0)
+    a0 = tl.load(A0 + offs_t[:, None] * E + offs_e[None, :], mask=m, other=0.0).to(tl.float32)
     a1 = tl.maximum(_rnd(a0, DT), 0.0)
     var = tl.sum(a1 * a1, axis=1) / E
     nrm = _rnd(a1 * (1.0 / tl.sqrt(var + eps))[:, None], DT)
