@@ -248,6 +248,8 @@ def dense_ffn(x, wg, wu, wd):
 
 def _ffn_cfg(rows_cfg, down_cfg):
     rows_cfg = rows_cfg or {}
+    if "updown" in rows_cfg:  # one launch for up rows + down rows (kernels/sparse_ffn/updown.py)
+        return {"updown": rows_cfg["updown"]}
     return {"rows": rows_cfg, "down": down_cfg, "fused_gate": bool(rows_cfg.get("fused_gate"))}
 
 
@@ -312,7 +314,7 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
     for s in FFN_S:
         w2 = [sign_rows(w2r[i], hs[i], exact_active(f, s)) for i in range(nw)]
         sets = list(zip(xs, wg, wu, wdt, w1, w2))
-        cfg = {"rows": best_nf, "down": down_cfg}
+        cfg = _ffn_cfg(best_nf, down_cfg)
         ms = bench(
             rotating(
                 lambda x, a, b, c, p, q, cfg=cfg: K.sparse_ffn_predicted(
@@ -573,6 +575,12 @@ def main():
         # gate GEMV fused into the row kernel (no cuBLAS gate launch)
         dict(fused_gate=True, BR=16, BD=512, num_warps=4, num_stages=3),
         dict(fused_gate=True, BR=32, BD=256, num_warps=4, num_stages=3),
+        # up rows, product and down rows in one launch (T = 1)
+        {"updown": dict(CHUNK=64, BK=4)},
+        {"updown": dict(CHUNK=128, BK=4)},
+        {"updown": dict(CHUNK=256, BK=4)},
+        {"updown": dict(CHUNK=128, BK=8)},
+        {"updown": dict(CHUNK=128, BK=4, num_warps=16)},
     ]
     if args.quick:
         down_sweep, rows_sweep = down_sweep[:2], rows_sweep[:2]

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .._common import check_same_device, dot_f32, token_pad, workspace
+from .._tl import round_to as _rnd
 from ..sparse_ffn.triton import launch_rows
 from ..sparse_gemv.triton import sparse_down
 from .reference import check_moe
@@ -84,18 +85,6 @@ def router_logits(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
         num_warps=4,
     )
     return out
-
-
-@triton.jit
-def _rnd(x, DT: tl.constexpr):
-    """fp32 x rounded to DT (round to nearest even), kept in fp32. bf16 is rounded on the bits:
-    the Triton interpreter's fp32 -> bf16 cast truncates, the compiled one rounds."""
-    if DT == tl.bfloat16:
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        return b.to(tl.float32, bitcast=True)
-    else:
-        return x.to(DT).to(tl.float32)
 
 
 @triton.jit

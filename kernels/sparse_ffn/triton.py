@@ -593,11 +593,19 @@ def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, c
     """
     import torch.nn.functional as F
 
-    from .._common import check_ffn
+    from .._common import check_activation, check_ffn
     from ..sparse_gemv.triton import sparse_down
 
     x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
     crow, cdown = _split(config)
+    if x2.shape[0] == 1 and (config or {}).get("updown") is not None:
+        # one launch for up rows, product and down rows (kernels/sparse_ffn/updown.py)
+        from .updown import updown
+
+        thr = check_activation(activation, threshold)
+        y = updown(x2, F.linear(x2, w_gate), None, w_up, w_down_t, mode=0, threshold=thr,
+                   config=config["updown"])  # fmt: skip
+        return y[0] if was_1d else y
     if (config or {}).get("fused_gate"):
         # gate GEMV inside the row kernel (one launch instead of cuBLAS + row kernel)
         a = fused_gate_up(x2, w_gate, w_up, activation=activation, threshold=threshold, config=crow)
@@ -624,13 +632,20 @@ def sparse_ffn_predicted(
 ):
     """Gated FFN with a Deja Vu predictor: predictor GEMVs (cuBLAS), then gate and up read only
     on predicted rows (one kernel), then the sparse down projection."""
-    from .._common import check_ffn
+    from .._common import check_activation, check_ffn
     from ..predictor.reference import predictor_logits
     from ..sparse_gemv.triton import sparse_down
 
     x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
     crow, cdown = _split(config)
     logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
+    if x2.shape[0] == 1 and (config or {}).get("updown") is not None:
+        from .updown import updown
+
+        thr = check_activation(activation, threshold)
+        y = updown(x2, logits, w_gate, w_up, w_down_t, mode=1, threshold=thr,
+                   config=config["updown"])  # fmt: skip
+        return y[0] if was_1d else y
     a = gate_up_predicted(
         x2, logits, w_gate, w_up, activation=activation, threshold=threshold, config=crow
     )

@@ -277,6 +277,35 @@ def test_moe_expert_kernels_read_only_active_experts(device, dtype, tokens):
             assert _rel(y.cpu(), r) < TOL[dtype] / 4, cfg
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["rand", "zero", "full"])
+def test_updown_one_launch_matches_reference(device, dtype, kind):
+    """config={"updown": ...}: up (and gate) rows, product and down rows in one launch (T = 1),
+    exact and predicted; equal to the torch reference, stable over repeated calls."""
+    (d, f), _, _ = _setup(device)
+    g = _gen("updown", device, dtype, kind)
+    x = torch.randn(1, d, generator=g).to(dtype)
+    wg = _controlled_gate(g, x, f, _mask(kind, (1, f), g, 0.15), dtype)
+    wu, wdt = _weights(g, f, d, dtype, "cpu", n=2)
+    w1, w2 = _weights(g, 16, d, dtype, "cpu")[0], _weights(g, f, 16, dtype, "cpu")[0]
+    x, wg, wu, wdt, w1, w2 = (t.to(device) for t in (x, wg, wu, wdt, w1, w2))
+    cfg = {"updown": dict(CHUNK=64, BK=4) if device == "cpu" else {}}
+    ref = K.sparse_ffn(x, wg, wu, wdt, backend="torch")
+    for _ in range(2):
+        y = K.sparse_ffn(x, wg, wu, wdt, backend="triton", config=cfg)
+        if kind == "zero":
+            assert (y == 0).all()
+        else:
+            assert _rel(y.cpu(), ref.cpu()) < TOL[dtype] / 4
+    y1 = K.sparse_ffn(x[0], wg, wu, wdt, backend="triton", activation="fatrelu", threshold=0.05, config=cfg)
+    r1 = K.sparse_ffn(x[0], wg, wu, wdt, backend="torch", activation="fatrelu", threshold=0.05)
+    assert y1.shape == (d,) and _rel(y1.cpu(), r1.cpu()) < TOL[dtype] / 4
+    yp = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, backend="triton", config=cfg)
+    rp = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, backend="torch")
+    assert _rel(yp.cpu(), rp.cpu()) < TOL[dtype] / 4
+
+
 def test_errors_name_cause_and_fix(monkeypatch):
     a = torch.zeros(1, 40, dtype=torch.float16)
     with pytest.raises(KernelError, match="multiple of 16"):

@@ -1,0 +1,122 @@
+"""One-launch sparse FFN rows for a single token: up (and, with a predictor, gate) rows, the
+activation product and the down rows of each active neuron in the same program.
+
+The two-launch path (row kernel -> `a` in global memory -> sparse down kernel) pays the launch
+and the act -> rank -> weight-row chain twice (benchmarks/KERNEL_NOTES.md). Here each program
+takes CHUNK neurons, ranks the active ones in registers, and for BK of them at a time reads the up
+row (and gate row), the down row, all d_model wide: h = act(g) * (x . u) rounded as the dense
+FFN rounds, then y += h * W_down^T row. fp32 partials of y go through atomics into a zeroed
+workspace; a ticket lets the last program cast y and re-zero the workspace (graph-safe, no host
+synchronisation). Opt-in through `sparse_ffn(..., config={"updown": {...}})` /
+`sparse_ffn_predicted(...)` for T = 1.
+
+MODE 0 (exact): SRC is the dense gate pre-activation [d_ff] (cuBLAS), active = g > threshold.
+MODE 1 (predicted): SRC is the predictor's logits [d_ff], active = logit > 0; the gate row is
+read for the active neurons only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import workspace
+from .._tl import round_to as _rnd
+
+
+@triton.jit
+def _updown_kernel(
+    X,
+    SRC,
+    WG,
+    WU,
+    WD,
+    Y,
+    ACC,
+    CNT,
+    K,
+    N,
+    stride_w,
+    thr,
+    NUM_CHUNKS,
+    MODE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BK: tl.constexpr,
+    BN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    DT = X.dtype.element_ty
+    offs_c = tl.arange(0, CHUNK)
+    rows_c = pid * CHUNK + offs_c
+    in_k = rows_c < K
+    src = tl.load(SRC + rows_c, mask=in_k, other=0.0).to(tl.float32)
+    if MODE == 0:
+        act = (src > thr) & in_k
+    else:
+        act = (src > 0.0) & in_k
+    acti = act.to(tl.int32)
+    cnt = tl.sum(acti, axis=0)
+    pos = tl.where(act, tl.cumsum(acti, axis=0) - 1, -1)
+    offs_n = tl.arange(0, BN)
+    n_ok = offs_n < N
+    x = tl.load(X + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    yacc = tl.zeros([BN], dtype=tl.float32)
+    offs_b = tl.arange(0, BK)
+    for i in range(0, cnt, BK):
+        j = i + offs_b
+        r_ok = j < cnt
+        local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_c[None, :], 0), axis=1)
+        rows = pid * CHUNK + local
+        m = r_ok[:, None] & n_ok[None, :]
+        wu = tl.load(WU + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+        wd = tl.load(WD + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+        u = _rnd(tl.sum(wu.to(tl.float32) * x[None, :], axis=1), DT)
+        if MODE == 0:
+            g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
+            a = _rnd(_rnd(tl.where(g > thr, g, 0.0), DT) * u, DT)
+        else:
+            wg = tl.load(WG + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+            g = _rnd(tl.sum(wg.to(tl.float32) * x[None, :], axis=1), DT)
+            a = _rnd(tl.where(g > thr, g, 0.0) * u, DT)
+        a = tl.where(r_ok, a, 0.0)
+        yacc += tl.sum(a[:, None] * wd.to(tl.float32), axis=0)
+    if cnt > 0:
+        tl.atomic_add(ACC + offs_n, yacc, mask=n_ok, sem="relaxed")
+    tl.debug_barrier()
+    ticket = tl.atomic_add(CNT, 1, sem="acq_rel")
+    if ticket == NUM_CHUNKS - 1:
+        zero = tl.zeros_like(yacc)
+        total = tl.atomic_add(ACC + offs_n, zero, mask=n_ok, sem="relaxed")  # coherent read
+        tl.store(ACC + offs_n, zero, mask=n_ok)
+        tl.store(Y + offs_n, _rnd(total, DT).to(DT), mask=n_ok)
+        tl.store(CNT, 0)
+
+
+DEFAULT_UPDOWN = dict(CHUNK=128, BK=4, num_warps=8, num_stages=1)
+
+
+def updown(x, src, w_gate, w_up, w_down_t, *, mode, threshold=0.0, config=None) -> torch.Tensor:
+    """y [1, d_model] for one token x [1, d_model]; inputs checked by the public wrappers.
+
+    mode 0: src = gate pre-activation [1, d_ff]; mode 1: src = predictor logits [1, d_ff].
+    """
+    cfg = dict(DEFAULT_UPDOWN)
+    cfg.update(config or {})
+    k, n = w_up.shape
+    if not (w_up.stride(0) == w_down_t.stride(0) and (mode == 0 or w_gate.stride(0) == w_up.stride(0))):
+        w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
+        w_gate = w_gate.contiguous() if w_gate is not None else None
+    chunks = triton.cdiv(k, cfg["CHUNK"])
+    acc, cnt = workspace(("updown", n), x.device, [(n, torch.float32), (1, torch.int32)])
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    src = src.reshape(-1)
+    if not src.is_contiguous():
+        src = src.contiguous()
+    _updown_kernel[(chunks,)](
+        x, src, w_gate if w_gate is not None else w_up, w_up, w_down_t, y, acc, cnt, k, n,
+        w_up.stride(0), float(threshold), chunks,
+        MODE=mode, CHUNK=cfg["CHUNK"], BK=cfg["BK"], BN=triton.next_power_of_2(n),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return y
