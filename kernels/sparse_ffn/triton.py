@@ -585,6 +585,20 @@ def _split(config):
     return config.get("rows"), config.get("down")
 
 
+def _use_updown(x2, config) -> bool:
+    """One token: the one-launch up+down kernel, unless the config names the two-launch path's
+    blocks ("rows", "down", "fused_gate"). Default only up to d_model 4096, where it was measured
+    (H100: P2 s=0.9 52.7 vs 59.9 us two-launch, P3 42.4 vs 47.4 us; KERNEL_NOTES v7)."""
+    if x2.shape[0] != 1:
+        return False
+    config = config or {}
+    if "updown" in config:
+        return True
+    if any(k in config for k in ("rows", "down", "fused_gate")):
+        return False
+    return x2.shape[1] <= 4096
+
+
 def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, config=None):
     """Exact sparse gated FFN: dense gate (cuBLAS), sparse up fused with act*mul, sparse down.
 
@@ -598,13 +612,13 @@ def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, c
 
     x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
     crow, cdown = _split(config)
-    if x2.shape[0] == 1 and (config or {}).get("updown") is not None:
+    if _use_updown(x2, config):
         # one launch for up rows, product and down rows (kernels/sparse_ffn/updown.py)
         from .updown import updown
 
         thr = check_activation(activation, threshold)
         y = updown(x2, F.linear(x2, w_gate), None, w_up, w_down_t, mode=0, threshold=thr,
-                   config=config["updown"])  # fmt: skip
+                   config=(config or {}).get("updown"))  # fmt: skip
         return y[0] if was_1d else y
     if (config or {}).get("fused_gate"):
         # gate GEMV inside the row kernel (one launch instead of cuBLAS + row kernel)
@@ -639,12 +653,12 @@ def sparse_ffn_predicted(
     x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
     crow, cdown = _split(config)
     logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
-    if x2.shape[0] == 1 and (config or {}).get("updown") is not None:
+    if _use_updown(x2, config):
         from .updown import updown
 
         thr = check_activation(activation, threshold)
         y = updown(x2, logits, w_gate, w_up, w_down_t, mode=1, threshold=thr,
-                   config=config["updown"])  # fmt: skip
+                   config=(config or {}).get("updown"))  # fmt: skip
         return y[0] if was_1d else y
     a = gate_up_predicted(
         x2, logits, w_gate, w_up, activation=activation, threshold=threshold, config=crow

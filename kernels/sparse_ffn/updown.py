@@ -7,8 +7,9 @@ takes CHUNK neurons, ranks the active ones in registers, and for BK of them at a
 row (and gate row), the down row, all d_model wide: h = act(g) * (x . u) rounded as the dense
 FFN rounds, then y += h * W_down^T row. fp32 partials of y go through atomics into a zeroed
 workspace; a ticket lets the last program cast y and re-zero the workspace (graph-safe, no host
-synchronisation). Opt-in through `sparse_ffn(..., config={"updown": {...}})` /
-`sparse_ffn_predicted(...)` for T = 1.
+synchronisation). The default of `sparse_ffn` / `sparse_ffn_predicted` for one token with
+d_model <= 4096; `config={"updown": {...}}` sets its blocks, a config naming "rows"/"down" selects
+the two-launch path.
 
 MODE 0 (exact): SRC is the dense gate pre-activation [d_ff] (cuBLAS), active = g > threshold.
 MODE 1 (predicted): SRC is the predictor's logits [d_ff], active = logit > 0; the gate row is
@@ -93,7 +94,7 @@ def _updown_kernel(
         tl.store(CNT, 0)
 
 
-DEFAULT_UPDOWN = dict(CHUNK=128, BK=4, num_warps=8, num_stages=1)
+DEFAULT_UPDOWN = dict(CHUNK=64, BK=4, num_warps=8, num_stages=1)  # H100 sweep, P2/P3 s=0.9
 
 
 def updown(x, src, w_gate, w_up, w_down_t, *, mode, threshold=0.0, config=None) -> torch.Tensor:
