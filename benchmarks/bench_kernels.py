@@ -581,6 +581,11 @@ def main():
         {"updown": dict(CHUNK=256, BK=4)},
         {"updown": dict(CHUNK=128, BK=8)},
         {"updown": dict(CHUNK=128, BK=4, num_warps=16)},
+        # more, smaller programs: 172 (CHUNK 64) over 132 SMs leaves 40 SMs with two (tail)
+        {"updown": dict(CHUNK=32, BK=4)},
+        {"updown": dict(CHUNK=32, BK=2)},
+        {"updown": dict(CHUNK=32, BK=4, num_warps=4)},
+        {"updown": dict(CHUNK=16, BK=2, num_warps=4)},
     ]
     if args.quick:
         down_sweep, rows_sweep = down_sweep[:2], rows_sweep[:2]
