@@ -314,7 +314,8 @@ def p2_p3(shape, dtype, rows, l2, rep, rows_cfgs, down_cfg, do_p3=True):
     for s in FFN_S:
         w2 = [sign_rows(w2r[i], hs[i], exact_active(f, s)) for i in range(nw)]
         sets = list(zip(xs, wg, wu, wdt, w1, w2))
-        cfg = _ffn_cfg(best_nf, down_cfg)
+        # the predicted mode's updown reads three row tiles: it keeps its own default blocks
+        cfg = {"updown": {}} if "updown" in (best_nf or {}) else _ffn_cfg(best_nf, down_cfg)
         ms = bench(
             rotating(
                 lambda x, a, b, c, p, q, cfg=cfg: K.sparse_ffn_predicted(
