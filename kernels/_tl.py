@@ -16,3 +16,25 @@ def round_to(x, DT: tl.constexpr):
         return b.to(tl.float32, bitcast=True)
     else:
         return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def split_reduce(ptrs, pmask, part, cnt_ptr, n_parts, has_part):
+    """Split reduction through a zeroed fp32 workspace, graph-safe (no host sync, no memset).
+
+    Each of the `n_parts` programs that share `ptrs` adds its fp32 `part` (when `has_part`) and
+    takes a ticket from `cnt_ptr`; the program that arrives last gets (True, the sum) and leaves the
+    workspace and the counter zeroed for the next call; the others get (False, zeros).
+    """
+    if has_part:
+        tl.atomic_add(ptrs, part, mask=pmask, sem="relaxed")
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    last = ticket == n_parts - 1
+    total = tl.zeros_like(part)
+    if last:
+        zero = tl.zeros_like(part)
+        total = tl.atomic_add(ptrs, zero, mask=pmask, sem="relaxed")  # coherent read
+        tl.store(ptrs, zero, mask=pmask)
+        tl.store(cnt_ptr, 0)
+    return last, total

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .._common import check_same_device, dot_f32, token_pad, workspace
 from .._tl import round_to as _rnd
+from .._tl import split_reduce
 from ..sparse_ffn.triton import launch_rows
 from ..sparse_gemv.triton import sparse_down
 from .reference import check_moe
@@ -169,14 +170,8 @@ def _expert_up_kernel(
         else:
             # split over d_model: fp32 partials through atomics, the tile's last program finishes
             up = UACC + offs_t[:, None] * (E * D_E) + rows[None, :]
-            tl.atomic_add(up, acc, mask=m2, sem="relaxed")
-            tl.debug_barrier()
-            ticket = tl.atomic_add(TCNT + tile, 1, sem="acq_rel")
-            if ticket == KS - 1:
-                zero = tl.zeros_like(acc)
-                total = tl.atomic_add(up, zero, mask=m2, sem="relaxed")  # coherent read
-                tl.store(up, zero, mask=m2)
-                tl.store(TCNT + tile, 0)
+            last, total = split_reduce(up, m2, acc, TCNT + tile, KS, True)
+            if last:
                 u = _rnd(total, DT)
                 h = _rnd(u / (1.0 + tl.exp(-u)), DT)
                 tl.store(hp, _rnd(h * s_e[:, None], DT).to(DT), mask=m2)
@@ -244,17 +239,10 @@ def _expert_down_kernel(
             acc = tl.dot(h, w, acc)
     ptrs = ACC + offs_t[:, None] * N + offs_n[None, :]
     pmask = t_ok[:, None] & n_ok[None, :]
-    if split < cnt * NR:
-        tl.atomic_add(ptrs, acc, mask=pmask, sem="relaxed")
-    tl.debug_barrier()
-    ticket = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
-    if ticket == S - 1:
-        zero = tl.zeros_like(acc)
-        total = tl.atomic_add(ptrs, zero, mask=pmask, sem="relaxed")  # coherent read
-        tl.store(ptrs, zero, mask=pmask)
+    last, total = split_reduce(ptrs, pmask, acc, CNT + pid_n, S, split < cnt * NR)
+    if last:
         out = _rnd(total, Y.dtype.element_ty).to(Y.dtype.element_ty)
         tl.store(Y + offs_t[:, None] * stride_y + offs_n[None, :], out, mask=pmask)
-        tl.store(CNT + pid_n, 0)
 
 
 def default_expert_config(t: int, d_model: int, d_e: int) -> dict:

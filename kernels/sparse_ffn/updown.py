@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .._common import workspace
 from .._tl import round_to as _rnd
+from .._tl import split_reduce
 
 
 @triton.jit
@@ -82,16 +83,9 @@ def _updown_kernel(
             a = _rnd(tl.where(g > thr, g, 0.0) * u, DT)
         a = tl.where(r_ok, a, 0.0)
         yacc += tl.sum(a[:, None] * wd.to(tl.float32), axis=0)
-    if cnt > 0:
-        tl.atomic_add(ACC + offs_n, yacc, mask=n_ok, sem="relaxed")
-    tl.debug_barrier()
-    ticket = tl.atomic_add(CNT, 1, sem="acq_rel")
-    if ticket == NUM_CHUNKS - 1:
-        zero = tl.zeros_like(yacc)
-        total = tl.atomic_add(ACC + offs_n, zero, mask=n_ok, sem="relaxed")  # coherent read
-        tl.store(ACC + offs_n, zero, mask=n_ok)
+    last, total = split_reduce(ACC + offs_n, n_ok, yacc, CNT, NUM_CHUNKS, cnt > 0)
+    if last:
         tl.store(Y + offs_n, _rnd(total, DT).to(DT), mask=n_ok)
-        tl.store(CNT, 0)
 
 
 # H100 sweeps at s = 0.9 (KERNEL_NOTES v7): exact mode wants many small programs (CHUNK 32: 344

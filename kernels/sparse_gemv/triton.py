@@ -32,6 +32,7 @@ from .._common import (
     token_pad,
     workspace,
 )
+from .._tl import split_reduce
 
 
 @triton.jit
@@ -217,16 +218,9 @@ def _sparse_down_kernel(
         ptrs = ACC + offs_t[:, None] * N + offs_n[None, :]
         pmask = t_ok[:, None] & n_ok[None, :]
         yptrs = Y + offs_t[:, None] * stride_y + offs_n[None, :]
-    if cnt > 0:
-        tl.atomic_add(ptrs, part, mask=pmask, sem="relaxed")
-    tl.debug_barrier()
-    ticket = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
-    if ticket == NUM_CHUNKS - 1:
-        zero = tl.zeros_like(part)
-        total = tl.atomic_add(ptrs, zero, mask=pmask, sem="relaxed")  # coherent read
-        tl.store(ptrs, zero, mask=pmask)
+    last, total = split_reduce(ptrs, pmask, part, CNT + pid_n, NUM_CHUNKS, cnt > 0)
+    if last:
         tl.store(yptrs, total.to(Y.dtype.element_ty), mask=pmask)
-        tl.store(CNT + pid_n, 0)
 
 
 def default_down_config(t: int, d_ff: int, d_model: int) -> dict:

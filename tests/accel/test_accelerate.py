@@ -113,19 +113,6 @@ def test_triton_backend_refuses_cpu_tensors_when_not_interpreting(monkeypatch):
         accelerate(_tiny(), backend="triton")
 
 
-@pytest.mark.skipif(not ZOO.is_file(), reason="zoo:relu-llama not built")
-def test_zoo_relu_llama_exact_matches_dense():
-    model = wb.load_model("zoo:relu-llama")
-    text = "def add(a, b):\n    return a + b\n\nThe function returns the sum of its arguments."
-    ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :32]
-    for mode in ("exact", "chunk"):
-        with accelerate(model, mode=mode, backend="torch") as h:
-            m = h.measure(ids, reps=1, warmup=0)
-        assert m.summary["logits_rel_rms"] <= 1e-2, (mode, m.summary)
-        assert m.summary["top1_agreement"] >= 0.99, (mode, m.summary)
-        assert m.layers["realised_sparsity"].mean() > 0.5
-
-
 def _tiny_blockffn(seed=0, **kw):
     from workbench.models.blockffn import BlockFFNConfig, BlockFFNForCausalLM
 
@@ -163,9 +150,15 @@ def test_moe_blocks_model_refusals_name_the_cause():
         accelerate(_tiny_blockffn(router_scale=True))
 
 
-@pytest.mark.skipif(not ZOO_BLOCK.is_file(), reason="zoo:blockffn not built")
-def test_zoo_blockffn_exact_and_chunk_match_dense():
-    model = wb.load_model("zoo:blockffn")
+@pytest.mark.parametrize("name,sparsity", [
+    # relu-llama: the rows the kernels read; blockffn: the trained router turns most experts off
+    pytest.param("relu-llama", "realised_sparsity",
+                 marks=pytest.mark.skipif(not ZOO.is_file(), reason="zoo:relu-llama not built")),
+    pytest.param("blockffn", "true_sparsity",
+                 marks=pytest.mark.skipif(not ZOO_BLOCK.is_file(), reason="zoo:blockffn not built")),
+])
+def test_zoo_exact_and_chunk_match_dense(name, sparsity):
+    model = wb.load_model(f"zoo:{name}")
     text = "def add(a, b):\n    return a + b\n\nThe function returns the sum of its arguments."
     ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :32]
     for mode in ("exact", "chunk"):
@@ -173,4 +166,4 @@ def test_zoo_blockffn_exact_and_chunk_match_dense():
             m = h.measure(ids, reps=1, warmup=0)
         assert m.summary["logits_rel_rms"] <= 1e-2, (mode, m.summary)
         assert m.summary["top1_agreement"] >= 0.99, (mode, m.summary)
-        assert m.layers["true_sparsity"].mean() > 0.5  # the trained router turns most experts off
+        assert m.layers[sparsity].mean() > 0.5

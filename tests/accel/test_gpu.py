@@ -1,4 +1,4 @@
-"""Compiled on the GPU machine: accelerate(zoo:relu-llama) with the Triton kernels matches the dense
+"""Compiled on the GPU machine: accelerate(zoo:relu-llama, zoo:blockffn) with the Triton kernels matches the dense
 model (exact and chunk modes). Run there with `WB_KERNEL_TESTS_GPU=1 python -m pytest -m gpu tests/accel`."""
 
 from __future__ import annotations
@@ -17,34 +17,23 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device machine)")]
 
 
-@pytest.mark.skipif(not ZOO.is_file(), reason="zoo:relu-llama not built")
+@pytest.mark.parametrize("name,sparsity", [
+    # relu-llama: the rows the kernels read; blockffn: the trained router turns most experts off
+    pytest.param("relu-llama", "realised_sparsity",
+                 marks=pytest.mark.skipif(not ZOO.is_file(), reason="zoo:relu-llama not built")),
+    pytest.param("blockffn", "true_sparsity",
+                 marks=pytest.mark.skipif(not ZOO_BLOCK.is_file(), reason="zoo:blockffn not built")),
+])
 @pytest.mark.parametrize("mode", ["exact", "chunk"])
-def test_zoo_relu_llama_triton_matches_dense(mode):
-    model = wb.load_model("zoo:relu-llama", device="cuda")
+def test_zoo_triton_matches_dense(name, sparsity, mode):
+    model = wb.load_model(f"zoo:{name}", device="cuda")
     text = ("def add(a, b):\n    return a + b\n\nThe function returns the sum of its arguments. "
             "A list holds items in order; a dict maps keys to values.")
     ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :48]
     with wb.accelerate(model, mode=mode, backend="triton") as h:
         m = h.measure(ids, reps=3, warmup=1)
-    print(mode, {k: m.summary[k] for k in ("logits_rel_rms", "top1_agreement",
-                                           "top1_agreement_model_dtype_logits", "tokens")})
+    print(name, mode, {k: m.summary[k] for k in ("logits_rel_rms", "top1_agreement", "tokens")})
     assert m.summary["backend"] == "triton"
     assert m.summary["logits_rel_rms"] <= 1e-2, m.summary
     assert m.summary["top1_agreement"] >= 0.99, m.summary
-    assert m.layers["realised_sparsity"].mean() > 0.5
-
-
-@pytest.mark.skipif(not ZOO_BLOCK.is_file(), reason="zoo:blockffn not built")
-@pytest.mark.parametrize("mode", ["exact", "chunk"])
-def test_zoo_blockffn_triton_matches_dense(mode):
-    model = wb.load_model("zoo:blockffn", device="cuda")
-    text = ("def add(a, b):\n    return a + b\n\nThe function returns the sum of its arguments. "
-            "A list holds items in order; a dict maps keys to values.")
-    ids = model.tokenizer(text, return_tensors="pt")["input_ids"][:, :48]
-    with wb.accelerate(model, mode=mode, backend="triton") as h:
-        m = h.measure(ids, reps=3, warmup=1)
-    print(mode, {k: m.summary[k] for k in ("logits_rel_rms", "top1_agreement", "tokens")})
-    assert m.summary["backend"] == "triton"
-    assert m.summary["logits_rel_rms"] <= 1e-2, m.summary
-    assert m.summary["top1_agreement"] >= 0.99, m.summary
-    assert m.layers["true_sparsity"].mean() > 0.5
+    assert m.layers[sparsity].mean() > 0.5
