@@ -249,7 +249,8 @@ def dense_ffn(x, wg, wu, wd):
 def _ffn_cfg(rows_cfg, down_cfg):
     rows_cfg = rows_cfg or {}
     if "updown" in rows_cfg:  # one launch for up rows + down rows (kernels/sparse_ffn/updown.py)
-        return {"updown": rows_cfg["updown"]}
+        # "gemv": blocks of the dense gate's Triton GEMV, or False for cuBLAS (kernels/dense_gemv)
+        return {k: rows_cfg[k] for k in ("updown", "gemv") if k in rows_cfg}
     return {"rows": rows_cfg, "down": down_cfg, "fused_gate": bool(rows_cfg.get("fused_gate"))}
 
 
@@ -506,6 +507,9 @@ def main():
     ap.add_argument("--commit", default=os.environ.get("WB_COMMIT", ""))
     ap.add_argument("--dry", action="store_true", help="CPU smoke run at toy shapes")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--p1-configs", default="", help="JSON list replacing the P1 block sweep")
+    ap.add_argument("--p1-shapes", default="", help="P1 shapes, e.g. 4096x11008,2048x8192")
+    ap.add_argument("--p2-configs", default="", help="JSON list replacing the P2 block sweep")
     args = ap.parse_args()
     global DEV, DRY
     P4_PARTS.update(args.p4_parts.split(","))
@@ -590,13 +594,21 @@ def main():
     ]
     if args.quick:
         down_sweep, rows_sweep = down_sweep[:2], rows_sweep[:2]
+    if args.p1_configs:
+        down_sweep = json.loads(args.p1_configs)
+    if args.p2_configs:
+        rows_sweep = json.loads(args.p2_configs)
     t0 = time.time()
     best_down = {}
     sections = []
     if "P1" in only:
-        for shp in [(4096, 11008), (4096, 14336), (2048, 8192)]:
+        p1_shapes = [(4096, 11008), (4096, 14336), (2048, 8192)]
+        if args.p1_shapes:
+            p1_shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.p1_shapes.split(",")]
+        for shp in p1_shapes:
             sections.append(("P1", shp, torch.float16))
-        sections.append(("P1", (4096, 11008), torch.bfloat16))
+        if (4096, 11008) in p1_shapes:
+            sections.append(("P1", (4096, 11008), torch.bfloat16))
     if "P2" in only:
         for shp in [(4096, 11008), (4096, 14336)]:
             sections.append(("P2", shp, torch.float16))

@@ -10,6 +10,7 @@ Public functions (all take ``backend=None | "triton" | "torch"`` and ``config=No
 - chunk_ffn(x, w_gate, w_up, w_down_t, ..., dense_fraction)   P4: union over a chunk of tokens
 - moe_blocks(x, w_router, norm_weight, w_up, w_down_t, eps)   P4: ReLU-routed MoE blocks
 - predictor_logits(x, w1, w2, b1, b2), router_scores(x, w_router, norm_weight, eps)
+- gemv(x, w, bias, relu)                                  dense one-token GEMV (the dense parts)
 
 Dispatch (one place, ``_dispatch``): Triton when every tensor is on CUDA (or TRITON_INTERPRET=1)
 and triton imports, else the torch reference; backend="triton" that cannot run raises KernelError.
@@ -28,6 +29,7 @@ import torch
 from . import layout
 from ._common import pick_backend, triton_available
 from .chunk_ffn import reference as _chunk_ref  # noqa: F401
+from .dense_gemv import reference as _dense_ref  # noqa: F401
 from .moe_blocks.reference import router_scores
 from .predictor.reference import default_width, predictor_logits
 from .sparse_ffn import reference as _ffn_ref  # noqa: F401
@@ -41,6 +43,7 @@ _OPS = {
     "sparse_ffn_predicted": "sparse_ffn",
     "chunk_ffn": "chunk_ffn",
     "moe_blocks": "moe_blocks",
+    "gemv": "dense_gemv",
 }
 
 
@@ -137,6 +140,13 @@ def chunk_ffn(
     )
 
 
+def gemv(x, w, bias=None, *, relu=False, backend=None, config=None):
+    """y [T, K] = x [T, N] @ w [K, N]^T (+ bias), ReLU when `relu`: a dense GEMV, the Triton kernel
+    for one token (the gate and predictor layers of the sparse FFN use it), F.linear otherwise."""
+    ts = [x, w] + ([bias] if bias is not None else [])
+    return _dispatch("gemv", backend, ts)(x, w, bias, relu=relu, config=config)
+
+
 def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, backend=None, config=None):
     """ReLU-routed MoE blocks (BlockFFN): y [T, d_model] = sum_i A_i down_i(SiLU(up_i x))."""
     f = _dispatch("moe_blocks", backend, [x, w_router, norm_weight, w_up, w_down_t])
@@ -144,6 +154,7 @@ def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, backend=No
 
 
 __all__ = [
+    "gemv",
     "chunk_ffn",
     "default_width",
     "gate_up_predicted",

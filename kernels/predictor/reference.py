@@ -1,8 +1,9 @@
 """Deja Vu style per-layer activation predictor: Linear(d, w) - ReLU - Linear(w, d_ff).
 
 A neuron is predicted active where its logit is > 0 (sigmoid >= 0.5). Both linears are dense
-GEMVs that cuBLAS already runs at the bandwidth ceiling, so the fast path uses them as they are
-(see predictor/triton.py); the mask itself is applied inside the sparse row kernel.
+GEMVs; for one token the fast path runs them through the Triton GEMV (kernels/dense_gemv: 1.8x
+cuBLAS at 1024x4096, KERNEL_NOTES v8), see predictor/triton.py; the mask itself is applied
+inside the sparse row kernel.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ def predictor_logits(
 
     x [T, d_model]; w1 [w, d_model]; w2 [d_ff, w]; biases optional.
     """
+    check_predictor(x, w1, w2)
+    return F.linear(torch.relu(F.linear(x, w1, b1)), w2, b2)
+
+
+def check_predictor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> None:
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[1] != x.shape[-1] or w2.shape[1] != w1.shape[0]:
         raise KernelError(
             f"predictor weights do not chain: x {tuple(x.shape)}, w1 {tuple(w1.shape)} "
             f"(want [width, d_model]), w2 {tuple(w2.shape)} (want [d_ff, width])"
         )
-    return F.linear(torch.relu(F.linear(x, w1, b1)), w2, b2)

@@ -1,7 +1,8 @@
-"""Fast path of the predictor: the two dense GEMVs through cuBLAS (torch.nn.functional.linear).
-
-A custom kernel would move the same bytes; the predictor's mask is consumed by the row kernel
-(sparse_ffn.triton MODE 1), which reads the logits directly, so no mask tensor is materialised.
+"""Fast path of the predictor: inside `sparse_ffn_predicted` (kernels/sparse_ffn/triton.py) the two
+layers of one token go through the Triton GEMV (kernels/dense_gemv, bias and ReLU fused into the
+first), more tokens through cuBLAS. The logits are consumed by the row kernels (MODE 1) directly,
+so no mask tensor is materialised. The public `predictor_logits` stays the torch reference: it
+also serves fp32 calibration and the metrics.
 """
 
 from .reference import default_width, predictor_logits

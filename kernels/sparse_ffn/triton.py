@@ -585,6 +585,21 @@ def _split(config):
     return config.get("rows"), config.get("down")
 
 
+def _dense(x2, w, config, bias=None, relu=False):
+    """A dense part of the sparse FFN (the gate in exact mode, the predictor's layers): the Triton
+    GEMV for one token (faster than cuBLAS at these shapes, KERNEL_NOTES v8), F.linear otherwise
+    or when the config says {"gemv": False}; {"gemv": {...}} sets the GEMV's blocks."""
+    import torch.nn.functional as F
+
+    cg = (config or {}).get("gemv", {})
+    if x2.shape[0] == 1 and cg is not False:
+        from ..dense_gemv.triton import gemv
+
+        return gemv(x2, w, bias, relu=relu, config=cg or None)
+    y = F.linear(x2, w, bias)
+    return torch.relu(y) if relu else y
+
+
 def _use_updown(x2, config) -> bool:
     """One token: the one-launch up+down kernel, unless the config names the two-launch path's
     blocks ("rows", "down", "fused_gate"). Default only up to d_model 4096, where it was measured
@@ -600,13 +615,14 @@ def _use_updown(x2, config) -> bool:
 
 
 def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, config=None):
-    """Exact sparse gated FFN: dense gate (cuBLAS), sparse up fused with act*mul, sparse down.
+    """Exact sparse gated FFN: dense gate, sparse up fused with act*mul, sparse down.
 
     x [T, d_model]; w_gate, w_up [d_ff, d_model] (nn.Linear layout); w_down_t [d_ff, d_model].
-    config: optional {"rows": {...}, "down": {...}} block-shape overrides.
+    One token (d_model <= 4096): the gate through the Triton GEMV, then up rows, product and down
+    rows in one launch (updown.py). Otherwise the gate through cuBLAS, the row kernel, the sparse
+    down kernel. config: optional {"updown": {...}} or {"rows": {...}, "down": {...}} block
+    shapes, {"gemv": {...} | False} for the gate GEMV (False: cuBLAS).
     """
-    import torch.nn.functional as F
-
     from .._common import check_activation, check_ffn
     from ..sparse_gemv.triton import sparse_down
 
@@ -617,14 +633,14 @@ def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, c
         from .updown import updown
 
         thr = check_activation(activation, threshold)
-        y = updown(x2, F.linear(x2, w_gate), None, w_up, w_down_t, mode=0, threshold=thr,
+        y = updown(x2, _dense(x2, w_gate, config), None, w_up, w_down_t, mode=0, threshold=thr,
                    config=(config or {}).get("updown"))  # fmt: skip
         return y[0] if was_1d else y
     if (config or {}).get("fused_gate"):
         # gate GEMV inside the row kernel (one launch instead of cuBLAS + row kernel)
         a = fused_gate_up(x2, w_gate, w_up, activation=activation, threshold=threshold, config=crow)
     else:
-        gate = F.linear(x2, w_gate)
+        gate = _dense(x2, w_gate, config)
         a = gated_up(x2, gate, w_up, activation=activation, threshold=threshold, config=crow)
     y = sparse_down(a, w_down_t, config=cdown)
     return y[0] if was_1d else y
@@ -644,15 +660,18 @@ def sparse_ffn_predicted(
     threshold=0.0,
     config=None,
 ):
-    """Gated FFN with a Deja Vu predictor: predictor GEMVs (cuBLAS), then gate and up read only
-    on predicted rows (one kernel), then the sparse down projection."""
+    """Gated FFN with a Deja Vu predictor: the predictor's two GEMVs (Triton for one token, as
+    `_dense`), then gate, up and down rows only where the logit is > 0 (one launch for one token,
+    else the row kernel and the sparse down kernel)."""
     from .._common import check_activation, check_ffn
-    from ..predictor.reference import predictor_logits
+    from ..predictor.reference import check_predictor
     from ..sparse_gemv.triton import sparse_down
 
     x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
     crow, cdown = _split(config)
-    logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
+    check_predictor(x2, w_pred1, w_pred2)
+    hid = _dense(x2, w_pred1, config, b_pred1, relu=True)
+    logits = _dense(hid, w_pred2, config, b_pred2)
     if _use_updown(x2, config):
         from .updown import updown
 

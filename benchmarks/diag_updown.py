@@ -1,0 +1,219 @@
+"""Where the one-token updown kernel's time goes (P2 exact mode, s = 0.9, fp16): the same kernel
+body with different epilogues, timed alone in graph replays over rotated weights as in
+bench_kernels.py.
+
+EPI 0: the library's split reduction (fp32 atomics into one zeroed workspace, ticket, last
+       program casts), optionally through REPL replicas of the workspace (program p adds into
+       replica p % REPL; the last program sums the replicas), which spreads the same-address
+       atomics over REPL times as many L2 lines.
+EPI 1: timing only (wrong result): each program stores its fp32 partial into its own row, no
+       atomics and no ticket: the cost of everything but the reduction.
+EPI 2: timing only: atomics into the workspace, no ticket and no final cast.
+EPI 3: timing only: one float per program stored (no output traffic at all).
+NORELOAD: take the ranked rows' gate values from the chunk in registers instead of reloading them
+       (one dependent L2 round trip less); EVICT: weight loads marked evict_first.
+
+    PYTHONPATH=$PWD python3 benchmarks/diag_updown.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from bench_kernels import bench, exact_active, log, rand_w, rotating, sign_rows  # noqa: E402
+from workbench.kernels._tl import round_to as _rnd  # noqa: E402
+from workbench.kernels.sparse_ffn.updown import updown  # noqa: E402
+
+
+@triton.jit
+def _updown_diag(
+    X, SRC, WU, WD, Y, ACC, CNT, K, N, stride_w, thr, NUM_CHUNKS,
+    CHUNK: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EPI: tl.constexpr,
+    REPL: tl.constexpr, NORELOAD: tl.constexpr = False, EVICT: tl.constexpr = False,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    DT = X.dtype.element_ty
+    offs_c = tl.arange(0, CHUNK)
+    rows_c = pid * CHUNK + offs_c
+    in_k = rows_c < K
+    src = tl.load(SRC + rows_c, mask=in_k, other=0.0).to(tl.float32)
+    act = (src > thr) & in_k
+    acti = act.to(tl.int32)
+    cnt = tl.sum(acti, axis=0)
+    pos = tl.where(act, tl.cumsum(acti, axis=0) - 1, -1)
+    offs_n = tl.arange(0, BN)
+    n_ok = offs_n < N
+    x = tl.load(X + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    yacc = tl.zeros([BN], dtype=tl.float32)
+    offs_b = tl.arange(0, BK)
+    for i in range(0, cnt, BK):
+        j = i + offs_b
+        r_ok = j < cnt
+        local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_c[None, :], 0), axis=1)
+        rows = pid * CHUNK + local
+        m = r_ok[:, None] & n_ok[None, :]
+        if EVICT:
+            wu = tl.load(
+                WU + rows[:, None] * stride_w + offs_n[None, :],
+                mask=m,
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+            wd = tl.load(
+                WD + rows[:, None] * stride_w + offs_n[None, :],
+                mask=m,
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+        else:
+            wu = tl.load(WU + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+            wd = tl.load(WD + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+        u = _rnd(tl.sum(wu.to(tl.float32) * x[None, :], axis=1), DT)
+        if NORELOAD:  # the gate values of the ranked rows from the chunk already in registers
+            g = tl.sum(tl.where(pos[None, :] == j[:, None], src[None, :], 0.0), axis=1)
+        else:
+            g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
+        a = _rnd(_rnd(tl.where(g > thr, g, 0.0), DT) * u, DT)
+        a = tl.where(r_ok, a, 0.0)
+        yacc += tl.sum(a[:, None] * wd.to(tl.float32), axis=0)
+    if EPI == 1:
+        tl.store(ACC + pid * N + offs_n, yacc, mask=n_ok)
+    elif EPI == 3:  # one float per program: the loads and arithmetic without any output traffic
+        tl.store(ACC + pid, tl.sum(yacc, axis=0))
+    elif EPI == 2:
+        if cnt > 0:
+            tl.atomic_add(ACC + offs_n, yacc, mask=n_ok, sem="relaxed")
+    else:
+        if cnt > 0:
+            tl.atomic_add(ACC + (pid % REPL) * N + offs_n, yacc, mask=n_ok, sem="relaxed")
+        tl.debug_barrier()
+        ticket = tl.atomic_add(CNT, 1, sem="acq_rel")
+        if ticket == NUM_CHUNKS - 1:
+            total = tl.zeros([BN], dtype=tl.float32)
+            zero = tl.zeros([BN], dtype=tl.float32)
+            for r in tl.static_range(REPL):
+                total += tl.atomic_add(ACC + r * N + offs_n, zero, mask=n_ok, sem="relaxed")
+            for r in tl.static_range(REPL):
+                tl.store(ACC + r * N + offs_n, zero, mask=n_ok)
+            tl.store(CNT, 0)
+            tl.store(Y + offs_n, _rnd(total, DT).to(DT), mask=n_ok)
+
+
+@triton.jit
+def _empty(Y):
+    if tl.program_id(0) == 0:
+        tl.store(Y, 1.0)
+
+
+@triton.jit
+def _gather_rows(IDX, W, OUT, stride_w, N, R: tl.constexpr, BN: tl.constexpr):
+    """Floor of a row gather: program p reads rows IDX[p*R:(p+1)*R], all N columns, and stores
+    their fp32 sum into its own output row (no ranking, no atomics)."""
+    pid = tl.program_id(0)
+    rows = tl.load(IDX + pid * R + tl.arange(0, R))
+    offs_n = tl.arange(0, BN)
+    w = tl.load(W + rows[:, None] * stride_w + offs_n[None, :], mask=(offs_n < N)[None, :])
+    tl.store(OUT + pid * N + offs_n, tl.sum(w.to(tl.float32), axis=0), mask=offs_n < N)
+
+
+def floors(wdt, s):
+    y = torch.zeros(1, device="cuda")
+    ms = bench(lambda: _empty[(1,)](y), 10)
+    log(f"  empty kernel, 1 program: {ms * 1e3:.2f} us")
+    ms = bench(lambda: _empty[(344,)](y), 10)
+    log(f"  empty kernel, 344 programs: {ms * 1e3:.2f} us")
+    k, n = wdt[0].shape
+    for r in (4, 8, 16):
+        na = int(round((1 - s) * k)) // r * r
+        idx = [torch.randperm(k, device="cuda")[:na].sort().values.to(torch.int32) for _ in wdt]
+        out = torch.empty((na // r, n), device="cuda")
+        sets = list(zip(idx, wdt))
+        ms = bench(
+            rotating(
+                lambda i, w, r=r, na=na, out=out: _gather_rows[(na // r,)](
+                    i, w, out, w.stride(0), n, R=r, BN=triton.next_power_of_2(n), num_warps=4
+                ),
+                sets,
+            ),
+            10,
+        )
+        mb = na * n * 2 / 1e6
+        log(
+            f"  gather {na} random rows x {n} (R={r}, {mb:.1f} MB): {ms * 1e3:.2f} us, "
+            f"{mb / ms / 1e3:.2f} TB/s"
+        )
+
+
+def run_diag(x, src, wu, wdt, thr, chunk, warps, epi, repl, bk=4, noreload=False, evict=False):
+    k, n = wu.shape
+    chunks = triton.cdiv(k, chunk)
+    rows = chunks if epi == 1 else repl
+    acc = torch.zeros((rows, n), dtype=torch.float32, device=x.device)
+    cnt = torch.zeros(1, dtype=torch.int32, device=x.device)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+
+    def go():
+        _updown_diag[(chunks,)](
+            x, src, wu, wdt, y, acc, cnt, k, n, wu.stride(0), thr, chunks,
+            CHUNK=chunk, BK=bk, BN=triton.next_power_of_2(n), EPI=epi, REPL=repl,
+            NORELOAD=noreload, EVICT=evict, num_warps=warps, num_stages=1,
+        )  # fmt: skip
+        return y
+
+    return go
+
+
+VARIANTS = [  # (EPI, REPL, NORELOAD, EVICT)
+    (0, 1, False, False), (3, 1, False, False), (2, 1, False, False),
+    (0, 1, True, False), (0, 1, True, True), (3, 1, True, True),
+]  # fmt: skip
+CONFIGS = [(32, 4, 4), (64, 8, 4), (64, 4, 4), (16, 4, 2), (64, 8, 8)]  # (CHUNK, warps, BK)
+if "--quick" in sys.argv:  # second run: one-iteration blocks (BK >= the active rows per chunk)
+    VARIANTS = [(0, 1, False, False), (3, 1, False, False)]
+    CONFIGS = [(32, 4, 4), (32, 8, 8), (32, 4, 8), (16, 4, 4), (16, 2, 4), (32, 8, 4)]
+
+
+def main():
+    # 10 weight copies: more than 3x the L2 (50 MB) is read between two uses of a copy
+    d, f, nw, dt = 4096, 11008, 10, torch.float16
+    wg = [rand_w(f, d, dt) for _ in range(nw)]
+    wu = [rand_w(f, d, dt) for _ in range(nw)]
+    wdt = [rand_w(f, d, dt) for _ in range(nw)]
+    xs = [torch.randn(1, d, device="cuda").to(dt) for _ in range(nw)]
+    for s in (0.9, 0.5):
+        wgs = [sign_rows(wg[i], xs[i][0], exact_active(f, s)) for i in range(nw)]
+        srcs = [torch.nn.functional.linear(xs[i], wgs[i]).reshape(-1) for i in range(nw)]
+        mb = (1 - s) * f * d * 2 * 2 / 1e6
+        log(f"s={s}: {mb:.1f} MB of up+down rows, {mb / 2.5e6 * 1e6:.2f} us at 2.5 TB/s")
+        sets = list(zip(xs, srcs, wu, wdt))
+        if FLOORS:
+            floors(wdt, s)
+        ms = bench(rotating(lambda x, g, u, w: updown(x, g, None, u, w, mode=0), sets), 10)
+        log(f"  library updown (defaults): {ms * 1e3:.2f} us")
+        ref = updown(xs[0], srcs[0], None, wu[0], wdt[0], mode=0).float()
+        for chunk, warps, bk in CONFIGS:
+            for epi, repl, nr, ev in VARIANTS:
+                fns = [
+                    run_diag(x, g, u, w, 0.0, chunk, warps, epi, repl, bk, nr, ev)
+                    for x, g, u, w in sets
+                ]
+                ms = bench(rotating(lambda fn: fn(), [(fn,) for fn in fns]), 10)
+                note = ""
+                if epi == 0:
+                    err = ((fns[0]().float() - ref).norm() / ref.norm()).item()
+                    note = f", rel err vs library {err:.1e}"
+                log(
+                    f"  CHUNK={chunk} BK={bk} warps={warps} EPI={epi} REPL={repl} noreload={nr} "
+                    f"evict={ev}: {ms * 1e3:.2f} us{note}"
+                )
+
+
+FLOORS = "--floors" in sys.argv
+
+if __name__ == "__main__":
+    main()
