@@ -13,7 +13,8 @@ EPI 3: timing only: one float per program stored (no output traffic at all).
 NORELOAD: take the ranked rows' gate values from the chunk in registers instead of reloading them
        (one dependent L2 round trip less); EVICT: weight loads marked evict_first.
 
-    PYTHONPATH=$PWD python3 benchmarks/diag_updown.py
+    PYTHONPATH=$PWD python3 benchmarks/diag_updown.py [--floors | --quick]
+    PYTHONPATH=$PWD python3 benchmarks/diag_updown.py --predicted [--predicted2]   # MODE 1 blocks
 """
 
 from __future__ import annotations
@@ -215,5 +216,68 @@ def main():
 
 FLOORS = "--floors" in sys.argv
 
+PRED = [  # predicted mode (MODE 1): the library default, then early_gate (all three tiles at once)
+    {},
+    dict(early_gate=True),
+    dict(early_gate=True, BK=2),
+    dict(early_gate=True, CHUNK=32),
+    dict(early_gate=True, num_warps=16),
+    dict(early_gate=True, CHUNK=32, BK=2, num_warps=4),
+    dict(early_gate=True, CHUNK=128, num_warps=16),
+    dict(early_gate=True, CHUNK=32, BK=2, num_warps=8),
+]
+
+PRED2 = [  # second run: around the first run's winner (early_gate, CHUNK 32, BK 2, 8 warps)
+    dict(early_gate=True, CHUNK=32, BK=2, num_warps=8),
+    dict(CHUNK=32, BK=2, num_warps=8),
+    dict(early_gate=True, CHUNK=16, BK=2, num_warps=8),
+    dict(early_gate=True, CHUNK=16, BK=2, num_warps=4),
+    dict(early_gate=True, CHUNK=32, BK=1, num_warps=8),
+    dict(early_gate=True, CHUNK=64, BK=2, num_warps=16),
+    dict(early_gate=True, CHUNK=32, BK=2, num_warps=16),
+    dict(early_gate=True, CHUNK=16, BK=1, num_warps=4),
+]
+
+
+EXACT = [  # exact mode (MODE 0) in the same run
+    {},
+    dict(early_gate=True),
+    dict(early_gate=True, BK=2, num_warps=8),
+    dict(BK=2, num_warps=8),
+    dict(early_gate=True, CHUNK=16, BK=2, num_warps=4),
+]
+
+
+def predicted():
+    """The predicted-mode updown alone (P3's kernel after the predictor), rows where logit > 0."""
+    d, f, nw, dt = 4096, 11008, 10, torch.float16
+    wg, wu, wdt = ([rand_w(f, d, dt) for _ in range(nw)] for _ in range(3))
+    xs = [torch.randn(1, d, device="cuda").to(dt) for _ in range(nw)]
+    for s in (0.9, 0.5):
+        lgs = []
+        for _ in range(nw):
+            act = exact_active(f, s).to("cuda")
+            lgs.append((torch.rand(f, device="cuda") + 0.1) * torch.where(act, 1.0, -1.0))
+        lgs = [lg.to(dt)[None] for lg in lgs]
+        mb = (1 - s) * f * d * 2 * 3 / 1e6
+        log(f"predicted s={s}: {mb:.1f} MB of gate+up+down rows, {mb / 2.5e6 * 1e6:.2f} us at 2.5 TB/s")
+        sets = list(zip(xs, lgs, wg, wu, wdt))
+        ref = updown(xs[0], lgs[0], wg[0], wu[0], wdt[0], mode=1).float()
+        for cfg in PRED2 if "--predicted2" in sys.argv else PRED:
+            ms = bench(rotating(lambda x, lg, a, b, c, cfg=cfg: updown(
+                x, lg, a, b, c, mode=1, config=cfg), sets), 10)  # fmt: skip
+            y = updown(xs[0], lgs[0], wg[0], wu[0], wdt[0], mode=1, config=cfg).float()
+            err = ((y - ref).norm() / ref.norm()).item()
+            log(f"  {cfg or 'default'}: {ms * 1e3:.2f} us, rel diff vs default {err:.1e}")
+        if "--exact" in sys.argv:  # the logits serve as the dense gate (threshold 0)
+            ref = updown(xs[0], lgs[0], None, wu[0], wdt[0], mode=0).float()
+            for cfg in EXACT:
+                ms = bench(rotating(lambda x, lg, a, b, c, cfg=cfg: updown(
+                    x, lg, None, b, c, mode=0, config=cfg), sets), 10)  # fmt: skip
+                y = updown(xs[0], lgs[0], None, wu[0], wdt[0], mode=0, config=cfg).float()
+                err = ((y - ref).norm() / ref.norm()).item()
+                log(f"  exact {cfg or 'default'}: {ms * 1e3:.2f} us, rel diff vs default {err:.1e}")
+
+
 if __name__ == "__main__":
-    main()
+    predicted() if "--predicted" in sys.argv else main()

@@ -46,6 +46,7 @@ def _updown_kernel(
     CHUNK: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
+    EARLY_GATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     DT = X.dtype.element_ty
@@ -72,13 +73,22 @@ def _updown_kernel(
         rows = pid * CHUNK + local
         m = r_ok[:, None] & n_ok[None, :]
         wu = tl.load(WU + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+        # EARLY_GATE: the gate (its values in MODE 0, its row tile in MODE 1) is loaded before the
+        # up reduction, so that all loads of an iteration are in flight at once
+        if EARLY_GATE:
+            if MODE == 0:
+                g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
+            else:
+                wg = tl.load(WG + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
         wd = tl.load(WD + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
         u = _rnd(tl.sum(wu.to(tl.float32) * x[None, :], axis=1), DT)
         if MODE == 0:
-            g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
+            if not EARLY_GATE:
+                g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
             a = _rnd(_rnd(tl.where(g > thr, g, 0.0), DT) * u, DT)
         else:
-            wg = tl.load(WG + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+            if not EARLY_GATE:  # after the up reduction: one more serial round trip
+                wg = tl.load(WG + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
             g = _rnd(tl.sum(wg.to(tl.float32) * x[None, :], axis=1), DT)
             a = _rnd(tl.where(g > thr, g, 0.0) * u, DT)
         a = tl.where(r_ok, a, 0.0)
@@ -88,12 +98,13 @@ def _updown_kernel(
         tl.store(Y + offs_n, _rnd(total, DT).to(DT), mask=n_ok)
 
 
-# H100 sweeps at s = 0.9 (KERNEL_NOTES v7): exact mode wants many small programs (CHUNK 32: 344
-# programs, not 172 over 132 SMs) with 4 warps; predicted mode reads three row tiles and loses
-# with 4 warps (registers), so it keeps CHUNK 64 with 8
+# H100 sweeps at s = 0.9 (KERNEL_NOTES v7, v8): exact mode wants many small programs (CHUNK 32: 344
+# programs, not 172 over 132 SMs) with 4 warps; loading its gate values early does not help. The
+# predicted mode reads three row tiles: with all three in flight at once (early_gate) and two
+# rows a pass over 8 warps it takes 19.2-19.8 us instead of 23.6 (v8, benchmarks/diag_updown.py)
 DEFAULT_UPDOWN = {
-    0: dict(CHUNK=32, BK=4, num_warps=4, num_stages=1),
-    1: dict(CHUNK=64, BK=4, num_warps=8, num_stages=1),
+    0: dict(CHUNK=32, BK=4, num_warps=4, num_stages=1, early_gate=False),
+    1: dict(CHUNK=32, BK=2, num_warps=8, num_stages=1, early_gate=True),
 }
 
 
@@ -118,6 +129,7 @@ def updown(x, src, w_gate, w_up, w_down_t, *, mode, threshold=0.0, config=None) 
         x, src, w_gate if w_gate is not None else w_up, w_up, w_down_t, y, acc, cnt, k, n,
         w_up.stride(0), float(threshold), chunks,
         MODE=mode, CHUNK=cfg["CHUNK"], BK=cfg["BK"], BN=triton.next_power_of_2(n),
+        EARLY_GATE=bool(cfg.get("early_gate", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return y
