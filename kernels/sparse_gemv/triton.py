@@ -263,7 +263,9 @@ def sparse_down(
     cfg = dict(default_down_config(t, k, n))
     if config:
         cfg.update(config)
-    t_pad = token_pad(t)
+    # "t_pad": pad the token axis further (e.g. 16 for one token) so that the rows go through
+    # tl.dot, whose loads Triton software-pipelines over the passes (num_stages)
+    t_pad = max(token_pad(t), int(cfg.get("t_pad", 1)))
     num_nb = triton.cdiv(n, cfg["BN"])
     num_chunks = triton.cdiv(k, cfg["CHUNK"])
     acc, cnt = workspace(

@@ -84,6 +84,22 @@ def test_sparse_down(device, dtype, tokens, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["rand", "full"])
+def test_sparse_down_one_token_through_dot(device, dtype, kind):
+    """config t_pad=16: one token padded to 16 so that the rows go through tl.dot (pipelined)."""
+    (d, f), cdown, _ = _setup(device)
+    g = _gen("down-dot", device, dtype, kind)
+    a = (torch.randn(1, f, generator=g) * _mask(kind, (1, f), g, density=0.15)).to(dtype)
+    (w,) = _weights(g, f, d, dtype, "cpu")
+    ref = a.double() @ w.double()
+    cfg = dict(cdown or dict(CHUNK=256, BK=16, BN=512), t_pad=16, num_stages=3)
+    for _ in range(2):
+        y = K.sparse_down(a.to(device), w.to(device), backend="triton", config=cfg)
+        assert y.shape == (1, d) and _rel(y.cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sparse_down_1d_and_reference(device):
     (d, f), cdown, _ = _setup(device)
     g = _gen("down1d", device)
