@@ -587,12 +587,13 @@ def _split(config):
 
 def _dense(x2, w, config, bias=None, relu=False):
     """A dense part of the sparse FFN (the gate in exact mode, the predictor's layers): the Triton
-    GEMV for one token (faster than cuBLAS at these shapes, KERNEL_NOTES v8), F.linear otherwise
-    or when the config says {"gemv": False}; {"gemv": {...}} sets the GEMV's blocks."""
+    GEMV for one token and rows of at most 4096 (where it was measured faster than cuBLAS,
+    KERNEL_NOTES v8), F.linear otherwise or when the config says {"gemv": False};
+    {"gemv": {...}} sets the GEMV's blocks (and selects it for longer rows too)."""
     import torch.nn.functional as F
 
     cg = (config or {}).get("gemv", {})
-    if x2.shape[0] == 1 and cg is not False:
+    if x2.shape[0] == 1 and cg is not False and (cg or w.shape[1] <= 4096):
         from ..dense_gemv.triton import gemv
 
         return gemv(x2, w, bias, relu=relu, config=cg or None)
