@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from bench_kernels import bench, exact_active, log, rand_w, rotating, sign_rows  # noqa: E402
+from bench_kernels import K, bench, exact_active, log, rand_w, rotating, sign_rows  # noqa: E402
 from workbench.kernels._tl import round_to as _rnd  # noqa: E402
 from workbench.kernels.sparse_ffn.updown import updown  # noqa: E402
 
@@ -216,6 +216,42 @@ def main():
 
 FLOORS = "--floors" in sys.argv
 
+P3_CFGS = [
+    {},
+    {"fuse_pred2": True},
+    {"fuse_pred2": True, "updown": dict(CHUNK=64, BK=2, num_warps=8, early_gate=True)},
+    {"fuse_pred2": True, "updown": dict(CHUNK=16, BK=2, num_warps=8, early_gate=True)},
+    {"fuse_pred2": True, "updown": dict(CHUNK=32, BK=2, num_warps=4, early_gate=True)},
+]
+P3_CFGS2 = [  # second run: around the first run's winner (fused, CHUNK 16, BK 2, 8 warps)
+    {},
+    {"fuse_pred2": True, "updown": dict(CHUNK=16, BK=2, num_warps=8, early_gate=True)},
+    {"fuse_pred2": True, "updown": dict(CHUNK=16, BK=2, num_warps=4, early_gate=True)},
+    {"fuse_pred2": True, "updown": dict(CHUNK=16, BK=1, num_warps=4, early_gate=True)},
+    {"fuse_pred2": True, "updown": dict(CHUNK=8, BK=2, num_warps=4, early_gate=True)},
+    {"fuse_pred2": True, "updown": dict(CHUNK=16, BK=4, num_warps=8, early_gate=True)},
+]
+
+
+def p3():
+    """The whole P3 layer (predictor + predicted updown), the predictor's second layer as a
+    separate GEMV (default) or fused into the updown kernel (fuse_pred2), 4096x11008, width 1024."""
+    d, f, wd_, nw, dt = 4096, 11008, 1024, 6, torch.float16
+    wg, wu, wdt = ([rand_w(f, d, dt) for _ in range(nw)] for _ in range(3))
+    w1 = [rand_w(wd_, d, dt) for _ in range(nw)]
+    w2r = [rand_w(f, wd_, dt) for _ in range(nw)]
+    xs = [torch.randn(1, d, device="cuda").to(dt) for _ in range(nw)]
+    hs = [torch.relu(torch.nn.functional.linear(xs[i], w1[i]))[0] for i in range(nw)]
+    for s in (0.9, 0.8, 0.5):
+        w2 = [sign_rows(w2r[i], hs[i], exact_active(f, s)) for i in range(nw)]
+        sets = list(zip(xs, wg, wu, wdt, w1, w2))
+        ref = K.sparse_ffn_predicted(*sets[0], backend="torch").float()
+        for cfg in P3_CFGS2 if "--p3b" in sys.argv else P3_CFGS:
+            ms = bench(rotating(lambda *a, cfg=cfg: K.sparse_ffn_predicted(*a, config=cfg), sets), 10)
+            y = K.sparse_ffn_predicted(*sets[0], config=cfg).float()
+            err = ((y - ref).norm() / ref.norm()).item()
+            log(f"P3 s={s} {cfg or 'default'}: {ms * 1e3:.2f} us, rel err vs torch {err:.1e}")
+
 PRED = [  # predicted mode (MODE 1): the library default, then early_gate (all three tiles at once)
     {},
     dict(early_gate=True),
@@ -280,4 +316,7 @@ def predicted():
 
 
 if __name__ == "__main__":
-    predicted() if "--predicted" in sys.argv else main()
+    if "--p3" in sys.argv:
+        p3()
+    else:
+        predicted() if "--predicted" in sys.argv else main()

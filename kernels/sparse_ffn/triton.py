@@ -601,6 +601,15 @@ def _dense(x2, w, config, bias=None, relu=False):
     return torch.relu(y) if relu else y
 
 
+def _fuse_pred2(w_pred2, config) -> bool:
+    """Predictor's second layer inside the updown kernel (MODE 2) for predictor widths up to 1024
+    (its [CHUNK, width] tile stays in registers): the default since KERNEL_NOTES v8 (H100, whole
+    P3 layer 31.3-31.8 vs 32.8-33.6 us at s = 0.9, 40.5 vs 43.1-44.2 at 0.8); config
+    {"fuse_pred2": False} runs the separate GEMV and MODE 1."""
+    fuse = (config or {}).get("fuse_pred2", True)
+    return bool(fuse) and w_pred2.shape[1] <= 1024
+
+
 def _use_updown(x2, config) -> bool:
     """One token: the one-launch up+down kernel, unless the config names the two-launch path's
     blocks ("rows", "down", "fused_gate"). Default only up to d_model 4096, where it was measured
@@ -661,9 +670,11 @@ def sparse_ffn_predicted(
     threshold=0.0,
     config=None,
 ):
-    """Gated FFN with a Deja Vu predictor: the predictor's two GEMVs (Triton for one token, as
-    `_dense`), then gate, up and down rows only where the logit is > 0 (one launch for one token,
-    else the row kernel and the sparse down kernel)."""
+    """Gated FFN with a Deja Vu predictor: gate, up and down rows only where the predictor's logit
+    is > 0. One token: the predictor's first layer through the Triton GEMV (`_dense`), then one
+    launch that computes its chunk's logits (second layer) and the rows (updown MODE 2; with
+    config {"fuse_pred2": False} the second layer as its own GEMV and MODE 1). More tokens: the
+    predictor through cuBLAS, the row kernel and the sparse down kernel."""
     from .._common import check_activation, check_ffn
     from ..predictor.reference import check_predictor
     from ..sparse_gemv.triton import sparse_down
@@ -672,6 +683,14 @@ def sparse_ffn_predicted(
     crow, cdown = _split(config)
     check_predictor(x2, w_pred1, w_pred2)
     hid = _dense(x2, w_pred1, config, b_pred1, relu=True)
+    if _use_updown(x2, config) and _fuse_pred2(w_pred2, config):
+        # the predictor's second layer inside the one-launch kernel (updown MODE 2)
+        from .updown import updown
+
+        thr = check_activation(activation, threshold)
+        y = updown(x2, hid, w_gate, w_up, w_down_t, mode=2, threshold=thr,
+                   config=(config or {}).get("updown"), w_pred2=w_pred2, b_pred2=b_pred2)  # fmt: skip
+        return y[0] if was_1d else y
     logits = _dense(hid, w_pred2, config, b_pred2)
     if _use_updown(x2, config):
         from .updown import updown

@@ -14,6 +14,9 @@ the two-launch path.
 MODE 0 (exact): SRC is the dense gate pre-activation [d_ff] (cuBLAS), active = g > threshold.
 MODE 1 (predicted): SRC is the predictor's logits [d_ff], active = logit > 0; the gate row is
 read for the active neurons only.
+MODE 2 (predicted, second predictor layer fused): SRC is the predictor's hidden vector [width];
+each program first computes its chunk's logits from W2 (one launch and the logits' round trip
+less than MODE 1 after a separate GEMV), then proceeds as MODE 1.
 """
 
 from __future__ import annotations
@@ -42,22 +45,44 @@ def _updown_kernel(
     stride_w,
     thr,
     NUM_CHUNKS,
+    W2,
+    B2,
+    WIDTH,
+    stride_w2,
     MODE: tl.constexpr,
     CHUNK: tl.constexpr,
     BK: tl.constexpr,
     BN: tl.constexpr,
     EARLY_GATE: tl.constexpr,
+    WP: tl.constexpr,
+    HAS_B2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     DT = X.dtype.element_ty
     offs_c = tl.arange(0, CHUNK)
     rows_c = pid * CHUNK + offs_c
     in_k = rows_c < K
-    src = tl.load(SRC + rows_c, mask=in_k, other=0.0).to(tl.float32)
-    if MODE == 0:
-        act = (src > thr) & in_k
+    if MODE == 2:
+        # the predictor's second layer for this chunk: logits = hidden . W2[rows] (+ b2), rounded
+        # to the model dtype as F.linear rounds them; SRC is the hidden vector [WIDTH]
+        offs_w = tl.arange(0, WP)
+        w_ok = offs_w < WIDTH
+        hid = tl.load(SRC + offs_w, mask=w_ok, other=0.0).to(tl.float32)
+        w2 = tl.load(
+            W2 + rows_c[:, None] * stride_w2 + offs_w[None, :],
+            mask=in_k[:, None] & w_ok[None, :],
+            other=0.0,
+        )
+        lg = tl.sum(w2.to(tl.float32) * hid[None, :], axis=1)
+        if HAS_B2:
+            lg += tl.load(B2 + rows_c, mask=in_k, other=0.0).to(tl.float32)
+        act = (_rnd(lg, DT) > 0.0) & in_k
     else:
-        act = (src > 0.0) & in_k
+        src = tl.load(SRC + rows_c, mask=in_k, other=0.0).to(tl.float32)
+        if MODE == 0:
+            act = (src > thr) & in_k
+        else:
+            act = (src > 0.0) & in_k
     acti = act.to(tl.int32)
     cnt = tl.sum(acti, axis=0)
     pos = tl.where(act, tl.cumsum(acti, axis=0) - 1, -1)
@@ -101,17 +126,23 @@ def _updown_kernel(
 # H100 sweeps at s = 0.9 (KERNEL_NOTES v7, v8): exact mode wants many small programs (CHUNK 32: 344
 # programs, not 172 over 132 SMs) with 4 warps; loading its gate values early does not help. The
 # predicted mode reads three row tiles: with all three in flight at once (early_gate) and two
-# rows a pass over 8 warps it takes 19.2-19.8 us instead of 23.6 (v8, benchmarks/diag_updown.py)
+# rows a pass over 8 warps it takes 19.2-19.8 us instead of 23.6 (v8, benchmarks/diag_updown.py).
+# With the predictor's second layer fused (MODE 2) CHUNK 16 wins: the whole P3 layer 31.3-31.8 us
+# at s = 0.9 against 32.8-33.6 with MODE 1 after a separate GEMV (diag_updown.py --p3)
 DEFAULT_UPDOWN = {
     0: dict(CHUNK=32, BK=4, num_warps=4, num_stages=1, early_gate=False),
     1: dict(CHUNK=32, BK=2, num_warps=8, num_stages=1, early_gate=True),
+    2: dict(CHUNK=16, BK=2, num_warps=8, num_stages=1, early_gate=True),
 }
 
 
-def updown(x, src, w_gate, w_up, w_down_t, *, mode, threshold=0.0, config=None) -> torch.Tensor:
+def updown(
+    x, src, w_gate, w_up, w_down_t, *, mode, threshold=0.0, config=None, w_pred2=None, b_pred2=None
+) -> torch.Tensor:
     """y [1, d_model] for one token x [1, d_model]; inputs checked by the public wrappers.
 
-    mode 0: src = gate pre-activation [1, d_ff]; mode 1: src = predictor logits [1, d_ff].
+    mode 0: src = gate pre-activation [1, d_ff]; mode 1: src = predictor logits [1, d_ff];
+    mode 2: src = predictor hidden [1, width], with w_pred2 [d_ff, width] (and b_pred2 [d_ff]).
     """
     cfg = dict(DEFAULT_UPDOWN[mode])
     cfg.update(config or {})
@@ -125,11 +156,18 @@ def updown(x, src, w_gate, w_up, w_down_t, *, mode, threshold=0.0, config=None) 
     src = src.reshape(-1)
     if not src.is_contiguous():
         src = src.contiguous()
+    if mode == 2:
+        if w_pred2.stride(1) != 1:
+            w_pred2 = w_pred2.contiguous()
+        width, w2, s2 = w_pred2.shape[1], w_pred2, w_pred2.stride(0)
+    else:
+        width, w2, s2 = 1, src, 0  # unused
     _updown_kernel[(chunks,)](
         x, src, w_gate if w_gate is not None else w_up, w_up, w_down_t, y, acc, cnt, k, n,
-        w_up.stride(0), float(threshold), chunks,
+        w_up.stride(0), float(threshold), chunks, w2, b_pred2 if b_pred2 is not None else w2,
+        width, s2,
         MODE=mode, CHUNK=cfg["CHUNK"], BK=cfg["BK"], BN=triton.next_power_of_2(n),
-        EARLY_GATE=bool(cfg.get("early_gate", False)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        EARLY_GATE=bool(cfg.get("early_gate", False)), WP=triton.next_power_of_2(width),
+        HAS_B2=b_pred2 is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return y

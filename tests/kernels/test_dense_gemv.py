@@ -74,7 +74,8 @@ def test_gemv_more_tokens_and_errors():
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse_ffn_gate_gemv_and_cublas_agree(device):
     """The one-token FFN paths with the Triton gate/predictor GEMV and with cuBLAS (config
-    {"gemv": False}) compute the same function."""
+    {"gemv": False}), the predictor's second layer fused into the updown kernel (default) or not,
+    with and without its bias, compute the same function."""
     g = _gen("ffn-gemv", device)
     d, f, w_ = 48, 208, 16
     dt = torch.float16
@@ -90,5 +91,12 @@ def test_sparse_ffn_gate_gemv_and_cublas_agree(device):
     b = K.sparse_ffn(x, wg, wu, wdt, backend="triton", config={**cfg, "gemv": False})
     assert _rel(a.cpu(), ref.cpu()) < 4e-3 and _rel(b.cpu(), ref.cpu()) < 4e-3
     rp = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, b_pred1=b1, backend="torch")
-    ap = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, b_pred1=b1, backend="triton", config=cfg)
-    assert _rel(ap.cpu(), rp.cpu()) < 4e-3
+    b2 = (torch.randn(f, generator=g) * 0.1).to(dt).to(device)
+    rp2 = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, b_pred1=b1, b_pred2=b2, backend="torch")
+    for c in (cfg, {**cfg, "fuse_pred2": False}, {**cfg, "gemv": False, "fuse_pred2": False}):
+        ap = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, b_pred1=b1, backend="triton", config=c)
+        assert _rel(ap.cpu(), rp.cpu()) < 4e-3
+        ap2 = K.sparse_ffn_predicted(
+            x, wg, wu, wdt, w1, w2, b_pred1=b1, b_pred2=b2, backend="triton", config=c
+        )
+        assert _rel(ap2.cpu(), rp2.cpu()) < 4e-3
