@@ -225,6 +225,7 @@ P3_CFGS = [
 ]
 P3_CFGS2 = [  # second run: around the first run's winner (fused, CHUNK 16, BK 2, 8 warps)
     {},
+    {"fuse_pred2": False},
     {"fuse_pred2": True, "updown": dict(CHUNK=16, BK=2, num_warps=8, early_gate=True)},
     {"fuse_pred2": True, "updown": dict(CHUNK=16, BK=2, num_warps=4, early_gate=True)},
     {"fuse_pred2": True, "updown": dict(CHUNK=16, BK=1, num_warps=4, early_gate=True)},
@@ -236,19 +237,29 @@ P3_CFGS2 = [  # second run: around the first run's winner (fused, CHUNK 16, BK 2
 def p3():
     """The whole P3 layer (predictor + predicted updown), the predictor's second layer as a
     separate GEMV (default) or fused into the updown kernel (fuse_pred2), 4096x11008, width 1024."""
-    d, f, wd_, nw, dt = 4096, 11008, 1024, 6, torch.float16
+    d, f, wd_, nw = 4096, 11008, 1024, 6
+    dt = torch.bfloat16 if "--bf16" in sys.argv else torch.float16
     wg, wu, wdt = ([rand_w(f, d, dt) for _ in range(nw)] for _ in range(3))
     w1 = [rand_w(wd_, d, dt) for _ in range(nw)]
     w2r = [rand_w(f, wd_, dt) for _ in range(nw)]
     xs = [torch.randn(1, d, device="cuda").to(dt) for _ in range(nw)]
     hs = [torch.relu(torch.nn.functional.linear(xs[i], w1[i]))[0] for i in range(nw)]
+    # --bias: predictor biases as wb.accelerate's predictors have them (b2 small: signs kept)
+    b1 = [torch.zeros(wd_, device="cuda").to(dt) for _ in range(nw)]
+    b2 = [(torch.rand(f, device="cuda") * 1e-3).to(dt) for _ in range(nw)]
+    bias = "--bias" in sys.argv
     for s in (0.9, 0.8, 0.5):
         w2 = [sign_rows(w2r[i], hs[i], exact_active(f, s)) for i in range(nw)]
-        sets = list(zip(xs, wg, wu, wdt, w1, w2))
-        ref = K.sparse_ffn_predicted(*sets[0], backend="torch").float()
+        sets = list(zip(xs, wg, wu, wdt, w1, w2, b1, b2))
+
+        def call(x, a, b, c, p, q, pb1, pb2, cfg=None, backend=None):
+            kw = dict(b_pred1=pb1, b_pred2=pb2) if bias else {}
+            return K.sparse_ffn_predicted(x, a, b, c, p, q, config=cfg, backend=backend, **kw)
+
+        ref = call(*sets[0], backend="torch").float()
         for cfg in P3_CFGS2 if "--p3b" in sys.argv else P3_CFGS:
-            ms = bench(rotating(lambda *a, cfg=cfg: K.sparse_ffn_predicted(*a, config=cfg), sets), 10)
-            y = K.sparse_ffn_predicted(*sets[0], config=cfg).float()
+            ms = bench(rotating(lambda *a, cfg=cfg: call(*a, cfg=cfg), sets), 10)
+            y = call(*sets[0], cfg=cfg).float()
             err = ((y - ref).norm() / ref.norm()).item()
             log(f"P3 s={s} {cfg or 'default'}: {ms * 1e3:.2f} us, rel err vs torch {err:.1e}")
 

@@ -602,11 +602,12 @@ def _dense(x2, w, config, bias=None, relu=False):
 
 
 def _fuse_pred2(w_pred2, config) -> bool:
-    """Predictor's second layer inside the updown kernel (MODE 2) for predictor widths up to 1024
-    (its [CHUNK, width] tile stays in registers): the default since KERNEL_NOTES v8 (H100, whole
-    P3 layer 31.3-31.8 vs 32.8-33.6 us at s = 0.9, 40.5 vs 43.1-44.2 at 0.8); config
-    {"fuse_pred2": False} runs the separate GEMV and MODE 1."""
-    fuse = (config or {}).get("fuse_pred2", True)
+    """Predictor's second layer inside the updown kernel (MODE 2), for predictor widths up to 1024
+    (its [CHUNK, width] tile stays in registers). Default by dtype, as measured on the H100
+    (KERNEL_NOTES v8): fp16 on (whole P3 layer 31.3-31.8 vs 32.8-33.6 us at s = 0.9, 40.5 vs
+    43.1-44.2 at 0.8); bf16 off (P5's bf16 decode took 4.12-4.13 ms a token fused against
+    4.07-4.08 unfused). config {"fuse_pred2": True | False} decides either way."""
+    fuse = (config or {}).get("fuse_pred2", w_pred2.dtype == torch.float16)
     return bool(fuse) and w_pred2.shape[1] <= 1024
 
 
@@ -671,10 +672,11 @@ def sparse_ffn_predicted(
     config=None,
 ):
     """Gated FFN with a Deja Vu predictor: gate, up and down rows only where the predictor's logit
-    is > 0. One token: the predictor's first layer through the Triton GEMV (`_dense`), then one
-    launch that computes its chunk's logits (second layer) and the rows (updown MODE 2; with
-    config {"fuse_pred2": False} the second layer as its own GEMV and MODE 1). More tokens: the
-    predictor through cuBLAS, the row kernel and the sparse down kernel."""
+    is > 0. One token: the predictor's first layer through the Triton GEMV (`_dense`), then
+    either one launch that computes its chunk's logits (second layer) and the rows (updown MODE 2;
+    the fp16 default) or the second layer as its own GEMV and then MODE 1 (the bf16 default; see
+    `_fuse_pred2`). More tokens: the predictor through cuBLAS, the row kernel and the sparse down
+    kernel."""
     from .._common import check_activation, check_ffn
     from ..predictor.reference import check_predictor
     from ..sparse_gemv.triton import sparse_down

@@ -127,13 +127,16 @@ def _updown_kernel(
 # programs, not 172 over 132 SMs) with 4 warps; loading its gate values early does not help. The
 # predicted mode reads three row tiles: with all three in flight at once (early_gate) and two
 # rows a pass over 8 warps it takes 19.2-19.8 us instead of 23.6 (v8, benchmarks/diag_updown.py).
-# With the predictor's second layer fused (MODE 2) CHUNK 16 wins: the whole P3 layer 31.3-31.8 us
-# at s = 0.9 against 32.8-33.6 with MODE 1 after a separate GEMV (diag_updown.py --p3)
+# With the predictor's second layer fused (MODE 2) CHUNK 16 wins: fp16, the whole P3 layer
+# 31.3-31.8 us at s = 0.9 against 32.8-33.6 with MODE 1 after a separate GEMV, 8 warps; bf16 (with
+# the predictor biases) wants 4 warps: 35.1 us against 36.5 with 8 and 35.8 for MODE 1
+# (diag_updown.py --p3 [--bf16 --bias])
 DEFAULT_UPDOWN = {
     0: dict(CHUNK=32, BK=4, num_warps=4, num_stages=1, early_gate=False),
     1: dict(CHUNK=32, BK=2, num_warps=8, num_stages=1, early_gate=True),
     2: dict(CHUNK=16, BK=2, num_warps=8, num_stages=1, early_gate=True),
 }
+DEFAULT_UPDOWN_BF16 = {2: dict(num_warps=4)}  # overrides of the above for bfloat16
 
 
 def updown(
@@ -145,6 +148,8 @@ def updown(
     mode 2: src = predictor hidden [1, width], with w_pred2 [d_ff, width] (and b_pred2 [d_ff]).
     """
     cfg = dict(DEFAULT_UPDOWN[mode])
+    if x.dtype == torch.bfloat16:
+        cfg.update(DEFAULT_UPDOWN_BF16.get(mode, {}))
     cfg.update(config or {})
     k, n = w_up.shape
     if not (w_up.stride(0) == w_down_t.stride(0) and (mode == 0 or w_gate.stride(0) == w_up.stride(0))):

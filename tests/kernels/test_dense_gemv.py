@@ -93,7 +93,8 @@ def test_sparse_ffn_gate_gemv_and_cublas_agree(device):
     rp = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, b_pred1=b1, backend="torch")
     b2 = (torch.randn(f, generator=g) * 0.1).to(dt).to(device)
     rp2 = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, b_pred1=b1, b_pred2=b2, backend="torch")
-    for c in (cfg, {**cfg, "fuse_pred2": False}, {**cfg, "gemv": False, "fuse_pred2": False}):
+    for c in (cfg, {**cfg, "fuse_pred2": True}, {**cfg, "fuse_pred2": False},
+              {**cfg, "gemv": False, "fuse_pred2": False}):  # fmt: skip
         ap = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, b_pred1=b1, backend="triton", config=c)
         assert _rel(ap.cpu(), rp.cpu()) < 4e-3
         ap2 = K.sparse_ffn_predicted(

@@ -321,7 +321,12 @@ def test_updown_one_launch_matches_reference(device, dtype, kind):
     rp = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, backend="torch")
     assert _rel(yp.cpu(), rp.cpu()) < TOL[dtype] / 4
     # the library's default blocks (predicted: two rows a pass, all three tiles loaded early)
-    for c in ({"updown": {}}, {"updown": {"early_gate": True, "BK": 4}}, {"updown": {}, "fuse_pred2": False}):
+    for c in (
+        {"updown": {}},
+        {"updown": {"early_gate": True, "BK": 4}},
+        {"updown": {}, "fuse_pred2": False},
+        {"updown": {}, "fuse_pred2": True},
+    ):
         yd = K.sparse_ffn_predicted(x, wg, wu, wdt, w1, w2, backend="triton", config=c)
         assert _rel(yd.cpu(), rp.cpu()) < TOL[dtype] / 4
         ye = K.sparse_ffn(x, wg, wu, wdt, backend="triton", config=c)
