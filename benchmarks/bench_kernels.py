@@ -364,10 +364,15 @@ def p4_options(d, t):
             {"rows": rows_wide, "down": {"CHUNK": 512, "BK": 16, "BN": 256, "num_warps": 4}},
         ),
         ("fused-wide", {"fused_gate": True, "rows": {"BR": 16, "BD": 256}, "down": wide}),
+        # deeper software pipelining of the row loads (tl.dot loops) in both kernels
+        ("wide-st3", {"rows": {**rows_wide, "num_stages": 3}, "down": {**wide, "num_stages": 3}}),
+        ("wide-st4", {"rows": {**rows_wide, "num_stages": 4}, "down": {**wide, "num_stages": 4}}),
+        ("wide-rows-st3", {"rows": {**rows_wide, "num_stages": 3}, "down": wide}),
     ]
 
 
 P4_PARTS: set[str] = set()
+P4_OPTIONS: set[str] = set()  # empty: every option of p4_options
 
 
 def moe_options(t):
@@ -409,6 +414,8 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
             if p4cfg is None:
                 bt = float("inf")
                 for comp, c_ in p4_options(d, t):
+                    if P4_OPTIONS and comp not in P4_OPTIONS:
+                        continue
                     t_ms = bench(
                         rotating(
                             lambda x, a, b, c, c_=c_: K.chunk_ffn(x, a, b, c, config=c_), sets
@@ -510,9 +517,12 @@ def main():
     ap.add_argument("--p1-configs", default="", help="JSON list replacing the P1 block sweep")
     ap.add_argument("--p1-shapes", default="", help="P1 shapes, e.g. 4096x11008,2048x8192")
     ap.add_argument("--p2-configs", default="", help="JSON list replacing the P2 block sweep")
+    ap.add_argument("--p4-options", default="", help="P4 exact options to sweep, e.g. wide,default")
     args = ap.parse_args()
     global DEV, DRY
     P4_PARTS.update(args.p4_parts.split(","))
+    if args.p4_options:
+        P4_OPTIONS.update(args.p4_options.split(","))
     if args.dry:
         DEV, DRY = "cpu", True
         P1_TARGETS.update({"64x512": P1_TARGETS["2048x8192"]})
