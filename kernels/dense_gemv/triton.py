@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from workbench.errors import KernelError
+
 from .._common import check_dtype
 from .._tl import round_to
 
@@ -72,8 +74,6 @@ def default_config(k: int, n: int) -> dict:
 def gemv(x, w, bias=None, *, relu=False, config=None) -> torch.Tensor:
     """y [T, K] = act(x [T, N] @ w [K, N]^T + bias); the Triton kernel for T = 1, F.linear above."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        from workbench.errors import KernelError
-
         raise KernelError(
             f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} do not chain; want x [T, N] and "
             f"w [K, N] (nn.Linear weight layout)"

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._common import dense_count, dot_f32
+from ..dense_gemv.triton import gemv
 
 
 @triton.jit
@@ -594,8 +595,6 @@ def _dense(x2, w, config, bias=None, relu=False):
 
     cg = (config or {}).get("gemv", {})
     if x2.shape[0] == 1 and cg is not False and (cg or w.shape[1] <= 4096):
-        from ..dense_gemv.triton import gemv
-
         return gemv(x2, w, bias, relu=relu, config=cg or None)
     y = F.linear(x2, w, bias)
     return torch.relu(y) if relu else y
