@@ -356,6 +356,9 @@ def p4_options(d, t):
     wide = {"CHUNK": 256, "BK": 16, "BN": 512, "num_warps": 4 if t <= 16 else 8}
     rows_wide = {"BK": 16, "BD": 512, "DS": 2048}
     return [
+        ("gather", {}),  # library default: union list + gathered GEMMs (chunk_ffn/gather.py)
+        ("gather-BM16", {"gather": {"BM": 16}}),
+        ("gather-BN256", {"gather": {"BN": 256}}),
         ("default", {"rows": {}, "down": {}}),
         ("wide", {"rows": rows_wide, "down": wide}),
         ("wide-single", {"rows": {"BR": 32, "BK": 16, "BD": 512, "DS": d}, "down": wide}),

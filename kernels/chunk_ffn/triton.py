@@ -1,25 +1,34 @@
 """Chunk-union FFN on the GPU: T tokens (2..64) share one read of each weight row they need.
 
-The kernels of sparse_ffn and sparse_gemv already take the union of active neurons across the
-tokens they are given (per block, in registers) and use tl.dot over the padded token axis; this
-wrapper sets the dense fallback: a block whose union covers more than ``dense_fraction`` of its
-rows is read densely (no compaction work), so a chunk whose union is too large costs what the
-dense layer costs, decided on the device per block, without a host synchronisation.
+Default (gather.py): the gate through cuBLAS, the union of the chunk's active neurons built on
+the device as a fixed-size index list, then gathered GEMMs over the listed up and down rows
+(every listed row read once for the whole chunk). A block of neurons whose union holds more than
+``dense_fraction`` of its rows is listed whole, so a chunk whose union is too large to pay reads
+what the dense layer reads, decided on the device per block, without a host synchronisation.
+
+config={"rows": {...}, "down": {...}} (or "fused_gate") selects the earlier path instead: the row
+kernel and the sparse down kernel, which rank the union per block in registers (KERNEL_NOTES v4).
 """
 
 from __future__ import annotations
 
+from .._common import dense_count
 from ..sparse_ffn.triton import sparse_ffn
+
+_ROW_PATH_KEYS = ("rows", "down", "fused_gate")
 
 
 def chunk_ffn(
     x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, dense_fraction=0.6, config=None
 ):
     """x [T, d_model] -> y [T, d_model]; see the module docstring."""
-    from .._common import dense_count
-
     dense_count(64, dense_fraction)  # validates the fraction
     config = dict(config or {})
+    if not any(k in config for k in _ROW_PATH_KEYS):
+        cfg = {"dense_fraction": dense_fraction, "gather": config.get("gather") or {}}
+        return sparse_ffn(
+            x, w_gate, w_up, w_down_t, activation=activation, threshold=threshold, config=cfg
+        )
     rows = dict(config.get("rows") or {})
     down = dict(config.get("down") or {})
     rows.setdefault("dense_fraction", dense_fraction)

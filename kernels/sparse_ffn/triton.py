@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._common import dense_count, dot_f32
+from ..chunk_ffn.gather import gather_ffn
 from ..dense_gemv.triton import gemv
 
 
@@ -624,14 +625,25 @@ def _use_updown(x2, config) -> bool:
     return x2.shape[1] <= 4096
 
 
+def _use_gather(x2, config) -> bool:
+    """2..64 tokens: the union list + gathered GEMMs of chunk_ffn/gather.py, unless the config
+    names the row-kernel path's blocks ("rows", "down", "fused_gate")."""
+    if x2.shape[0] < 2:
+        return False
+    config = config or {}
+    return "gather" in config or not any(k in config for k in ("rows", "down", "fused_gate"))
+
+
 def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, config=None):
     """Exact sparse gated FFN: dense gate, sparse up fused with act*mul, sparse down.
 
     x [T, d_model]; w_gate, w_up [d_ff, d_model] (nn.Linear layout); w_down_t [d_ff, d_model].
     One token (d_model <= 4096): the gate through the Triton GEMV, then up rows, product and down
-    rows in one launch (updown.py). Otherwise the gate through cuBLAS, the row kernel, the sparse
-    down kernel. config: optional {"updown": {...}} or {"rows": {...}, "down": {...}} block
-    shapes, {"gemv": {...} | False} for the gate GEMV (False: cuBLAS).
+    rows in one launch (updown.py). 2..64 tokens: the gate through cuBLAS, then the union of the
+    tokens' active neurons as a device list and gathered GEMMs over it (chunk_ffn/gather.py).
+    config: optional {"updown": {...}}, {"gather": {...}, "dense_fraction": f} or the row-kernel
+    path's {"rows": {...}, "down": {...}} block shapes; {"gemv": {...} | False} for the one-token
+    gate GEMV (False: cuBLAS).
     """
     from .._common import check_activation, check_ffn
     from ..sparse_gemv.triton import sparse_down
@@ -645,6 +657,12 @@ def sparse_ffn(x, w_gate, w_up, w_down_t, *, activation="relu", threshold=0.0, c
         thr = check_activation(activation, threshold)
         y = updown(x2, _dense(x2, w_gate, config), None, w_up, w_down_t, mode=0, threshold=thr,
                    config=(config or {}).get("updown"))  # fmt: skip
+        return y[0] if was_1d else y
+    if _use_gather(x2, config):
+        thr = check_activation(activation, threshold)
+        gate = _dense(x2, w_gate, config)
+        y = gather_ffn(x2, gate, w_up, w_down_t, thr, (config or {}).get("dense_fraction", 0.6),
+                       (config or {}).get("gather"))  # fmt: skip
         return y[0] if was_1d else y
     if (config or {}).get("fused_gate"):
         # gate GEMV inside the row kernel (one launch instead of cuBLAS + row kernel)

@@ -209,26 +209,71 @@ def _union_mask(g, tokens, f, cls):
     return m
 
 
+# gather path (chunk_ffn/gather.py) on CPU: small blocks, several programs, splits and tiles;
+# S = 1 stores directly, S > 1 goes through the split reduction
+CPU_GATHER = dict(BR=32, BM=16, BKD=32, BKR=16, BN=16, S=3)  # BKD does not divide d = 48
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["gather", "rows"])
 @pytest.mark.parametrize(
     "tokens,cls,frac", [(3, 0.7, 0.6), (9, 0.5, 0.6), (5, 0.8, 1.0), (17, 0.0, 0.3)]
 )
-def test_chunk_ffn(device, dtype, tokens, cls, frac):
+def test_chunk_ffn(device, dtype, impl, tokens, cls, frac):
     (d, f), cdown, crows = _setup(device)
-    g = _gen("chunk", device, dtype, tokens, cls, frac)
+    g = _gen("chunk", device, dtype, impl, tokens, cls, frac)
     x = torch.randn(tokens, d, generator=g).to(dtype)
     m = _union_mask(g, tokens, f, cls)
     wg = _controlled_gate(g, x, f, m, dtype).to(device)
     wu, wdt = _weights(g, f, d, dtype, device, n=2)
     x = x.to(device)
-    cfg = None if cdown is None else {"rows": crows, "down": cdown}
-    y = K.chunk_ffn(x, wg, wu, wdt, dense_fraction=frac, backend="triton", config=cfg)
+    if impl == "rows":
+        cfg = {"rows": crows or {}, "down": cdown or {}}
+    else:
+        cfg = {"gather": CPU_GATHER} if device == "cpu" else None
     xf = x.double().cpu()
     a_ref = torch.relu(xf @ wg.double().cpu().t()) * (xf @ wu.double().cpu().t())
     y_ref = a_ref.to(dtype).double() @ wdt.double().cpu()
-    assert y.shape == (tokens, d)
-    assert _rel(y.cpu(), y_ref) < TOL[dtype]
+    for _ in range(2):  # the second call checks that the list length and workspaces were reset
+        y = K.chunk_ffn(x, wg, wu, wdt, dense_fraction=frac, backend="triton", config=cfg)
+        assert y.shape == (tokens, d)
+        assert _rel(y.cpu(), y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,kind,act,blocks",
+    [
+        (2, "rand", "relu", dict(S=1)),
+        (7, "zero", "relu", {}),
+        (11, "full", "fatrelu", dict(S=1, BN=32)),
+        (33, "rand", "fatrelu", dict(BM=32, BKR=32, S=4)),
+        (64, "rand", "relu", dict(BKD=16)),
+    ],
+)
+def test_gather_ffn_matches_reference(device, dtype, tokens, kind, act, blocks):
+    """The default 2..64-token path of sparse_ffn and chunk_ffn against the torch reference
+    (same rounding as the dense FFN): every token count up to the maximum, empty and full unions,
+    FATReLU thresholds, direct stores and split reductions; repeated calls (state is reset)."""
+    (d, f), _, _ = _setup(device)
+    g = _gen("gather", device, dtype, tokens, kind, act)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wg = _controlled_gate(g, x, f, _mask(kind, (tokens, f), g, 0.1), dtype)
+    wu, wdt = _weights(g, f, d, dtype, "cpu", n=2)
+    thr = 0.05 if act == "fatrelu" else 0.0
+    ref = K.sparse_ffn(x, wg, wu, wdt, activation=act, threshold=thr, backend="torch")
+    x, wg, wu, wdt = (t.to(device) for t in (x, wg, wu, wdt))
+    cfg = {"gather": dict(CPU_GATHER, **blocks) if device == "cpu" else blocks}
+    for _ in range(2):
+        for fn in (K.sparse_ffn, K.chunk_ffn):
+            y = fn(x, wg, wu, wdt, activation=act, threshold=thr, backend="triton", config=cfg)
+            assert y.shape == (tokens, d) and y.dtype == dtype
+            if kind == "zero":
+                assert (y == 0).all()
+            else:
+                assert _rel(y.cpu(), ref) < TOL[dtype] / 4
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -416,6 +461,31 @@ def test_gpu_graph_capture_and_large_shape(dtype):
         xf = x.double()
         a = (torch.relu(xf @ wg.double().t()) * (xf @ wu.double().t())).to(dtype).double()
         assert _rel(y_static, a @ wdt.double()) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [8, 32])
+def test_gpu_gather_chunk_graph_capture(tokens):
+    """The chunk path (union list + gathered GEMMs) at a real shape inside a CUDA graph: replays on
+    new inputs with different unions must each match, so the list length is reset every call."""
+    d, f, dtype = 4096, 11008, torch.float16
+    g = _gen("gather-graph", tokens)
+    x_static = torch.zeros(tokens, d, dtype=dtype, device="cuda")
+    xs = [torch.randn(tokens, d, generator=g).to(dtype) for _ in range(3)]
+    wu, wdt = _weights(g, f, d, dtype, "cuda", n=2)
+    wg = _controlled_gate(g, xs[0], f, _union_mask(g, tokens, f, 0.7), dtype).cuda()
+    x_static.copy_(xs[0])
+    K.chunk_ffn(x_static, wg, wu, wdt)  # warm-up: compiles, allocates the workspaces
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = K.chunk_ffn(x_static, wg, wu, wdt)
+    for x in xs + xs[:1]:  # xs[0]: union 30 %; the others: about half of the rows each token
+        x_static.copy_(x.cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = K.sparse_ffn(x.cuda(), wg, wu, wdt, backend="torch")
+        assert _rel(y_static, ref.double()) < 2e-3
 
 
 @pytest.mark.gpu
