@@ -358,7 +358,7 @@ def p4_options(d, t):
     return [
         ("gather", {}),  # library default: union list + gathered GEMMs (chunk_ffn/gather.py)
         ("gather-BM16", {"gather": {"BM": 16}}),
-        ("gather-BN256", {"gather": {"BN": 256}}),
+        ("gather-KS1", {"gather": {"KS": 1}}),  # d_model never split in the up kernel
         ("default", {"rows": {}, "down": {}}),
         ("wide", {"rows": rows_wide, "down": wide}),
         ("wide-single", {"rows": {"BR": 32, "BK": 16, "BD": 512, "DS": d}, "down": wide}),

@@ -9,7 +9,9 @@ The gate [T, d_ff] comes from a dense GEMM (cuBLAS); then, all on the device, no
    row (dense fallback: those rows are read whole, in order).
 2. ``_gather_up_kernel``: program p takes list entries p*BM .. p*BM+BM-1 (programs past the
    length exit at once) and computes u = x @ W_up[rows]^T over the whole d_model with tl.dot over
-   the padded token axis, a loop that Triton software-pipelines (num_stages), then
+   the padded token axis, a loop that Triton software-pipelines (num_stages); when the list is
+   short (fewer tiles than SMs) KS programs share a tile's d_model range and reduce through fp32
+   atomics, so that more loads are in flight; then
    a = act(g) * u rounded as the dense FFN rounds (u to the model dtype, the product to the model
    dtype) into a compact [d_ff, T_PAD] buffer.
 3. ``_gather_down_kernel``: grid (d_model column blocks) x S splits; split s walks list tiles
@@ -25,6 +27,8 @@ calls, as with any split-K reduction through atomics.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -72,11 +76,16 @@ def _gather_up_kernel(
     IDX,
     CNT,
     AC,
+    UACC,
+    TCNT,
     T,
     D,
+    K_PER,
+    SPLIT_BELOW,
     stride_x,
     stride_g,
     threshold,
+    KS: tl.constexpr,
     T_PAD: tl.constexpr,
     BM: tl.constexpr,
     BKD: tl.constexpr,
@@ -84,9 +93,15 @@ def _gather_up_kernel(
     DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_m = pid // KS
+    pid_k = pid % KS
     n = tl.load(CNT)
-    if pid * BM < n:
-        offs_m = pid * BM + tl.arange(0, BM)
+    # split d_model over KS programs only for short lists (fewer tiles than SMs), decided here
+    # on the device from the list length; otherwise the first program of a tile does it all
+    ks = tl.where(n < SPLIT_BELOW, KS, 1)
+    k_per = tl.where(ks > 1, K_PER, tl.cdiv(D, BKD) * BKD)
+    if (pid_m * BM < n) & (pid_k < ks):
+        offs_m = pid_m * BM + tl.arange(0, BM)
         m_ok = offs_m < n
         rows = tl.load(IDX + offs_m, mask=m_ok, other=0)
         offs_t = tl.arange(0, T_PAD)
@@ -95,7 +110,8 @@ def _gather_up_kernel(
         w_ptr = WU + rows[:, None].to(tl.int64) * D + offs_k[None, :]
         x_ptr = X + offs_t[None, :] * stride_x + offs_k[:, None]
         acc = tl.zeros([BM, T_PAD], dtype=tl.float32)
-        for k in range(0, D, BKD):
+        k0 = pid_k * k_per
+        for k in range(k0, k0 + k_per, BKD):
             if EVEN_K:
                 w = tl.load(w_ptr + k, mask=m_ok[:, None], other=0.0)
                 xt = tl.load(x_ptr + k, mask=t_ok[None, :], other=0.0)
@@ -107,13 +123,21 @@ def _gather_up_kernel(
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
             else:
                 acc = tl.dot(w, xt, acc)
-        dt = AC.dtype.element_ty
         mt = m_ok[:, None] & t_ok[None, :]
-        g = tl.load(G + offs_t[None, :] * stride_g + rows[:, None], mask=mt, other=0.0)
-        g = g.to(tl.float32)
-        # as the dense FFN: u in the model dtype, act(g) * u rounded by the store
-        a = tl.where(g > threshold, g, 0.0) * round_to(acc, dt)
-        tl.store(AC + offs_m[:, None] * T_PAD + offs_t[None, :], round_to(a, dt).to(dt), mask=mt)
+        last = pid_k == 0
+        if KS > 1:
+            if ks > 1:  # split over d_model: the tile's last program gets the sum
+                last, acc = split_reduce(
+                    UACC + offs_m[:, None] * T_PAD + offs_t[None, :], mt, acc, TCNT + pid_m, ks,
+                    True,
+                )  # fmt: skip
+        if last:
+            dt = AC.dtype.element_ty
+            g = tl.load(G + offs_t[None, :] * stride_g + rows[:, None], mask=mt, other=0.0)
+            g = g.to(tl.float32)
+            # as the dense FFN: u in the model dtype, act(g) * u rounded by the store
+            a = tl.where(g > threshold, g, 0.0) * round_to(acc, dt)
+            tl.store(AC + offs_m[:, None] * T_PAD + offs_t[None, :], round_to(a, dt).to(dt), mask=mt)
 
 
 @triton.jit
@@ -178,14 +202,25 @@ def _gather_down_kernel(
         tl.store(TICK + num_nb, 0)
 
 
+@functools.cache
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: an H100's count, so that CPU tests take the same decisions
+
+
 def default_gather_config(t: int, r: int, d: int) -> dict:
     """Block shapes, from H100 sweeps at 4096x11008 for T = 8, 16, 32, 64 (benchmarks/
     KERNEL_NOTES.md, v9; benchmarks/diag_chunk.py): 32 listed rows a program in the up kernel,
-    128-column blocks and 16 splits in the down kernel."""
+    d_model split over KS = 2 programs when the list has fewer tiles than the GPU has SMs
+    (split_below rows, decided on the device), 128-column blocks and 16 splits in the down
+    kernel."""
     return dict(
         BR=256,
         BM=32,
         BKD=min(256, triton.next_power_of_2(d)),
+        KS=2,
+        split_below=None,
         up_warps=4,
         up_stages=4,
         BKR=32,
@@ -210,8 +245,10 @@ def gather_ffn(x2, gate, w_up, w_down_t, threshold, dense_fraction=0.6, config=N
     dev = x2.device
     num_nb = triton.cdiv(d, cfg["BN"])
     s = int(cfg["S"])
-    idx, cnt, tick, yacc, ac = workspace(
-        ("gather", t, r, d, num_nb, s > 1, x2.dtype),
+    ks = int(cfg["KS"])
+    num_m = triton.cdiv(r, cfg["BM"])
+    idx, cnt, tick, yacc, ac, uacc, tcnt = workspace(
+        ("gather", t, r, d, num_nb, s > 1, ks > 1, cfg["BM"], x2.dtype),
         dev,
         [
             (r, torch.int32),
@@ -219,17 +256,26 @@ def gather_ffn(x2, gate, w_up, w_down_t, threshold, dense_fraction=0.6, config=N
             (num_nb + 1, torch.int32),
             (t * d if s > 1 else 1, torch.float32),
             (r * t_pad, x2.dtype),
+            (r * t_pad if ks > 1 else 1, torch.float32),
+            (num_m if ks > 1 else 1, torch.int32),
         ],
     )
+    # d_model range of each of the KS programs of a tile, a multiple of BKD
+    k_per = triton.cdiv(triton.cdiv(d, ks), cfg["BKD"]) * cfg["BKD"]
+    split_below = cfg["split_below"]
+    if split_below is None:  # list rows that fill one tile per SM
+        split_below = _sm_count(dev) * cfg["BM"]
     gate = gate if gate.stride(-1) == 1 else gate.contiguous()
     f32 = dot_f32(x2.dtype)
     _union_kernel[(triton.cdiv(r, cfg["BR"]),)](
         gate, idx, cnt, t, r, gate.stride(0), float(threshold),
         T_PAD=t_pad, BR=cfg["BR"], DENSE_CNT=dense_count(cfg["BR"], dense_fraction),
     )  # fmt: skip
-    _gather_up_kernel[(triton.cdiv(r, cfg["BM"]),)](
-        x2, gate, w_up, idx, cnt, ac, t, d, x2.stride(0), gate.stride(0), float(threshold),
-        T_PAD=t_pad, BM=cfg["BM"], BKD=cfg["BKD"], EVEN_K=d % cfg["BKD"] == 0, DOT_F32=f32, num_warps=cfg["up_warps"],
+    _gather_up_kernel[(num_m * ks,)](
+        x2, gate, w_up, idx, cnt, ac, uacc, tcnt, t, d, k_per, int(split_below), x2.stride(0),
+        gate.stride(0),
+        float(threshold), KS=ks, T_PAD=t_pad, BM=cfg["BM"], BKD=cfg["BKD"],
+        EVEN_K=k_per * ks == d and d % cfg["BKD"] == 0, DOT_F32=f32, num_warps=cfg["up_warps"],
         num_stages=cfg["up_stages"],
     )  # fmt: skip
     y = torch.empty((t, d), dtype=x2.dtype, device=dev)

@@ -248,15 +248,16 @@ def test_chunk_ffn(device, dtype, impl, tokens, cls, frac):
     [
         (2, "rand", "relu", dict(S=1)),
         (7, "zero", "relu", {}),
-        (11, "full", "fatrelu", dict(S=1, BN=32)),
-        (33, "rand", "fatrelu", dict(BM=32, BKR=32, S=4)),
-        (64, "rand", "relu", dict(BKD=16)),
+        (11, "full", "fatrelu", dict(S=1, BN=32, split_below=1)),  # KS = 2 but never split
+        (33, "rand", "fatrelu", dict(BM=32, BKR=32, S=4, KS=2)),  # d_model split unevenly
+        (64, "rand", "relu", dict(BKD=16, KS=3)),  # d_model split evenly over 3 programs
     ],
 )
 def test_gather_ffn_matches_reference(device, dtype, tokens, kind, act, blocks):
     """The default 2..64-token path of sparse_ffn and chunk_ffn against the torch reference
     (same rounding as the dense FFN): every token count up to the maximum, empty and full unions,
-    FATReLU thresholds, direct stores and split reductions; repeated calls (state is reset)."""
+    FATReLU thresholds, direct stores and split reductions (down: S, up: KS over d_model);
+    repeated calls (state is reset)."""
     (d, f), _, _ = _setup(device)
     g = _gen("gather", device, dtype, tokens, kind, act)
     x = torch.randn(tokens, d, generator=g).to(dtype)
