@@ -56,6 +56,7 @@ import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
 import workbench as wb  # noqa: E402
+from workbench._compat import cache_kwargs  # noqa: E402
 from workbench.accel.decode import compiled_non_ffn  # noqa: E402
 from workbench.models.loading import FATReLU  # noqa: E402
 
@@ -284,11 +285,11 @@ def compiled_step_check(model, prompt, max_len):
     for stance in ("force_eager", "default"):
         cache = StaticCache(config=model.config, max_cache_len=max_len)
         with torch.compiler.set_stance("force_eager"):
-            lg = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+            lg = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True,
                        cache_position=torch.arange(p, device=prompt.device)).logits
         tok = lg[:, -1].argmax(-1, keepdim=True)
         with torch.compiler.set_stance(stance):
-            out[stance] = model(input_ids=tok, past_key_values=cache, use_cache=True,
+            out[stance] = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True,
                                 cache_position=torch.tensor([p], device=prompt.device)).logits[0, -1].float()
     a, b = out["default"], out["force_eager"]
     return {"logits_rel_rms": float((a - b).norm() / b.norm()), "top1_equal": bool(a.argmax() == b.argmax())}

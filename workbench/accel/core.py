@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from workbench._compat import cache_kwargs
 from workbench.accel.ffn import MODES, SparseFFN, SparseMoE, is_moe_blocks
 from workbench.adapters import FFNSite, Layout, locate
 from workbench.errors import WorkbenchError
@@ -260,7 +261,7 @@ class Accelerator:
             outs, outs32 = [], []
             head = self.model.get_output_embeddings()
             for i in range(0, ids.shape[1], step):
-                out = self.model(input_ids=ids[:, i:i + step], past_key_values=cache, use_cache=True,
+                out = self.model(input_ids=ids[:, i:i + step], **cache_kwargs(self.model, cache), use_cache=True,
                                  output_hidden_states=head is not None)
                 outs.append(out.logits[0])
                 if head is not None:
@@ -320,11 +321,11 @@ class Accelerator:
         def timed(active: bool) -> float:
             (self.on if active else self.off)()
             cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=ctx_ids, past_key_values=cache, use_cache=True)
+            self.model(input_ids=ctx_ids, **cache_kwargs(self.model, cache), use_cache=True)
             base_len = cache.get_seq_length()
 
             def one():
-                self.model(input_ids=last, past_key_values=cache, use_cache=True)
+                self.model(input_ids=last, **cache_kwargs(self.model, cache), use_cache=True)
                 _crop(cache, base_len)
 
             return run(one, reps, warmup)

@@ -37,6 +37,7 @@ import weakref
 import torch
 from torch import nn
 
+from workbench._compat import cache_kwargs
 from workbench.errors import WorkbenchError
 
 _MISSING = object()
@@ -161,14 +162,14 @@ def _greedy_eager(model, prompt, new_tokens, cache, compiled=False) -> tuple[lis
     dev = prompt.device
     p = prompt.shape[1]
     with _eager(compiled):
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+        out = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True,
                     cache_position=torch.arange(p, device=dev))
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     toks = [tok]
     _sync(dev)
     t0 = time.perf_counter()
     for i in range(new_tokens - 1):
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True,
+        out = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True,
                     cache_position=torch.tensor([p + i], device=dev))
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         toks.append(tok)
@@ -208,7 +209,7 @@ class _GraphDecoder:
             self._step()
 
     def _step(self):
-        out = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True,
+        out = self.model(input_ids=self.ids, **cache_kwargs(self.model, self.cache), use_cache=True,
                          cache_position=self.pos)
         self.next = out.logits[:, -1].argmax(-1, keepdim=True)
         self.ids.copy_(self.next)
@@ -218,7 +219,7 @@ class _GraphDecoder:
         """Run the prompt (eager, untimed) and set the static buffers to the first decode step."""
         self.cache.reset()
         with _eager(self.compiled):
-            out = self.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True,
+            out = self.model(input_ids=self.prompt, **cache_kwargs(self.model, self.cache), use_cache=True,
                              cache_position=torch.arange(self.p, device=self.prompt.device))
         self.ids.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         self.pos.fill_(self.p)

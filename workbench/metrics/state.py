@@ -22,6 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from workbench._compat import cache_kwargs, output_cache
+
 DEFAULT_POINTS = (128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BUCKETS = (0, 128, 256, 512, 1024, 2048, 4096)
 
@@ -85,8 +87,8 @@ def state_drift(
         prev_state = [None] * len(layers)
         for start in range(0, total, chunk):
             x = ids[:, start : start + chunk]
-            out = model(input_ids=x, cache_params=cache, use_cache=True)
-            cache = out.cache_params
+            out = model(input_ids=x, **cache_kwargs(model, cache, old="cache_params"), use_cache=True)
+            cache = output_cache(out, old="cache_params")
             lp = F.log_softmax(out.logits.float(), -1)
             if prev_last is not None:  # the previous chunk's last logits predict x[:, 0]
                 nll[start - 1] = -prev_last.gather(-1, x[:, :1]).mean()
