@@ -5,6 +5,27 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (programmatic dependent launch), Triton >= 3.4 on sm_90+
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: PDL is never enabled (_common.use_pdl)
+    gdc_launch_dependents = gdc_wait = None
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """With programmatic dependent launch: wait until the previous kernel has finished and its
+    writes are visible. Call before the first memory access."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """With programmatic dependent launch: let the next kernel's blocks be scheduled now (they
+    still wait for this kernel to finish before touching memory)."""
+    if PDL:
+        gdc_launch_dependents()
+
 
 @triton.jit
 def round_to(x, DT: tl.constexpr):

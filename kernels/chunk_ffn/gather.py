@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import dense_count, dot_f32, token_pad, workspace
-from .._tl import round_to, split_reduce
+from .._common import dense_count, dot_f32, token_pad, use_pdl, workspace
+from .._tl import pdl_release, pdl_wait, round_to, split_reduce
 
 
 @triton.jit
@@ -50,8 +50,11 @@ def _union_kernel(
     T_PAD: tl.constexpr,
     BR: tl.constexpr,
     DENSE_CNT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pdl_wait(PDL)
+    pdl_release(PDL)
     offs_r = pid * BR + tl.arange(0, BR)
     r_in = offs_r < R
     offs_t = tl.arange(0, T_PAD)
@@ -91,10 +94,12 @@ def _gather_up_kernel(
     BKD: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = pid // KS
     pid_k = pid % KS
+    pdl_wait(PDL)
     n = tl.load(CNT)
     # split d_model over KS programs only for short lists (fewer tiles than SMs), decided here
     # on the device from the list length; otherwise the first program of a tile does it all
@@ -123,6 +128,7 @@ def _gather_up_kernel(
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
             else:
                 acc = tl.dot(w, xt, acc)
+        pdl_release(PDL)
         mt = m_ok[:, None] & t_ok[None, :]
         last = pid_k == 0
         if KS > 1:
@@ -157,10 +163,12 @@ def _gather_down_kernel(
     BKR: tl.constexpr,
     BN: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_nb = tl.num_programs(0)
+    pdl_wait(PDL)
     n = tl.load(CNT)
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
@@ -183,6 +191,7 @@ def _gather_down_kernel(
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(a, w, acc)
+    pdl_release(PDL)
     dt = Y.dtype.element_ty
     ym = t_ok[:, None] & n_ok[None, :]
     yptr = offs_t[:, None] * stride_y + offs_n[None, :]
@@ -228,6 +237,7 @@ def default_gather_config(t: int, r: int, d: int) -> dict:
         S=16,
         down_warps=4,
         down_stages=3,
+        pdl=None,
     )
 
 
@@ -267,21 +277,24 @@ def gather_ffn(x2, gate, w_up, w_down_t, threshold, dense_fraction=0.6, config=N
         split_below = _sm_count(dev) * cfg["BM"]
     gate = gate if gate.stride(-1) == 1 else gate.contiguous()
     f32 = dot_f32(x2.dtype)
+    pdl = use_pdl(dev, cfg["pdl"])
+    lp = {"launch_pdl": True} if pdl else {}
     _union_kernel[(triton.cdiv(r, cfg["BR"]),)](
         gate, idx, cnt, t, r, gate.stride(0), float(threshold),
-        T_PAD=t_pad, BR=cfg["BR"], DENSE_CNT=dense_count(cfg["BR"], dense_fraction),
+        T_PAD=t_pad, BR=cfg["BR"], DENSE_CNT=dense_count(cfg["BR"], dense_fraction), PDL=pdl,
+        **lp,
     )  # fmt: skip
     _gather_up_kernel[(num_m * ks,)](
         x2, gate, w_up, idx, cnt, ac, uacc, tcnt, t, d, k_per, int(split_below), x2.stride(0),
         gate.stride(0),
         float(threshold), KS=ks, T_PAD=t_pad, BM=cfg["BM"], BKD=cfg["BKD"],
-        EVEN_K=k_per * ks == d and d % cfg["BKD"] == 0, DOT_F32=f32, num_warps=cfg["up_warps"],
-        num_stages=cfg["up_stages"],
+        EVEN_K=k_per * ks == d and d % cfg["BKD"] == 0, DOT_F32=f32, PDL=pdl,
+        num_warps=cfg["up_warps"], num_stages=cfg["up_stages"], **lp,
     )  # fmt: skip
     y = torch.empty((t, d), dtype=x2.dtype, device=dev)
     _gather_down_kernel[(num_nb, s)](
         ac, w_down_t, idx, cnt, y, yacc, tick, t, d, y.stride(0),
-        S=s, T_PAD=t_pad, BKR=cfg["BKR"], BN=cfg["BN"], DOT_F32=f32,
-        num_warps=cfg["down_warps"], num_stages=cfg["down_stages"],
+        S=s, T_PAD=t_pad, BKR=cfg["BKR"], BN=cfg["BN"], DOT_F32=f32, PDL=pdl,
+        num_warps=cfg["down_warps"], num_stages=cfg["down_stages"], **lp,
     )  # fmt: skip
     return y

@@ -21,8 +21,8 @@ import triton.language as tl
 
 from workbench.errors import KernelError
 
-from .._common import check_dtype
-from .._tl import round_to
+from .._common import check_dtype, use_pdl
+from .._tl import pdl_release, pdl_wait, round_to
 
 
 @triton.jit
@@ -38,9 +38,12 @@ def _gemv_kernel(
     BN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     DT = X.dtype.element_ty
+    pdl_wait(PDL)
+    pdl_release(PDL)  # dependents may launch now (they wait for this kernel before reading)
     rows = pid * R + tl.arange(0, R)
     r_ok = rows < K
     acc = tl.zeros([R, BN], dtype=tl.float32)
@@ -91,9 +94,11 @@ def gemv(x, w, bias=None, *, relu=False, config=None) -> torch.Tensor:
     if x.stride(1) != 1:
         x = x.contiguous()
     y = torch.empty((1, k), dtype=x.dtype, device=x.device)
+    pdl = use_pdl(x.device, cfg.get("pdl"))
     _gemv_kernel[(triton.cdiv(k, cfg["R"]),)](
         x, w, bias if bias is not None else w, y, k, n, w.stride(0),
-        R=cfg["R"], BN=cfg["BN"], HAS_BIAS=bias is not None, RELU=bool(relu),
+        R=cfg["R"], BN=cfg["BN"], HAS_BIAS=bias is not None, RELU=bool(relu), PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return y

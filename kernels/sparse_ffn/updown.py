@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import workspace
+from .._common import use_pdl, workspace
+from .._tl import pdl_release, pdl_wait, split_reduce
 from .._tl import round_to as _rnd
-from .._tl import split_reduce
 
 
 @triton.jit
@@ -56,6 +56,7 @@ def _updown_kernel(
     EARLY_GATE: tl.constexpr,
     WP: tl.constexpr,
     HAS_B2: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     DT = X.dtype.element_ty
@@ -67,17 +68,23 @@ def _updown_kernel(
         # to the model dtype as F.linear rounds them; SRC is the hidden vector [WIDTH]
         offs_w = tl.arange(0, WP)
         w_ok = offs_w < WIDTH
-        hid = tl.load(SRC + offs_w, mask=w_ok, other=0.0).to(tl.float32)
+        # weights only: with PDL this load overlaps the previous kernel (the predictor's first
+        # layer), whose output `hid` is read after the wait
         w2 = tl.load(
             W2 + rows_c[:, None] * stride_w2 + offs_w[None, :],
             mask=in_k[:, None] & w_ok[None, :],
             other=0.0,
         )
+        if HAS_B2:
+            b2 = tl.load(B2 + rows_c, mask=in_k, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        hid = tl.load(SRC + offs_w, mask=w_ok, other=0.0).to(tl.float32)
         lg = tl.sum(w2.to(tl.float32) * hid[None, :], axis=1)
         if HAS_B2:
-            lg += tl.load(B2 + rows_c, mask=in_k, other=0.0).to(tl.float32)
+            lg += b2
         act = (_rnd(lg, DT) > 0.0) & in_k
     else:
+        pdl_wait(PDL)
         src = tl.load(SRC + rows_c, mask=in_k, other=0.0).to(tl.float32)
         if MODE == 0:
             act = (src > thr) & in_k
@@ -118,6 +125,7 @@ def _updown_kernel(
             a = _rnd(tl.where(g > thr, g, 0.0) * u, DT)
         a = tl.where(r_ok, a, 0.0)
         yacc += tl.sum(a[:, None] * wd.to(tl.float32), axis=0)
+    pdl_release(PDL)
     last, total = split_reduce(ACC + offs_n, n_ok, yacc, CNT, NUM_CHUNKS, cnt > 0)
     if last:
         tl.store(Y + offs_n, _rnd(total, DT).to(DT), mask=n_ok)
@@ -156,6 +164,7 @@ def updown(
         w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
         w_gate = w_gate.contiguous() if w_gate is not None else None
     chunks = triton.cdiv(k, cfg["CHUNK"])
+    pdl = use_pdl(x.device, cfg.get("pdl"))
     acc, cnt = workspace(("updown", n), x.device, [(n, torch.float32), (1, torch.int32)])
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     src = src.reshape(-1)
@@ -173,6 +182,7 @@ def updown(
         width, s2,
         MODE=mode, CHUNK=cfg["CHUNK"], BK=cfg["BK"], BN=triton.next_power_of_2(n),
         EARLY_GATE=bool(cfg.get("early_gate", False)), WP=triton.next_power_of_2(width),
-        HAS_B2=b_pred2 is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_B2=b_pred2 is not None, PDL=pdl, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return y

@@ -30,9 +30,10 @@ from .._common import (
     dense_count,
     dot_f32,
     token_pad,
+    use_pdl,
     workspace,
 )
-from .._tl import split_reduce
+from .._tl import pdl_release, pdl_wait, split_reduce
 
 
 @triton.jit
@@ -115,10 +116,12 @@ def _sparse_down_kernel(
     DENSE_CNT: tl.constexpr,
     DOT_F32: tl.constexpr,
     COMPACT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
     pid_c = pid // NUM_NB
+    pdl_wait(PDL)
 
     offs_ck = tl.arange(0, CHUNK)
     rows_c = pid_c * CHUNK + offs_ck
@@ -208,6 +211,7 @@ def _sparse_down_kernel(
                 True,
             )
 
+    pdl_release(PDL)
     if T_PAD == 1:
         part = tl.sum(acc, axis=0)
         ptrs = ACC + offs_n
@@ -272,6 +276,7 @@ def sparse_down(
         ("down", t, n, num_nb), a2.device, [(t * n, torch.float32), (num_nb, torch.int32)]
     )
     y = torch.empty((t, n), dtype=a2.dtype, device=a2.device)
+    pdl = use_pdl(a2.device, cfg.get("pdl"))
     _sparse_down_kernel[(num_nb * num_chunks,)](
         a2,
         w_down_t,
@@ -293,7 +298,9 @@ def sparse_down(
         DENSE_CNT=dense_count(cfg["CHUNK"], cfg["dense_fraction"]),
         DOT_F32=dot_f32(a2.dtype),
         COMPACT=bool(cfg.get("compact", True)),
+        PDL=pdl,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y[0] if was_1d else y
