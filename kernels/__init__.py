@@ -15,6 +15,9 @@ Public functions (all take ``backend=None | "triton" | "torch"`` and ``config=No
 Dispatch (one place, ``_dispatch``): Triton when every tensor is on CUDA (or TRITON_INTERPRET=1)
 and triton imports, else the torch reference; backend="triton" that cannot run raises KernelError.
 Weight layouts: see ``workbench.kernels.layout``.
+Launches: on sm_90+ the decode kernels use programmatic dependent launch (``_common.use_pdl``;
+``config={"pdl": False}`` or ``WB_PDL=0`` turns it off). 2..64 tokens take the chunk path of
+``chunk_ffn/gather.py`` (union list + gathered GEMMs) in sparse_ffn and chunk_ffn.
 """
 
 from __future__ import annotations
