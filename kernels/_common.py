@@ -232,8 +232,8 @@ def use_pdl(device: torch.device, flag=None) -> bool:
     below sm_90 or with a Triton that lacks it. Measured on the H100 (KERNEL_NOTES v10): 0.5-0.9 us
     less per launch."""
     want = os.environ.get("WB_PDL", "1") not in ("", "0") if flag is None else bool(flag)
-    if not want or device.type != "cuda" or interpreting():
-        return False
+    if not want or device.type != "cuda" or interpreting() or torch.version.hip is not None:
+        return False  # PDL is an NVIDIA (sm_90+) launch attribute; ROCm devices are "cuda" too
     key = str(device)
     if key not in _PDL_CAPABLE:
         _PDL_CAPABLE[key] = _pdl_supported() and torch.cuda.get_device_capability(device) >= (9, 0)

@@ -670,3 +670,16 @@ def test_gpu_pdl_chained_layers_in_a_graph(path):
         torch.cuda.synchronize()
         assert torch.isfinite(y_static).all()
         assert _rel(y_static, ref.double()) < 1e-2
+
+
+def test_pdl_never_on_cpu_interpreter_or_when_turned_off(monkeypatch):
+    """use_pdl: off for CPU tensors, under the interpreter, with WB_PDL=0 or config pdl=False."""
+    from workbench.kernels._common import use_pdl
+
+    assert not use_pdl(torch.device("cpu"), True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not use_pdl(torch.device("cuda"), True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("WB_PDL", "0")
+    assert not use_pdl(torch.device("cuda"))
+    assert not use_pdl(torch.device("cuda"), False)
