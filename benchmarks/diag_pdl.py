@@ -30,7 +30,10 @@ from bench_kernels import (  # noqa: E402
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--moe-only", action="store_true", help="only the P4 MoE A/B")
     args = ap.parse_args()
+    if args.moe_only:
+        return moe(args)
     dt = torch.float16
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     from workbench.kernels._common import use_pdl
@@ -72,6 +75,30 @@ def main():
             ref = dense_ffn(xs[0], wg[0], wu[0], wdt[0].t().contiguous())
             err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
             print(f"P4 exact T={t} CLS={cls}: " + ", ".join(out) + f" | rel err {err:.1e}", flush=True)
+
+
+def moe(args):
+    """P4 MoE blocks (43 experts x 256, d_model 4096), library defaults with and without PDL."""
+    dt, d, f, d_e, nw = torch.float16, 4096, 11008, 256, 3
+    e = f // d_e
+    for t in (8, 32):
+        wu = [rand_w(f, d, dt) for _ in range(nw)]
+        wdt = [rand_w(f, d, dt) for _ in range(nw)]
+        xs = [torch.randn(t, d, device="cuda").to(dt) for _ in range(nw)]
+        nwt = [(torch.rand(e, device="cuda") + 0.5).to(dt) for _ in range(nw)]
+        for cls in (0.5, 0.7, 0.8):
+            wr = [solve_rows(xs[i], union_mask(t, e, cls), dt) for i in range(nw)]
+            sets = list(zip(xs, wr, nwt, wu, wdt))
+            out = []
+            for _ in range(args.reps):
+                for p in (False, True):
+                    ms = bench(rotating(lambda x, r, n, u, w, p=p: K.moe_blocks(
+                        x, r, n, u, w, config={"pdl": p}), sets), 10)  # fmt: skip
+                    out.append(f"{'pdl' if p else 'off'} {ms * 1e3:.2f}")
+            y = K.moe_blocks(xs[0], wr[0], nwt[0], wu[0], wdt[0], config={"pdl": True})
+            ref = K.moe_blocks(xs[0], wr[0], nwt[0], wu[0], wdt[0], backend="torch")
+            err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+            print(f"P4 moe T={t} CLS={cls}: " + ", ".join(out) + f" | rel err {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":

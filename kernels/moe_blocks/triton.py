@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import check_same_device, dot_f32, token_pad, workspace
+from .._common import check_same_device, dot_f32, token_pad, use_pdl, workspace
+from .._tl import pdl_release, pdl_wait, split_reduce
 from .._tl import round_to as _rnd
-from .._tl import split_reduce
 from ..sparse_ffn.triton import launch_rows
 from ..sparse_gemv.triton import sparse_down
 from .reference import check_moe
@@ -44,9 +44,12 @@ from .reference import check_moe
 
 @triton.jit
 def _router_logits_kernel(
-    X, WR, OUT, T, D, stride_x, stride_out, T_PAD: tl.constexpr, BD: tl.constexpr
+    X, WR, OUT, T, D, stride_x, stride_out, T_PAD: tl.constexpr, BD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     e = tl.program_id(0)
+    pdl_wait(PDL)
+    pdl_release(PDL)
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
     acc = tl.zeros([T_PAD, BD], dtype=tl.float32)
@@ -63,7 +66,7 @@ def _router_logits_kernel(
     tl.store(OUT + offs_t * stride_out + e, tl.sum(acc, axis=1), mask=t_ok)
 
 
-def router_logits(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
+def router_logits(x: torch.Tensor, w_router: torch.Tensor, pdl=None) -> torch.Tensor:
     """A0 [T, E] = x @ w_router^T in fp32; x [T, d_model], w_router [E, d_model] (contiguous)."""
     check_same_device(x=x, w_router=w_router)
     t, d = x.shape
@@ -73,6 +76,7 @@ def router_logits(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
     t_pad = triton.next_power_of_2(t)
     out = torch.empty((t, e), dtype=torch.float32, device=x.device)
     bd = max(128, min(1024, 8192 // t_pad))
+    pdl = use_pdl(x.device, pdl)
     _router_logits_kernel[(e,)](
         x,
         w_router,
@@ -83,7 +87,9 @@ def router_logits(x: torch.Tensor, w_router: torch.Tensor) -> torch.Tensor:
         out.stride(0),
         T_PAD=t_pad,
         BD=min(bd, triton.next_power_of_2(d)),
+        PDL=pdl,
         num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
@@ -126,9 +132,11 @@ def _expert_up_kernel(
     BD: tl.constexpr,
     KS: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     ks = pid % KS
+    pdl_wait(PDL)
     tile = pid // KS  # (expert, row block); the KS programs of a tile are neighbours
     e = tile // NF
     f = tile % NF
@@ -161,6 +169,7 @@ def _expert_up_kernel(
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
+        pdl_release(PDL)
         m2 = t_ok[:, None] & r_ok[None, :]
         hp = H + offs_t[:, None] * stride_h + rows[None, :]
         if KS == 1:
@@ -202,10 +211,12 @@ def _expert_down_kernel(
     RB: tl.constexpr,
     BN: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
     split = pid // NUM_NB
+    pdl_wait(PDL)
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
     offs_e = tl.arange(0, E_PAD)
@@ -237,6 +248,7 @@ def _expert_down_kernel(
             acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(h, w, acc)
+    pdl_release(PDL)
     ptrs = ACC + offs_t[:, None] * N + offs_n[None, :]
     pmask = t_ok[:, None] & n_ok[None, :]
     last, total = split_reduce(ptrs, pmask, acc, CNT + pid_n, S, split < cnt * NR)
@@ -283,11 +295,13 @@ def launch_expert_up(x2, a0, norm_weight, w_up, e, d_e, eps, config=None) -> tor
     else:
         uacc = tcnt = a0  # unused
     h = torch.empty((t, e * d_e), dtype=x2.dtype, device=x2.device)
+    pdl = use_pdl(x2.device, cfg.get("pdl"))
     _expert_up_kernel[(e * nf * ks,)](
         x2, a0, norm_weight, w_up, h, uacc, tcnt, t, d, e, d_e, nf, dk,
         x2.stride(0), w_up.stride(0), h.stride(0), float(eps),
         T_PAD=t_pad, E_PAD=max(2, triton.next_power_of_2(e)), BF=bf, BD=bd, KS=ks,
-        DOT_F32=dot_f32(x2.dtype), num_warps=cfg["up_warps"], num_stages=cfg["up_stages"],
+        DOT_F32=dot_f32(x2.dtype), PDL=pdl, num_warps=cfg["up_warps"],
+        num_stages=cfg["up_stages"], **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return h
 
@@ -307,11 +321,13 @@ def launch_expert_down(h, a0, norm_weight, w_down_t, e, d_e, eps, config=None) -
         ("moe_down", t, n, num_nb), h.device, [(t * n, torch.float32), (num_nb, torch.int32)]
     )
     y = torch.empty((t, n), dtype=h.dtype, device=h.device)
+    pdl = use_pdl(h.device, cfg.get("pdl"))
     _expert_down_kernel[(num_nb * splits,)](
         h, a0, norm_weight, w_down_t, y, acc, cnt, t, n, e, d_e, nr, splits, num_nb,
         h.stride(0), w_down_t.stride(0), y.stride(0), float(eps),
         T_PAD=t_pad, E_PAD=max(2, triton.next_power_of_2(e)), RB=rb, BN=bn,
-        DOT_F32=dot_f32(h.dtype), num_warps=cfg["down_warps"], num_stages=cfg["down_stages"],
+        DOT_F32=dot_f32(h.dtype), PDL=pdl, num_warps=cfg["down_warps"],
+        num_stages=cfg["down_stages"], **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return y
 
@@ -327,7 +343,7 @@ def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, config=Non
     """x [T, d_model]; w_router [E, d_model]; norm_weight [E]; w_up, w_down_t [E*d_e, d_model].
 
     config: optional block-shape overrides of the expert kernels (BF, BD, KS, up_warps, up_stages,
-    RB, BN, S, down_warps, down_stages), or {"impl": "rows", "rows": {...}, "down": {...}} for
+    RB, BN, S, down_warps, down_stages; "pdl" for programmatic dependent launch), or {"impl": "rows", "rows": {...}, "down": {...}} for
     the neuron-granular path.
     """
     x2, was_1d, w_up, w_down_t, e, d_e = check_moe(x, w_router, norm_weight, w_up, w_down_t)
@@ -340,7 +356,7 @@ def moe_blocks(x, w_router, norm_weight, w_up, w_down_t, *, eps=1e-6, config=Non
         # wins at T = 8: 3.0 us against cuBLAS's 35 us); the kernels read A0 in either dtype
         a0 = torch.nn.functional.linear(x2, w_router)
     else:
-        a0 = router_logits(x2, w_router)
+        a0 = router_logits(x2, w_router, pdl=config.get("pdl"))
     if impl == "experts":
         y = _moe_experts(x2, a0, norm_weight, w_up, w_down_t, e, d_e, eps, config)
         return y[0] if was_1d else y

@@ -631,21 +631,26 @@ def test_reference_rounds_like_the_dense_ffn():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["exact", "predicted", "chunk", "down"])
+@pytest.mark.parametrize("path", ["exact", "predicted", "chunk", "down", "moe"])
 def test_gpu_pdl_chained_layers_in_a_graph(path):
     """Programmatic dependent launch: four layers chained (each layer's output is the next one's
     input, all sharing their workspaces) inside one CUDA graph, PDL on, equal the same chain run
     eagerly with PDL off."""
     d, f, dtype = 1024, 2816, torch.float16
     g = _gen("pdl", path)
-    tokens = 8 if path == "chunk" else 1
+    tokens = 8 if path in ("chunk", "moe") else 1
+    n_exp = f // 256
+    routers = [(_weights(g, n_exp, d, dtype, "cuda")[0],
+                (torch.rand(n_exp, generator=g) + 0.5).to(dtype).cuda()) for _ in range(4)]  # fmt: skip
     layers = [_weights(g, f, d, dtype, "cuda", n=3) for _ in range(4)]
     preds = [(_weights(g, 256, d, dtype, "cuda")[0], _weights(g, f, 256, dtype, "cuda")[0])
              for _ in range(4)]  # fmt: skip
 
     def chain(x, pdl):
-        for (wg, wu, wdt), (w1, w2) in zip(layers, preds):
-            if path == "exact":
+        for (wg, wu, wdt), (w1, w2), (wr, nw) in zip(layers, preds, routers):
+            if path == "moe":
+                x = K.moe_blocks(x, wr, nw, wu, wdt, config={"pdl": pdl})
+            elif path == "exact":
                 x = K.sparse_ffn(x, wg, wu, wdt, config={"pdl": pdl, "gemv": {"pdl": pdl},
                                                           "updown": {"pdl": pdl}})  # fmt: skip
             elif path == "predicted":
