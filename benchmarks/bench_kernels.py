@@ -376,6 +376,7 @@ def p4_options(d, t):
 
 P4_PARTS: set[str] = set()
 P4_OPTIONS: set[str] = set()  # empty: every option of p4_options
+MOE_OPTIONS: set[str] = set()  # empty: every option of moe_options
 
 
 def moe_options(t):
@@ -465,6 +466,8 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
             if moecfg is None:
                 bt = float("inf")
                 for comp, c_ in moe_options(t):
+                    if MOE_OPTIONS and comp not in MOE_OPTIONS:
+                        continue
                     t_ms = bench(
                         rotating(
                             lambda x, r_, n_, u_, dd, c_=c_: K.moe_blocks(
@@ -521,11 +524,14 @@ def main():
     ap.add_argument("--p1-shapes", default="", help="P1 shapes, e.g. 4096x11008,2048x8192")
     ap.add_argument("--p2-configs", default="", help="JSON list replacing the P2 block sweep")
     ap.add_argument("--p4-options", default="", help="P4 exact options to sweep, e.g. wide,default")
+    ap.add_argument("--moe-options", default="", help="P4 MoE options, e.g. experts-default")
     args = ap.parse_args()
     global DEV, DRY
     P4_PARTS.update(args.p4_parts.split(","))
     if args.p4_options:
         P4_OPTIONS.update(args.p4_options.split(","))
+    if args.moe_options:
+        MOE_OPTIONS.update(args.moe_options.split(","))
     if args.dry:
         DEV, DRY = "cpu", True
         P1_TARGETS.update({"64x512": P1_TARGETS["2048x8192"]})
