@@ -28,6 +28,16 @@ def pdl_release(PDL: tl.constexpr):
 
 
 @triton.jit
+def dot_acc(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b on the tensor cores; DOT_F32 upcasts both operands to fp32 first (the
+    interpreter's bf16 dot is wrong, see _common.dot_f32)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def round_to(x, DT: tl.constexpr):
     """fp32 x rounded to DT (round to nearest even), kept in fp32. bf16 is rounded on the bits:
     the Triton interpreter's fp32 -> bf16 cast truncates, the compiled one rounds."""

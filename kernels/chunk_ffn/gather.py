@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._common import dense_count, dot_f32, token_pad, use_pdl, workspace
-from .._tl import pdl_release, pdl_wait, round_to, split_reduce
+from .._tl import dot_acc, pdl_release, pdl_wait, round_to, split_reduce
 
 
 @triton.jit
@@ -124,10 +124,7 @@ def _gather_up_kernel(
                 k_ok = (k + offs_k) < D
                 w = tl.load(w_ptr + k, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 xt = tl.load(x_ptr + k, mask=t_ok[None, :] & k_ok[:, None], other=0.0)
-            if DOT_F32:
-                acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc)
-            else:
-                acc = tl.dot(w, xt, acc)
+            acc = dot_acc(w, xt, acc, DOT_F32)
         pdl_release(PDL)
         mt = m_ok[:, None] & t_ok[None, :]
         last = pid_k == 0
@@ -187,10 +184,7 @@ def _gather_down_kernel(
             mask=ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot_acc(a, w, acc, DOT_F32)
     pdl_release(PDL)
     dt = Y.dtype.element_ty
     ym = t_ok[:, None] & n_ok[None, :]

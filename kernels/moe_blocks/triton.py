@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._common import check_same_device, dot_f32, token_pad, use_pdl, workspace
-from .._tl import pdl_release, pdl_wait, split_reduce
+from .._tl import dot_acc, pdl_release, pdl_wait, split_reduce
 from .._tl import round_to as _rnd
 from ..sparse_ffn.triton import launch_rows
 from ..sparse_gemv.triton import sparse_down
@@ -165,10 +165,7 @@ def _expert_up_kernel(
                 mask=r_ok[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            if DOT_F32:
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+            acc = dot_acc(x, tl.trans(w), acc, DOT_F32)
         pdl_release(PDL)
         m2 = t_ok[:, None] & r_ok[None, :]
         hp = H + offs_t[:, None] * stride_h + rows[None, :]
@@ -244,10 +241,7 @@ def _expert_down_kernel(
             mask=r_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        if DOT_F32:
-            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc)
-        else:
-            acc = tl.dot(h, w, acc)
+        acc = dot_acc(h, w, acc, DOT_F32)
     pdl_release(PDL)
     ptrs = ACC + offs_t[:, None] * N + offs_n[None, :]
     pmask = t_ok[:, None] & n_ok[None, :]

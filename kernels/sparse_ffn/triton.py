@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._common import dense_count, dot_f32
+from .._tl import dot_acc
 from ..chunk_ffn.gather import gather_ffn
 from ..dense_gemv.triton import gemv
 
@@ -78,14 +79,9 @@ def _rows_partial(
                 mask=t_ok[None, :] & d_ok[:, None],
                 other=0.0,
             )
-            if DOT_F32:
-                accu = tl.dot(wu.to(tl.float32), xt.to(tl.float32), accu)
-                if MODE == 1:
-                    accg = tl.dot(wg.to(tl.float32), xt.to(tl.float32), accg)
-            else:
-                accu = tl.dot(wu, xt, accu)
-                if MODE == 1:
-                    accg = tl.dot(wg, xt, accg)
+            accu = dot_acc(wu, xt, accu, DOT_F32)
+            if MODE == 1:
+                accg = dot_acc(wg, xt, accg, DOT_F32)
     if T_PAD == 1:
         ru = tl.sum(accu, axis=1)[:, None]
         rg = tl.sum(accg, axis=1)[:, None]

@@ -33,7 +33,7 @@ from .._common import (
     use_pdl,
     workspace,
 )
-from .._tl import pdl_release, pdl_wait, split_reduce
+from .._tl import dot_acc, pdl_release, pdl_wait, split_reduce
 
 
 @triton.jit
@@ -87,10 +87,7 @@ def _acc_down_rows(
     if T_PAD == 1:
         acc += a[:, None].to(tl.float32) * w.to(tl.float32)
     else:
-        if DOT_F32:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot_acc(a, w, acc, DOT_F32)
     return acc
 
 
