@@ -57,6 +57,7 @@ import transformers as tf  # noqa: E402
 
 import workbench as wb  # noqa: E402
 from workbench._compat import cache_kwargs  # noqa: E402
+from workbench.accel.core import step_logits  # noqa: E402
 from workbench.accel.decode import compiled_non_ffn  # noqa: E402
 from workbench.models.loading import FATReLU  # noqa: E402
 
@@ -72,14 +73,14 @@ DEV = "cuda"
 SHAPE = {"hidden": 4096, "ff": 11008, "heads": 32, "vocab": 32000}
 
 
-def build(layers: int, seed: int = 0):
+def build(layers: int, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
     cfg = tf.LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["ff"],
                          num_hidden_layers=layers, num_attention_heads=SHAPE["heads"],
                          num_key_value_heads=SHAPE["heads"],
                          hidden_act="relu", max_position_embeddings=4096, tie_word_embeddings=False)
     torch.manual_seed(seed)
     with torch.device(DEV):
-        model = tf.LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+        model = tf.LlamaForCausalLM._from_config(cfg, dtype=dtype)
     return model.eval()
 
 
@@ -166,19 +167,19 @@ def sensitivity(model, ids, backend):
         return {"logits_rel_rms": float((la.float() - lb.float()).norm() / lb.float().norm()),
                 "top1_agreement": float((a32.argmax(-1) == b32.argmax(-1)).float().mean())}
 
-    dense, _ = h._run_steps(ids, 1)
+    dense = step_logits(model, ids, 1)
     mlps = [layer.mlp for layer in model.model.layers]
     try:
         for layer in model.model.layers:
             layer.mlp = _SplitDown(layer.mlp)
-        split, _ = h._run_steps(ids, 1)
+        split = step_logits(model, ids, 1)
     finally:
         for layer, mlp in zip(model.model.layers, mlps, strict=True):
             layer.mlp = mlp
     h.on()
     try:
-        acc1, _ = h._run_steps(ids, 1)
-        acc2, _ = h._run_steps(ids, 1)
+        acc1 = step_logits(model, ids, 1)
+        acc2 = step_logits(model, ids, 1)
     finally:
         h.off()
     return {"dense_split_order_vs_dense": cmp(split, dense), "exact_vs_dense": cmp(acc1, dense),

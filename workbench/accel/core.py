@@ -248,8 +248,6 @@ class Accelerator:
 
     @torch.no_grad()
     def _run_steps(self, ids: torch.Tensor, step: int, capture_inputs: bool = False):
-        from transformers import DynamicCache
-
         inputs: dict[str, torch.Tensor] = {}
         hooks = []
         if capture_inputs:
@@ -257,21 +255,10 @@ class Accelerator:
                 hooks.append(sp.original[0].register_forward_pre_hook(
                     lambda m, args, name=name: inputs.__setitem__(name, args[0].detach())))
         try:
-            cache = DynamicCache(config=self.model.config)
-            outs, outs32 = [], []
-            head = self.model.get_output_embeddings()
-            for i in range(0, ids.shape[1], step):
-                out = self.model(input_ids=ids[:, i:i + step], **cache_kwargs(self.model, cache), use_cache=True,
-                                 output_hidden_states=head is not None)
-                outs.append(out.logits[0])
-                if head is not None:
-                    # the same logits without the bf16 rounding of the output tensor, whose spacing
-                    # (0.06 at |logit| ~ 10) turns near-ties into coin flips
-                    outs32.append(out.hidden_states[-1][0].float() @ head.weight.float().t())
+            return step_logits(self.model, ids, step), inputs
         finally:
             for h in hooks:
                 h.remove()
-        return (torch.cat(outs), torch.cat(outs32) if outs32 else None), inputs
 
     def _timer(self, dev):
         if dev.type == "cuda":
@@ -334,6 +321,27 @@ class Accelerator:
         acc = timed(True)
         return {"step_dense_ms": dense, "step_ms": acc, "step_speedup": dense / acc,
                 "note": "eager decode steps (launch-bound on GPU; see the CUDA-graph decode harness)"}
+
+
+@torch.no_grad()
+def step_logits(model: nn.Module, ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Feed `ids` [1, T] `step` tokens a call with a KV cache (as decoding does); return every
+    position's logits [T, V] in the model's dtype and, where the model has an output embedding,
+    the same logits projected in float32 from the final hidden state (else None)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    outs, outs32 = [], []
+    head = model.get_output_embeddings()
+    for i in range(0, ids.shape[1], step):
+        out = model(input_ids=ids[:, i:i + step], **cache_kwargs(model, cache), use_cache=True,
+                    output_hidden_states=head is not None)
+        outs.append(out.logits[0])
+        if head is not None:
+            # the same logits without the bf16 rounding of the output tensor, whose spacing
+            # (0.06 at |logit| ~ 10) turns near-ties into coin flips
+            outs32.append(out.hidden_states[-1][0].float() @ head.weight.float().t())
+    return torch.cat(outs), (torch.cat(outs32) if outs32 else None)
 
 
 @dataclass
