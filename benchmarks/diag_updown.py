@@ -15,6 +15,7 @@ NORELOAD: take the ranked rows' gate values from the chunk in registers instead 
 
     PYTHONPATH=$PWD python3 benchmarks/diag_updown.py [--floors | --quick]
     PYTHONPATH=$PWD python3 benchmarks/diag_updown.py --predicted [--predicted2]   # MODE 1 blocks
+    PYTHONPATH=$PWD python3 benchmarks/diag_updown.py --p3 [--bf16 --bias] [--cfgs JSON]   # whole P3 layer
 """
 
 from __future__ import annotations
@@ -234,6 +235,16 @@ P3_CFGS2 = [  # second run: around the first run's winner (fused, CHUNK 16, BK 2
 ]
 
 
+def _cfgs_arg():
+    """--cfgs JSON: a list of configs replacing the built-in ones of --p3 (e.g. persistent
+    programs: '[{}, {"updown": {"persist": 2}}]')."""
+    if "--cfgs" in sys.argv:
+        import json
+
+        return json.loads(sys.argv[sys.argv.index("--cfgs") + 1])
+    return None
+
+
 def p3():
     """The whole P3 layer (predictor + predicted updown), the predictor's second layer as a
     separate GEMV (default) or fused into the updown kernel (fuse_pred2), 4096x11008, width 1024."""
@@ -257,7 +268,7 @@ def p3():
             return K.sparse_ffn_predicted(x, a, b, c, p, q, config=cfg, backend=backend, **kw)
 
         ref = call(*sets[0], backend="torch").float()
-        for cfg in P3_CFGS2 if "--p3b" in sys.argv else P3_CFGS:
+        for cfg in _cfgs_arg() or (P3_CFGS2 if "--p3b" in sys.argv else P3_CFGS):
             ms = bench(rotating(lambda *a, cfg=cfg: call(*a, cfg=cfg), sets), 10)
             y = call(*sets[0], cfg=cfg).float()
             err = ((y - ref).norm() / ref.norm()).item()
