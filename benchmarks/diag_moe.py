@@ -3,6 +3,10 @@ and down kernels timed alone and whole, for several block shapes, graph replays 
 weights as in bench_kernels.py, at T = 8 and 32 and CLS = 0.8.
 
     PYTHONPATH=$PWD python3 benchmarks/diag_moe.py
+    PYTHONPATH=$PWD python3 benchmarks/diag_moe.py --ab '[{}, {"ranked": false}]'
+
+--ab CFGS: the whole layer (and the up kernel alone) for each config of the JSON list, at T = 8
+and 32 and CLS 0.5 / 0.7 / 0.8, beside the dense MoE baseline of bench_kernels.py, in one run.
 """
 
 from __future__ import annotations
@@ -78,5 +82,43 @@ def main():
     torch.cuda.empty_cache()
 
 
+def ab(cfgs):
+    d, f, d_e, nw, dt = 4096, 11008, 256, 3, torch.float16
+    e = f // d_e
+    wu = [rand_w(f, d, dt) for _ in range(nw)]
+    wdt = [rand_w(f, d, dt) for _ in range(nw)]
+    wd = [w.t().contiguous() for w in wdt]
+    for t in (8, 32):
+        xs = [torch.randn(t, d, device="cuda").to(dt) for _ in range(nw)]
+        wr0 = [rand_w(e, d, dt) for _ in range(nw)]
+
+        def dense(x, r, u, dd):  # bench_kernels.py's dense MoE baseline
+            router_logits(x, r)
+            return F.linear(F.silu(F.linear(x, u)), dd)
+
+        base = bench(rotating(dense, list(zip(xs, wr0, wu, wd))), 10)
+        log(f"T={t}: dense MoE {base * 1e3:.2f} us")
+        for cls in (0.5, 0.7, 0.8):
+            wr = [solve_rows(xs[i], union_mask(t, e, cls), dt) for i in range(nw)]
+            nwt = [(torch.rand(e, device="cuda") + 0.5).to(dt) for _ in range(nw)]
+            a0 = [router_logits(xs[i], wr[i]) for i in range(nw)]
+            sets = list(zip(xs, wr, nwt, wu, wdt, a0))
+            ref = K.moe_blocks(xs[0], wr[0], nwt[0], wu[0], wdt[0], backend="torch").float()
+            for c in cfgs:
+                ms = bench(rotating(lambda x, r, n, u, dd, a, c=c: K.moe_blocks(x, r, n, u, dd, config=c),
+                                    sets), 10)
+                up = bench(rotating(lambda x, r, n, u, dd, a, c=c: launch_expert_up(
+                    x, a, n, u, e, d_e, 1e-6, c), sets), 10)
+                y = K.moe_blocks(xs[0], wr[0], nwt[0], wu[0], wdt[0], config=c).float()
+                err = ((y - ref).norm() / ref.norm()).item()
+                log(f"  CLS {cls} {c}: layer {ms * 1e3:.2f} us (x{base / ms:.2f}, target "
+                    f"{0.75 / (1 - cls):.2f}), up kernel {up * 1e3:.2f} us, rel err {err:.1e}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--ab" in sys.argv:
+        import json
+
+        ab(json.loads(sys.argv[sys.argv.index("--ab") + 1]))
+    else:
+        main()
