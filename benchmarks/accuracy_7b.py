@@ -55,13 +55,6 @@ def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
-def compare(a, b) -> dict:
-    (la, a32), (lb, b32) = a, b
-    return {"logits_rel_rms": float((la.float() - lb.float()).norm() / lb.float().norm()),
-            "top1_agreement": float((a32.argmax(-1) == b32.argmax(-1)).float().mean()),
-            "top1_agreement_model_dtype_logits": float((la.argmax(-1) == lb.argmax(-1)).float().mean())}
-
-
 @torch.no_grad()
 def zero_fraction(model, ids) -> float:
     """Fraction of exact zeros of act(gate) over all FFN layers and tokens (one dense forward)."""
@@ -84,14 +77,8 @@ def zero_fraction(model, ids) -> float:
 def runs(model, m32, ids, backend) -> dict:
     """Logits of every variant (see the module doc), on `model` as it is (its activation rule)."""
     out = {"dense": step_logits(model, ids, 1), "dense8": step_logits(model, ids, 8)}
-    mlps = [layer.mlp for layer in model.model.layers]
-    try:
-        for layer in model.model.layers:
-            layer.mlp = bd._SplitDown(layer.mlp)
+    with bd.split_down(model):
         out["dense_split"] = step_logits(model, ids, 1)
-    finally:
-        for layer, mlp in zip(model.model.layers, mlps, strict=True):
-            layer.mlp = mlp
     with wb.accelerate(model, mode="exact", backend=backend):
         out["exact"] = step_logits(model, ids, 1)
         out["exact_run2"] = step_logits(model, ids, 1)
@@ -107,7 +94,7 @@ def pairs(lg: dict) -> dict:
          "exact_run2_vs_run1": ("exact_run2", "exact")}
     for k in ("dense", "dense8", "dense_split", "exact", "chunk"):
         p[f"{k}_vs_fp32"] = (k, "fp32")
-    return {name: compare(lg[a], lg[b]) for name, (a, b) in p.items()}
+    return {name: bd.compare_logits(lg[a], lg[b]) for name, (a, b) in p.items()}
 
 
 def main():

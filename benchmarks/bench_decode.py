@@ -154,6 +154,28 @@ class _SplitDown(torch.nn.Module):
         return (y + torch.nn.functional.linear(a[..., k:], w[:, k:]).float()).to(x.dtype)
 
 
+@contextlib.contextmanager
+def split_down(model):
+    """Every FFN of `model` as _SplitDown while inside; the original modules back on exit."""
+    mlps = [layer.mlp for layer in model.model.layers]
+    try:
+        for layer in model.model.layers:
+            layer.mlp = _SplitDown(layer.mlp)
+        yield model
+    finally:
+        for layer, mlp in zip(model.model.layers, mlps, strict=True):
+            layer.mlp = mlp
+
+
+def compare_logits(a, b) -> dict:
+    """Two step_logits results: rel RMS of a's model-dtype logits against b's, and top-1
+    agreement of the float32-projected logits (and of the model-dtype ones)."""
+    (la, a32), (lb, b32) = a, b
+    return {"logits_rel_rms": float((la.float() - lb.float()).norm() / lb.float().norm()),
+            "top1_agreement": float((a32.argmax(-1) == b32.argmax(-1)).float().mean()),
+            "top1_agreement_model_dtype_logits": float((la.argmax(-1) == lb.argmax(-1)).float().mean())}
+
+
 @torch.no_grad()
 def sensitivity(model, ids, backend):
     """Logits rel RMS / top-1 (fp32-projected) of: the dense model with its down projections summed
@@ -162,20 +184,10 @@ def sensitivity(model, ids, backend):
     h = wb.accelerate(model, mode="exact", backend=backend)
     h.off()
 
-    def cmp(a, b):
-        (la, a32), (lb, b32) = a, b
-        return {"logits_rel_rms": float((la.float() - lb.float()).norm() / lb.float().norm()),
-                "top1_agreement": float((a32.argmax(-1) == b32.argmax(-1)).float().mean())}
-
+    cmp = compare_logits
     dense = step_logits(model, ids, 1)
-    mlps = [layer.mlp for layer in model.model.layers]
-    try:
-        for layer in model.model.layers:
-            layer.mlp = _SplitDown(layer.mlp)
+    with split_down(model):
         split = step_logits(model, ids, 1)
-    finally:
-        for layer, mlp in zip(model.model.layers, mlps, strict=True):
-            layer.mlp = mlp
     h.on()
     try:
         acc1 = step_logits(model, ids, 1)
