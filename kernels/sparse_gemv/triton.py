@@ -114,6 +114,7 @@ def _sparse_down_kernel(
     DOT_F32: tl.constexpr,
     COMPACT: tl.constexpr,
     PDL: tl.constexpr = False,
+    DOT_CNT: tl.constexpr = -1,
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
@@ -141,7 +142,46 @@ def _sparse_down_kernel(
     else:
         acc = tl.zeros([T_PAD, BN], dtype=tl.float32)
 
-    if COMPACT:
+    if T_PAD == 1 and DOT_CNT >= 0:
+        # one token, three separate loops chosen per program by its active-row count: many
+        # active rows go through tl.dot with the token axis padded to 16 (Triton pipelines those
+        # loads, and the tensor cores take the fp16 -> fp32 work off the FMA pipe), few through
+        # FMAs (the shortest chain at high sparsity); see KERNEL_NOTES v13
+        t16 = tl.arange(0, 16)
+        t16_ok = t16 < 1
+        if cnt > DENSE_CNT:
+            acc16 = tl.zeros([16, BN], dtype=tl.float32)
+            for i in range(0, CHUNK, BK):
+                rows = pid_c * CHUNK + i + offs_b
+                acc16 = _acc_down_rows(
+                    acc16, A, W, rows, rows < K, t16, t16_ok, offs_n, n_ok, stride_a, stride_w,
+                    16, DOT_F32, False,
+                )  # fmt: skip
+            part1 = tl.sum(acc16, axis=0)
+        elif cnt > DOT_CNT:
+            pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+            acc16 = tl.zeros([16, BN], dtype=tl.float32)
+            for i in range(0, cnt, BK):
+                j = i + offs_b
+                local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
+                rows = pid_c * CHUNK + local
+                acc16 = _acc_down_rows(
+                    acc16, A, W, rows, j < cnt, t16, t16_ok, offs_n, n_ok, stride_a, stride_w,
+                    16, DOT_F32, False,
+                )  # fmt: skip
+            part1 = tl.sum(acc16, axis=0)
+        else:
+            pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+            for i in range(0, cnt, BK):
+                j = i + offs_b
+                local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
+                rows = pid_c * CHUNK + local
+                acc = _acc_down_rows(
+                    acc, A, W, rows, j < cnt, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
+                    T_PAD, DOT_F32, False,
+                )  # fmt: skip
+            part1 = tl.sum(acc, axis=0)
+    elif COMPACT:
         # Two separate loops (v1 form): a runtime branch inside one loop raised the register
         # count from 168 to 200 and cost 30-50 % at s >= 0.9 on the H100 (see KERNEL_NOTES.md).
         if cnt > DENSE_CNT:
@@ -209,7 +249,12 @@ def _sparse_down_kernel(
             )
 
     pdl_release(PDL)
-    if T_PAD == 1:
+    if T_PAD == 1 and DOT_CNT >= 0:
+        part = part1
+        ptrs = ACC + offs_n
+        pmask = n_ok
+        yptrs = Y + offs_n
+    elif T_PAD == 1:
         part = tl.sum(acc, axis=0)
         ptrs = ACC + offs_n
         pmask = n_ok
@@ -267,6 +312,12 @@ def sparse_down(
     # "t_pad": pad the token axis further (e.g. 16 for one token) so that the rows go through
     # tl.dot, whose loads Triton software-pipelines over the passes (num_stages)
     t_pad = max(token_pad(t), int(cfg.get("t_pad", 1)))
+    # "dot_fraction" (one token): chunks with more than this fraction of active rows go through
+    # tl.dot (token axis padded to 16), sparser ones through FMAs; None keeps FMAs everywhere
+    dot_fraction = cfg.get("dot_fraction")
+    dot_cnt = -1
+    if t_pad == 1 and dot_fraction is not None and bool(cfg.get("compact", True)):
+        dot_cnt = int(cfg["CHUNK"] * float(dot_fraction))
     num_nb = triton.cdiv(n, cfg["BN"])
     num_chunks = triton.cdiv(k, cfg["CHUNK"])
     acc, cnt = workspace(
@@ -296,6 +347,7 @@ def sparse_down(
         DOT_F32=dot_f32(a2.dtype),
         COMPACT=bool(cfg.get("compact", True)),
         PDL=pdl,
+        DOT_CNT=dot_cnt,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"launch_pdl": True} if pdl else {}),

@@ -100,6 +100,31 @@ def test_sparse_down_one_token_through_dot(device, dtype, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_down_one_token_dot_fraction(device, dtype):
+    """config dot_fraction: each program picks tl.dot or FMAs by its own active-row count. The
+    chunks get different densities so that one call takes all three loops (dense fallback, dot
+    over the ranked rows, FMAs over the ranked rows) and skips an empty chunk."""
+    (d, f), cdown, _ = _setup(device)
+    cfg = dict(cdown or dict(CHUNK=256, BK=16, BN=512), dot_fraction=0.2)
+    chunk = cfg["CHUNK"]
+    g = _gen("down-dotfrac", device, dtype)
+    dens = torch.tensor([1.0, 0.45, 0.1, 0.0])[torch.arange(f) // chunk % 4]
+    for trial in range(2):
+        # torch.where, not a product: -0.0 would count as active in the interpreter's bf16
+        # (it compares bf16 bit patterns), and the branches under test would not be the intended ones
+        keep = torch.rand(1, f, generator=g) < dens
+        a = torch.where(keep, torch.randn(1, f, generator=g), 0.0).to(dtype)
+        (w,) = _weights(g, f, d, dtype, "cpu")
+        ref = a.double() @ w.double()
+        y = K.sparse_down(a.to(device), w.to(device), backend="triton", config=cfg)
+        assert y.shape == (1, d) and _rel(y.cpu(), ref) < TOL[dtype], trial
+    zero = torch.zeros(1, f, dtype=dtype)
+    y = K.sparse_down(zero.to(device), w.to(device), backend="triton", config=cfg)
+    assert (y == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sparse_down_1d_and_reference(device):
     (d, f), cdown, _ = _setup(device)
     g = _gen("down1d", device)
