@@ -39,26 +39,44 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
     PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     DT = X.dtype.element_ty
-    pdl_wait(PDL)
-    pdl_release(PDL)  # dependents may launch now (they wait for this kernel before reading)
     rows = pid * R + tl.arange(0, R)
     r_ok = rows < K
-    acc = tl.zeros([R, BN], dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        offs = n0 + tl.arange(0, BN)
+    if PREFETCH:
+        # rows of at most BN: the weight tile is read before the wait (no kernel writes weights),
+        # so under programmatic dependent launch the programs resident early overlap their
+        # weight read with the previous kernel's tail; only x waits for it
+        offs = tl.arange(0, BN)
         n_ok = offs < N
-        x = tl.load(X + offs, mask=n_ok, other=0.0).to(tl.float32)
         w = tl.load(
             W + rows[:, None] * stride_w + offs[None, :],
             mask=r_ok[:, None] & n_ok[None, :],
             other=0.0,
             eviction_policy="evict_first",
         )
-        acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)
+        pdl_wait(PDL)
+        pdl_release(PDL)
+        x = tl.load(X + offs, mask=n_ok, other=0.0).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    else:
+        pdl_wait(PDL)
+        pdl_release(PDL)  # dependents may launch now (they wait for this kernel before reading)
+        acc = tl.zeros([R, BN], dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            offs = n0 + tl.arange(0, BN)
+            n_ok = offs < N
+            x = tl.load(X + offs, mask=n_ok, other=0.0).to(tl.float32)
+            w = tl.load(
+                W + rows[:, None] * stride_w + offs[None, :],
+                mask=r_ok[:, None] & n_ok[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
     if RELU:
@@ -98,6 +116,7 @@ def gemv(x, w, bias=None, *, relu=False, config=None) -> torch.Tensor:
     _gemv_kernel[(triton.cdiv(k, cfg["R"]),)](
         x, w, bias if bias is not None else w, y, k, n, w.stride(0),
         R=cfg["R"], BN=cfg["BN"], HAS_BIAS=bias is not None, RELU=bool(relu), PDL=pdl,
+        PREFETCH=bool(cfg.get("prefetch", False)) and n <= cfg["BN"],
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1),
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip

@@ -36,6 +36,8 @@ def _rel(out, ref) -> float:
         (208, 48, None),
         (9, 4112, None),  # a row longer than the 4096-wide tile: two tiles, the second masked
         (33, 96, dict(R=4, BN=32, num_warps=1)),  # several tiles per row, partial row block
+        (37, 80, dict(prefetch=True)),  # weight tile read before the PDL wait (one tile a row)
+        (9, 4112, dict(prefetch=True)),  # two tiles a row: prefetch does not apply, loop stays
     ],
 )
 @pytest.mark.parametrize("bias,relu", [(False, False), (True, True), (True, False)])
