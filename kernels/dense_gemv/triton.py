@@ -87,10 +87,11 @@ def _gemv_kernel(
 def default_config(k: int, n: int) -> dict:
     """Blocks by shape (H100 sweep, benchmarks/diag_gemv.py, KERNEL_NOTES v8): two whole rows per
     program, 4 warps (2 for rows of at most 1024): 2.96 TB/s at 11008x4096 against cuBLAS's 2.59;
-    longer rows than 4096 loop over 4096-wide tiles. prefetch: rows of one tile read their weights
-    before the PDL wait (KERNEL_NOTES v13: the bf16 P3 layer 1.7-2.3 us faster, fp16 unchanged)."""
+    longer rows than 4096 loop over 4096-wide tiles. prefetch (off by default): rows of one tile
+    read their weights before the PDL wait; KERNEL_NOTES v13: the bf16 P3 layer alone 1.7-2.3 us
+    faster, fp16 unchanged, and no gain inside P5's decode (4.469 vs 4.424 ms exact)."""
     bn = min(4096, triton.next_power_of_2(n))
-    return dict(R=2, BN=bn, num_warps=4 if bn >= 2048 else 2, prefetch=True)
+    return dict(R=2, BN=bn, num_warps=4 if bn >= 2048 else 2, prefetch=False)
 
 
 def gemv(x, w, bias=None, *, relu=False, config=None) -> torch.Tensor:
