@@ -293,6 +293,10 @@ def sparse_down(
     a:        [T, d_ff] or [d_ff], fp16/bf16, T in 1..64 (union of nonzeros across tokens)
     w_down_t: [d_ff, d_model], same dtype (see workbench.kernels.layout.down_rows)
     returns   [T, d_model] (or [d_model]) in a's dtype, fp32 accumulation.
+    config:   block-shape overrides (CHUNK, BK, BN, num_warps, num_stages, dense_fraction), "pdl",
+              "compact" (False: masked tiles), "t_pad" (16: one token through tl.dot) and
+              "dot_fraction" (one token: tl.dot only in chunks with more active rows than this
+              fraction; measured options, off by default, benchmarks/KERNEL_NOTES.md v8 and v13).
     """
     a2, was_1d = as_tokens(a, "a")
     t, k = a2.shape
