@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workbench.errors import KernelError
+
 from .._common import (
     as_tokens,
     check_2d,
@@ -106,6 +108,7 @@ def _sparse_down_kernel(
     stride_y,
     NUM_NB,
     NUM_CHUNKS,
+    ROWS,
     T_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
     BK: tl.constexpr,
@@ -122,8 +125,10 @@ def _sparse_down_kernel(
     pdl_wait(PDL)
 
     offs_ck = tl.arange(0, CHUNK)
-    rows_c = pid_c * CHUNK + offs_ck
-    in_k = rows_c < K
+    base = pid_c * ROWS  # ROWS <= CHUNK rows per chunk (config rows_per_chunk)
+    lim = tl.minimum(K, base + ROWS)
+    rows_c = base + offs_ck
+    in_k = rows_c < lim
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
     a_c = tl.load(
@@ -152,9 +157,9 @@ def _sparse_down_kernel(
         if cnt > DENSE_CNT:
             acc16 = tl.zeros([16, BN], dtype=tl.float32)
             for i in range(0, CHUNK, BK):
-                rows = pid_c * CHUNK + i + offs_b
+                rows = base + i + offs_b
                 acc16 = _acc_down_rows(
-                    acc16, A, W, rows, rows < K, t16, t16_ok, offs_n, n_ok, stride_a, stride_w,
+                    acc16, A, W, rows, rows < lim, t16, t16_ok, offs_n, n_ok, stride_a, stride_w,
                     16, DOT_F32, False,
                 )  # fmt: skip
             part1 = tl.sum(acc16, axis=0)
@@ -164,7 +169,7 @@ def _sparse_down_kernel(
             for i in range(0, cnt, BK):
                 j = i + offs_b
                 local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
-                rows = pid_c * CHUNK + local
+                rows = base + local
                 acc16 = _acc_down_rows(
                     acc16, A, W, rows, j < cnt, t16, t16_ok, offs_n, n_ok, stride_a, stride_w,
                     16, DOT_F32, False,
@@ -175,7 +180,7 @@ def _sparse_down_kernel(
             for i in range(0, cnt, BK):
                 j = i + offs_b
                 local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
-                rows = pid_c * CHUNK + local
+                rows = base + local
                 acc = _acc_down_rows(
                     acc, A, W, rows, j < cnt, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
                     T_PAD, DOT_F32, False,
@@ -187,13 +192,13 @@ def _sparse_down_kernel(
         if cnt > DENSE_CNT:
             # dense fallback: read the whole chunk, no ranking work
             for i in range(0, CHUNK, BK):
-                rows = pid_c * CHUNK + i + offs_b
+                rows = base + i + offs_b
                 acc = _acc_down_rows(
                     acc,
                     A,
                     W,
                     rows,
-                    rows < K,
+                    rows < lim,
                     offs_t,
                     t_ok,
                     offs_n,
@@ -210,7 +215,7 @@ def _sparse_down_kernel(
             for i in range(0, cnt, BK):
                 j = i + offs_b
                 local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
-                rows = pid_c * CHUNK + local
+                rows = base + local
                 acc = _acc_down_rows(
                     acc,
                     A,
@@ -230,13 +235,13 @@ def _sparse_down_kernel(
     else:
         # masked tiles: the loads of inactive rows are predicated off and move no bytes
         for i in range(0, CHUNK, BK):
-            rows = pid_c * CHUNK + i + offs_b
+            rows = base + i + offs_b
             acc = _acc_down_rows(
                 acc,
                 A,
                 W,
                 rows,
-                rows < K,
+                rows < lim,
                 offs_t,
                 t_ok,
                 offs_n,
@@ -294,7 +299,8 @@ def sparse_down(
     w_down_t: [d_ff, d_model], same dtype (see workbench.kernels.layout.down_rows)
     returns   [T, d_model] (or [d_model]) in a's dtype, fp32 accumulation.
     config:   block-shape overrides (CHUNK, BK, BN, num_warps, num_stages, dense_fraction), "pdl",
-              "compact" (False: masked tiles), "t_pad" (16: one token through tl.dot) and
+              "compact" (False: masked tiles), "rows_per_chunk" (<= CHUNK rows a program),
+              "t_pad" (16: one token through tl.dot) and
               "dot_fraction" (one token: tl.dot only in chunks with more active rows than this
               fraction; measured options, off by default, benchmarks/KERNEL_NOTES.md v8 and v13).
     """
@@ -321,9 +327,14 @@ def sparse_down(
     dot_fraction = cfg.get("dot_fraction")
     dot_cnt = -1
     if t_pad == 1 and dot_fraction is not None and bool(cfg.get("compact", True)):
-        dot_cnt = int(cfg["CHUNK"] * float(dot_fraction))
+        dot_cnt = int(int(cfg.get("rows_per_chunk") or cfg["CHUNK"]) * float(dot_fraction))
     num_nb = triton.cdiv(n, cfg["BN"])
-    num_chunks = triton.cdiv(k, cfg["CHUNK"])
+    # "rows_per_chunk" (<= CHUNK): fewer rows per program than the CHUNK-wide rank tile, so that
+    # the grid can be sized to fill the SMs (e.g. 528 programs on 132 SMs at 4 blocks each)
+    rows = int(cfg.get("rows_per_chunk") or cfg["CHUNK"])
+    if not 0 < rows <= cfg["CHUNK"]:
+        raise KernelError(f"rows_per_chunk={rows} must lie in 1..CHUNK ({cfg['CHUNK']})")
+    num_chunks = triton.cdiv(k, rows)
     acc, cnt = workspace(
         ("down", t, n, num_nb), a2.device, [(t * n, torch.float32), (num_nb, torch.int32)]
     )
@@ -343,11 +354,12 @@ def sparse_down(
         y.stride(0),
         num_nb,
         num_chunks,
+        rows,
         T_PAD=t_pad,
         CHUNK=cfg["CHUNK"],
         BK=cfg["BK"],
         BN=cfg["BN"],
-        DENSE_CNT=dense_count(cfg["CHUNK"], cfg["dense_fraction"]),
+        DENSE_CNT=dense_count(rows, cfg["dense_fraction"]),
         DOT_F32=dot_f32(a2.dtype),
         COMPACT=bool(cfg.get("compact", True)),
         PDL=pdl,

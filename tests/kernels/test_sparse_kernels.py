@@ -125,6 +125,37 @@ def test_sparse_down_one_token_dot_fraction(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,kind", [(1, "rand"), (1, "full"), (3, "rand"), (1, "zero")])
+@pytest.mark.parametrize("extra", [{}, {"dot_fraction": 0.2}, {"compact": False}])
+def test_sparse_down_rows_per_chunk(device, dtype, tokens, kind, extra):
+    """config rows_per_chunk: programs own fewer rows than the CHUNK-wide rank tile (here 40 of
+    64, so chunks straddle tile boundaries and the last one is partial)."""
+    (d, f), cdown, _ = _setup(device)
+    cfg = dict(cdown or dict(CHUNK=256, BK=16, BN=512), **extra)
+    cfg["rows_per_chunk"] = cfg["CHUNK"] * 5 // 8
+    g = _gen("down-rows", device, dtype, tokens, kind, tuple(extra))
+    keep = _mask(kind, (tokens, f), g, density=0.3)
+    a = torch.where(keep, torch.randn(tokens, f, generator=g), 0.0).to(dtype)
+    (w,) = _weights(g, f, d, dtype, "cpu")
+    ref = a.double() @ w.double()
+    for _ in range(2):
+        y = K.sparse_down(a.to(device), w.to(device), backend="triton", config=cfg)
+        assert y.shape == (tokens, d)
+        if kind == "zero":
+            assert (y == 0).all()
+        else:
+            assert _rel(y.cpu(), ref) < TOL[dtype]
+
+
+def test_sparse_down_rows_per_chunk_bounds():
+    a = torch.zeros(1, 64, dtype=torch.float16)
+    w = torch.zeros(64, 32, dtype=torch.float16)
+    with pytest.raises(KernelError, match="rows_per_chunk"):
+        K.sparse_down(a, w, backend="triton", config=dict(CHUNK=32, BK=16, BN=32, rows_per_chunk=48))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sparse_down_1d_and_reference(device):
     (d, f), cdown, _ = _setup(device)
     g = _gen("down1d", device)
