@@ -156,7 +156,7 @@ def _sparse_down_kernel(
         t16_ok = t16 < 1
         if cnt > DENSE_CNT:
             acc16 = tl.zeros([16, BN], dtype=tl.float32)
-            for i in range(0, CHUNK, BK):
+            for i in range(0, ROWS, BK):
                 rows = base + i + offs_b
                 acc16 = _acc_down_rows(
                     acc16, A, W, rows, rows < lim, t16, t16_ok, offs_n, n_ok, stride_a, stride_w,
@@ -191,7 +191,7 @@ def _sparse_down_kernel(
         # count from 168 to 200 and cost 30-50 % at s >= 0.9 on the H100 (see KERNEL_NOTES.md).
         if cnt > DENSE_CNT:
             # dense fallback: read the whole chunk, no ranking work
-            for i in range(0, CHUNK, BK):
+            for i in range(0, ROWS, BK):
                 rows = base + i + offs_b
                 acc = _acc_down_rows(
                     acc,
@@ -234,7 +234,7 @@ def _sparse_down_kernel(
                 )
     else:
         # masked tiles: the loads of inactive rows are predicated off and move no bytes
-        for i in range(0, CHUNK, BK):
+        for i in range(0, ROWS, BK):
             rows = base + i + offs_b
             acc = _acc_down_rows(
                 acc,
