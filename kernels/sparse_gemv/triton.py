@@ -108,7 +108,7 @@ def _sparse_down_kernel(
     stride_y,
     NUM_NB,
     NUM_CHUNKS,
-    ROWS,
+    ROWS: tl.constexpr,
     T_PAD: tl.constexpr,
     CHUNK: tl.constexpr,
     BK: tl.constexpr,
@@ -125,7 +125,7 @@ def _sparse_down_kernel(
     pdl_wait(PDL)
 
     offs_ck = tl.arange(0, CHUNK)
-    base = pid_c * ROWS  # ROWS <= CHUNK rows per chunk (config rows_per_chunk)
+    base = pid_c * ROWS  # ROWS <= CHUNK rows per chunk (config rows_per_chunk; constexpr)
     lim = tl.minimum(K, base + ROWS)
     rows_c = base + offs_ck
     in_k = rows_c < lim
@@ -378,7 +378,7 @@ def sparse_down(
         y.stride(0),
         num_nb,
         num_chunks,
-        rows,
+        ROWS=rows,
         T_PAD=t_pad,
         CHUNK=cfg["CHUNK"],
         BK=cfg["BK"],
