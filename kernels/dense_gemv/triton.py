@@ -43,9 +43,9 @@ def _gemv_kernel(
 ):
     pid = tl.program_id(0)
     DT = X.dtype.element_ty
-    rows = pid * R + tl.arange(0, R)
-    r_ok = rows < K
     if PREFETCH:
+        rows = pid * R + tl.arange(0, R)
+        r_ok = rows < K
         # rows of at most BN: the weight tile is read before the wait (no kernel writes weights),
         # so under programmatic dependent launch the programs resident early overlap their
         # weight read with the previous kernel's tail; only x waits for it
@@ -64,6 +64,8 @@ def _gemv_kernel(
     else:
         pdl_wait(PDL)
         pdl_release(PDL)  # dependents may launch now (they wait for this kernel before reading)
+        rows = pid * R + tl.arange(0, R)
+        r_ok = rows < K
         acc = tl.zeros([R, BN], dtype=tl.float32)
         for n0 in range(0, N, BN):
             offs = n0 + tl.arange(0, BN)

@@ -125,8 +125,12 @@ def _sparse_down_kernel(
     pdl_wait(PDL)
 
     offs_ck = tl.arange(0, CHUNK)
-    base = pid_c * ROWS  # ROWS <= CHUNK rows per chunk (config rows_per_chunk; constexpr)
-    lim = tl.minimum(K, base + ROWS)
+    if ROWS == CHUNK:  # the default: the same code as before the option existed
+        base = pid_c * CHUNK
+        lim = K
+    else:  # config rows_per_chunk: ROWS < CHUNK rows per program, the rank tile still CHUNK wide
+        base = pid_c * ROWS
+        lim = tl.minimum(K, base + ROWS)
     rows_c = base + offs_ck
     in_k = rows_c < lim
     offs_t = tl.arange(0, T_PAD)
@@ -290,23 +294,6 @@ def default_down_config(t: int, d_ff: int, d_model: int) -> dict:
     return dict(CHUNK=512, BK=16, BN=256, num_warps=4, num_stages=2, dense_fraction=0.6)
 
 
-_SM_COUNT: dict[str, int] = {}
-
-
-def grid_rows(k: int, num_nb: int, chunk: int, device: torch.device, per_sm: int = 4) -> int:
-    """Rows per chunk so that the grid (chunks x column blocks) fills about 96 % of the SMs'
-    block slots in one wave: `per_sm` blocks of the d_model >= 4096 one-token default (128
-    registers x 128 threads, 4 a SM on the H100). KERNEL_NOTES v13: 176 rows (504 programs) against
-    the 256-row chunks' 344 took 24.7 / 17.7 / 14.2 us at s = 0.5 / 0.7 / 0.8 against 27.7 / 19.3 /
-    15.4 on 4096x11008; exactly 528 programs (168 rows) was slower than either."""
-    key = str(device)
-    if key not in _SM_COUNT:
-        _SM_COUNT[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    chunks = max(1, int(0.96 * per_sm * _SM_COUNT[key]) // num_nb)
-    rows = -(-triton.cdiv(k, chunks) // 16) * 16
-    return min(chunk, rows)
-
-
 def sparse_down(
     a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None = None
 ) -> torch.Tensor:
@@ -316,12 +303,11 @@ def sparse_down(
     w_down_t: [d_ff, d_model], same dtype (see workbench.kernels.layout.down_rows)
     returns   [T, d_model] (or [d_model]) in a's dtype, fp32 accumulation.
     config:   block-shape overrides (CHUNK, BK, BN, num_warps, num_stages, dense_fraction), "pdl",
-              "compact" (False: masked tiles), "rows_per_chunk" (<= CHUNK rows a program; for
-              one token, d_model >= 4096 and the default blocks, on CUDA it is sized to the
-              device's SMs by grid_rows),
+              "compact" (False: masked tiles), "rows_per_chunk" (<= CHUNK rows a program, so
+              that the grid can be sized to the SMs),
               "t_pad" (16: one token through tl.dot) and
               "dot_fraction" (one token: tl.dot only in chunks with more active rows than this
-              fraction; measured options, off by default, benchmarks/KERNEL_NOTES.md v8 and v13).
+              fraction); measured options, off by default, benchmarks/KERNEL_NOTES.md v8 and v13.
     """
     a2, was_1d = as_tokens(a, "a")
     t, k = a2.shape
@@ -343,12 +329,8 @@ def sparse_down(
     t_pad = max(token_pad(t), int(cfg.get("t_pad", 1)))
     num_nb = triton.cdiv(n, cfg["BN"])
     # "rows_per_chunk" (<= CHUNK): fewer rows per program than the CHUNK-wide rank tile, so that
-    # the grid can be sized to fill the SMs (e.g. 528 programs on 132 SMs at 4 blocks each)
-    blocks = ("CHUNK", "BK", "BN", "num_warps", "rows_per_chunk")
-    if t == 1 and n >= 4096 and a2.is_cuda and not any(b in (config or {}) for b in blocks):
-        # the library's one-token blocks: size the chunks to the device's SMs (graph-safe: the
-        # shape and the device decide, never the data)
-        cfg["rows_per_chunk"] = grid_rows(k, triton.cdiv(n, cfg["BN"]), cfg["CHUNK"], a2.device)
+    # the grid can be sized to the SMs (KERNEL_NOTES v13: 176 rows, 504 programs on the H100, made
+    # 4096x11008 fp16 8-15 % faster at s = 0.5-0.8 and bf16 slower; not a default)
     rows = int(cfg.get("rows_per_chunk") or cfg["CHUNK"])
     if not 0 < rows <= cfg["CHUNK"]:
         raise KernelError(f"rows_per_chunk={rows} must lie in 1..CHUNK ({cfg['CHUNK']})")

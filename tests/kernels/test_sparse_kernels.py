@@ -148,29 +148,6 @@ def test_sparse_down_rows_per_chunk(device, dtype, tokens, kind, extra):
             assert _rel(y.cpu(), ref) < TOL[dtype]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind", ["rand", "full", "zero"])
-def test_sparse_down_default_grid_sized_to_the_sms(dtype, kind):
-    """d_model >= 4096, one token, library blocks: rows_per_chunk comes from the SM count."""
-    from workbench.kernels.sparse_gemv.triton import grid_rows
-
-    d, f = 4096, 2768
-    g = _gen("down-grid", dtype, kind)
-    keep = _mask(kind, (1, f), g, density=0.2)
-    a = torch.where(keep, torch.randn(1, f, generator=g), 0.0).to(dtype)
-    (w,) = _weights(g, f, d, dtype, "cpu")
-    rows = grid_rows(f, d // 512, 256, torch.device("cuda"))
-    assert 16 <= rows < 256 and rows % 16 == 0
-    ref = a.double() @ w.double()
-    for _ in range(2):
-        y = K.sparse_down(a.cuda(), w.cuda(), backend="triton")
-        if kind == "zero":
-            assert (y == 0).all()
-        else:
-            assert _rel(y.cpu(), ref) < TOL[dtype]
-
-
 def test_sparse_down_rows_per_chunk_bounds():
     a = torch.zeros(1, 64, dtype=torch.float16)
     w = torch.zeros(64, 32, dtype=torch.float16)
