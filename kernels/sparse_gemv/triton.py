@@ -294,6 +294,27 @@ def default_down_config(t: int, d_ff: int, d_model: int) -> dict:
     return dict(CHUNK=512, BK=16, BN=256, num_warps=4, num_stages=2, dense_fraction=0.6)
 
 
+_SM_COUNT: dict[str, int] = {}
+
+
+def grid_rows(k: int, num_nb: int, chunk: int, device: torch.device, per_sm: int = 4) -> int:
+    """Rows per chunk for the one-token fp16 default at d_model >= 4096 (128 registers x 128
+    threads: `per_sm` = 4 blocks a SM on the H100). When the CHUNK-row grid fills less than 70 % of
+    the SMs' block slots, chunks shrink (to a multiple of 16 rows) until the grid fills about 96 %
+    of them in one wave; otherwise CHUNK stays. KERNEL_NOTES v13: 4096x11008 fp16 176 rows (504
+    programs instead of 344) 1.02-1.04 / 1.44-1.46 / 2.01-2.04 / 2.50-2.53x at s = 0 / 0.5 / 0.7 /
+    0.8 against 0.97-0.99 / 1.25-1.31 / 1.83-1.87 / 2.28-2.39x; in bf16 the same rows were slower,
+    and exactly 4 blocks a SM (528 programs) was slower than either."""
+    key = str(device)
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    slots = per_sm * _SM_COUNT[key]
+    if triton.cdiv(k, chunk) * num_nb >= 0.7 * slots:
+        return chunk
+    chunks = max(1, int(0.96 * slots) // num_nb)
+    return min(chunk, -(-triton.cdiv(k, chunks) // 16) * 16)
+
+
 def sparse_down(
     a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None = None
 ) -> torch.Tensor:
@@ -303,11 +324,12 @@ def sparse_down(
     w_down_t: [d_ff, d_model], same dtype (see workbench.kernels.layout.down_rows)
     returns   [T, d_model] (or [d_model]) in a's dtype, fp32 accumulation.
     config:   block-shape overrides (CHUNK, BK, BN, num_warps, num_stages, dense_fraction), "pdl",
-              "compact" (False: masked tiles), "rows_per_chunk" (<= CHUNK rows a program, so
-              that the grid can be sized to the SMs),
+              "compact" (False: masked tiles), "rows_per_chunk" (<= CHUNK rows a program; for
+              one fp16 token at d_model >= 4096 with the default blocks it comes from
+              grid_rows, the device's SM count),
               "t_pad" (16: one token through tl.dot) and
               "dot_fraction" (one token: tl.dot only in chunks with more active rows than this
-              fraction); measured options, off by default, benchmarks/KERNEL_NOTES.md v8 and v13.
+              fraction); measured in benchmarks/KERNEL_NOTES.md v8 and v13.
     """
     a2, was_1d = as_tokens(a, "a")
     t, k = a2.shape
@@ -329,8 +351,18 @@ def sparse_down(
     t_pad = max(token_pad(t), int(cfg.get("t_pad", 1)))
     num_nb = triton.cdiv(n, cfg["BN"])
     # "rows_per_chunk" (<= CHUNK): fewer rows per program than the CHUNK-wide rank tile, so that
-    # the grid can be sized to the SMs (KERNEL_NOTES v13: 176 rows, 504 programs on the H100, made
-    # 4096x11008 fp16 8-15 % faster at s = 0.5-0.8 and bf16 slower; not a default)
+    # the grid can be sized to the SMs (grid_rows: the fp16 default where that pays)
+    blocks = ("CHUNK", "BK", "BN", "num_warps", "rows_per_chunk", "t_pad", "dot_fraction")
+    if (
+        t == 1
+        and n >= 4096
+        and a2.dtype == torch.float16
+        and a2.is_cuda
+        and not any(b in (config or {}) for b in blocks)
+    ):
+        # the library's one-token fp16 blocks: chunks sized to the device's SMs where the default
+        # grid leaves block slots idle (graph-safe: shape, dtype and device decide, not the data)
+        cfg["rows_per_chunk"] = grid_rows(k, num_nb, cfg["CHUNK"], a2.device)
     rows = int(cfg.get("rows_per_chunk") or cfg["CHUNK"])
     if not 0 < rows <= cfg["CHUNK"]:
         raise KernelError(f"rows_per_chunk={rows} must lie in 1..CHUNK ({cfg['CHUNK']})")
