@@ -302,7 +302,7 @@ def grid_rows(k: int, num_nb: int, chunk: int, device: torch.device, per_sm: int
     threads: `per_sm` = 4 blocks a SM on the H100). When the CHUNK-row grid fills less than 70 % of
     the SMs' block slots, chunks shrink (to a multiple of 16 rows) until the grid fills about 96 %
     of them in one wave; otherwise CHUNK stays. KERNEL_NOTES v13: 4096x11008 fp16 176 rows (504
-    programs instead of 344) 1.02-1.04 / 1.44-1.46 / 2.01-2.04 / 2.50-2.53x at s = 0 / 0.5 / 0.7 /
+    programs instead of 344) 1.02-1.05 / 1.44-1.46 / 2.00-2.04 / 2.49-2.53x at s = 0 / 0.5 / 0.7 /
     0.8 against 0.97-0.99 / 1.25-1.31 / 1.83-1.87 / 2.28-2.39x; in bf16 the same rows were slower,
     and exactly 4 blocks a SM (528 programs) was slower than either."""
     key = str(device)
