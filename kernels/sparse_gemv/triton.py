@@ -94,6 +94,40 @@ def _acc_down_rows(
 
 
 @triton.jit
+def _down_chunk(
+    acc, A, W, base, lim, offs_b, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
+    ROWS: tl.constexpr, BK: tl.constexpr, T_PAD: tl.constexpr, DOT_F32: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+):
+    """Every row of the chunk [base, lim), BK at a time (dense fallback, or masked tiles)."""
+    for i in range(0, ROWS, BK):
+        rows = base + i + offs_b
+        acc = _acc_down_rows(
+            acc, A, W, rows, rows < lim, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w, T_PAD,
+            DOT_F32, MASK_ROWS,
+        )  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _down_ranked(
+    acc, A, W, act, cnt, base, offs_ck, offs_b, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
+    BK: tl.constexpr, T_PAD: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Only the chunk's active rows: each row's rank among them (inactive rows get -1), then BK
+    ranked rows at a time, found by matching ranks in registers."""
+    pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
+    for i in range(0, cnt, BK):
+        j = i + offs_b
+        local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
+        acc = _acc_down_rows(
+            acc, A, W, base + local, j < cnt, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
+            T_PAD, DOT_F32, False,
+        )  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _sparse_down_kernel(
     A,
     W,
@@ -159,103 +193,43 @@ def _sparse_down_kernel(
         t16 = tl.arange(0, 16)
         t16_ok = t16 < 1
         if cnt > DENSE_CNT:
-            acc16 = tl.zeros([16, BN], dtype=tl.float32)
-            for i in range(0, ROWS, BK):
-                rows = base + i + offs_b
-                acc16 = _acc_down_rows(
-                    acc16, A, W, rows, rows < lim, t16, t16_ok, offs_n, n_ok, stride_a, stride_w,
-                    16, DOT_F32, False,
-                )  # fmt: skip
+            acc16 = _down_chunk(
+                tl.zeros([16, BN], dtype=tl.float32), A, W, base, lim, offs_b, t16, t16_ok,
+                offs_n, n_ok, stride_a, stride_w, ROWS, BK, 16, DOT_F32, False,
+            )  # fmt: skip
             part1 = tl.sum(acc16, axis=0)
         elif cnt > DOT_CNT:
-            pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
-            acc16 = tl.zeros([16, BN], dtype=tl.float32)
-            for i in range(0, cnt, BK):
-                j = i + offs_b
-                local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
-                rows = base + local
-                acc16 = _acc_down_rows(
-                    acc16, A, W, rows, j < cnt, t16, t16_ok, offs_n, n_ok, stride_a, stride_w,
-                    16, DOT_F32, False,
-                )  # fmt: skip
+            acc16 = _down_ranked(
+                tl.zeros([16, BN], dtype=tl.float32), A, W, act, cnt, base, offs_ck, offs_b, t16,
+                t16_ok, offs_n, n_ok, stride_a, stride_w, BK, 16, DOT_F32,
+            )  # fmt: skip
             part1 = tl.sum(acc16, axis=0)
         else:
-            pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
-            for i in range(0, cnt, BK):
-                j = i + offs_b
-                local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
-                rows = base + local
-                acc = _acc_down_rows(
-                    acc, A, W, rows, j < cnt, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
-                    T_PAD, DOT_F32, False,
-                )  # fmt: skip
+            acc = _down_ranked(
+                acc, A, W, act, cnt, base, offs_ck, offs_b, offs_t, t_ok, offs_n, n_ok, stride_a,
+                stride_w, BK, T_PAD, DOT_F32,
+            )  # fmt: skip
             part1 = tl.sum(acc, axis=0)
     elif COMPACT:
         # Two separate loops (v1 form): a runtime branch inside one loop raised the register
         # count from 168 to 200 and cost 30-50 % at s >= 0.9 on the H100 (see KERNEL_NOTES.md).
         if cnt > DENSE_CNT:
             # dense fallback: read the whole chunk, no ranking work
-            for i in range(0, ROWS, BK):
-                rows = base + i + offs_b
-                acc = _acc_down_rows(
-                    acc,
-                    A,
-                    W,
-                    rows,
-                    rows < lim,
-                    offs_t,
-                    t_ok,
-                    offs_n,
-                    n_ok,
-                    stride_a,
-                    stride_w,
-                    T_PAD,
-                    DOT_F32,
-                    False,
-                )
+            acc = _down_chunk(
+                acc, A, W, base, lim, offs_b, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
+                ROWS, BK, T_PAD, DOT_F32, False,
+            )  # fmt: skip
         else:
-            # rank of each active row inside the chunk; inactive rows get -1
-            pos = tl.where(act > 0, tl.cumsum(act, axis=0) - 1, -1)
-            for i in range(0, cnt, BK):
-                j = i + offs_b
-                local = tl.sum(tl.where(pos[None, :] == j[:, None], offs_ck[None, :], 0), axis=1)
-                rows = base + local
-                acc = _acc_down_rows(
-                    acc,
-                    A,
-                    W,
-                    rows,
-                    j < cnt,
-                    offs_t,
-                    t_ok,
-                    offs_n,
-                    n_ok,
-                    stride_a,
-                    stride_w,
-                    T_PAD,
-                    DOT_F32,
-                    False,
-                )
+            acc = _down_ranked(
+                acc, A, W, act, cnt, base, offs_ck, offs_b, offs_t, t_ok, offs_n, n_ok, stride_a,
+                stride_w, BK, T_PAD, DOT_F32,
+            )  # fmt: skip
     else:
         # masked tiles: the loads of inactive rows are predicated off and move no bytes
-        for i in range(0, ROWS, BK):
-            rows = base + i + offs_b
-            acc = _acc_down_rows(
-                acc,
-                A,
-                W,
-                rows,
-                rows < lim,
-                offs_t,
-                t_ok,
-                offs_n,
-                n_ok,
-                stride_a,
-                stride_w,
-                T_PAD,
-                DOT_F32,
-                True,
-            )
+        acc = _down_chunk(
+            acc, A, W, base, lim, offs_b, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w, ROWS,
+            BK, T_PAD, DOT_F32, True,
+        )  # fmt: skip
 
     pdl_release(PDL)
     if T_PAD == 1 and DOT_CNT >= 0:
