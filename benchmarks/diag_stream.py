@@ -44,6 +44,9 @@ def _stream_down(
     BN: tl.constexpr,
     USE_DOT: tl.constexpr,
     PDL: tl.constexpr,
+    ALOAD: tl.constexpr = False,
+    DENSE_CNT: tl.constexpr = -1,
+    I32: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
@@ -68,21 +71,40 @@ def _stream_down(
         t16 = tl.arange(0, 16)
     else:
         acc = tl.zeros([BK, BN], dtype=tl.float32)
-    for i in range(0, cnt, BK):
-        j = i + offs_b
-        ok = j < cnt
-        rows = tl.load(IDX + slot + j, mask=ok, other=0)
-        a = tl.load(VAL + slot + j, mask=ok, other=0.0)
-        w = tl.load(
-            W + rows[:, None].to(tl.int64) * stride_w + offs_n[None, :],
-            mask=ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        if USE_DOT:
-            a16 = tl.where(t16[:, None] == 0, a[None, :], 0.0).to(w.dtype)
-            acc = tl.dot(a16, w, acc)
-        else:
-            acc += a[:, None].to(tl.float32) * w.to(tl.float32)
+    if DENSE_CNT >= 0 and cnt > DENSE_CNT:  # dense fallback (as the library kernel has)
+        for i in range(0, RPS, BK):
+            rows = pid_s * RPS + i + offs_b
+            ok = rows < K
+            a = tl.load(A + rows, mask=ok, other=0.0)
+            w = tl.load(
+                W + rows[:, None].to(tl.int64) * stride_w + offs_n[None, :],
+                mask=ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            if USE_DOT:
+                a16 = tl.where(t16[:, None] == 0, a[None, :], 0.0).to(w.dtype)
+                acc = tl.dot(a16, w, acc)
+            else:
+                acc += a[:, None].to(tl.float32) * w.to(tl.float32)
+    else:
+        for i in range(0, cnt, BK):
+            j = i + offs_b
+            ok = j < cnt
+            rows = tl.load(IDX + slot + j, mask=ok, other=0)
+            if ALOAD:  # the activation from A by row number
+                a = tl.load(A + rows, mask=ok, other=0.0)
+            else:
+                a = tl.load(VAL + slot + j, mask=ok, other=0.0)
+            if I32:
+                wp = W + rows[:, None] * stride_w + offs_n[None, :]
+            else:
+                wp = W + rows[:, None].to(tl.int64) * stride_w + offs_n[None, :]
+            w = tl.load(wp, mask=ok[:, None] & n_ok[None, :], other=0.0)
+            if USE_DOT:
+                a16 = tl.where(t16[:, None] == 0, a[None, :], 0.0).to(w.dtype)
+                acc = tl.dot(a16, w, acc)
+            else:
+                acc += a[:, None].to(tl.float32) * w.to(tl.float32)
     pdl_release(PDL)
     if USE_DOT:
         part = tl.sum(tl.where(t16[:, None] == 0, acc, 0.0), axis=0)
@@ -135,6 +157,9 @@ def stream_down(a: torch.Tensor, w: torch.Tensor, cfg: dict) -> torch.Tensor:
         BN=bn,
         USE_DOT=cfg.get("dot", True),
         PDL=pdl,
+        ALOAD=cfg.get("aload", False),
+        DENSE_CNT=int(rps * cfg["dense"]) if cfg.get("dense") else -1,
+        I32=cfg.get("i32", False),
         num_warps=cfg.get("warps", 4),
         num_stages=cfg.get("stages", 3),
         **({"launch_pdl": True} if pdl else {}),
@@ -167,12 +192,24 @@ def check_cpu():
             {"RPS": 128, "BK": 16, "BN": 32},
             {"RPS": 512, "BK": 32, "BN": 64},
             {"RPS": 128, "BK": 16, "BN": 32, "dot": False},
+            {"RPS": 128, "BK": 16, "BN": 32, "dot": False, "aload": True},
+            {"RPS": 128, "BK": 16, "BN": 32, "dot": False, "dense": 0.6, "i32": True},
         ):
             for _ in range(2):  # the workspace must be left clean for the next call
                 y = stream_down(a, w, cfg).float()
                 err = ((y - ref).norm() / ref.norm().clamp_min(1e-12)).item()
                 assert err < 2e-3 or ref.norm() == 0 and y.abs().max() == 0, (k, n, s, cfg, err)
             print(f"ok k={k} n={n} s={s} {cfg} rel err {err:.1e}")
+
+
+def kernel_resources(*fns) -> list[str]:
+    """Registers and spills of every compiled variant of the given Triton kernels."""
+    out = []
+    for fn in fns:
+        for cache in getattr(fn, "device_caches", {}).values():
+            for key, k in cache[0].items():
+                out.append(f"{fn.__name__}: regs {k.n_regs} spills {k.n_spills} {str(key)[:400]}")
+    return out
 
 
 def main():
@@ -184,6 +221,7 @@ def main():
     p.add_argument("--lib-cfgs", default="[]", help="JSON list of K.sparse_down configs to time too")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     p.add_argument("--rep", type=int, default=20)
+    p.add_argument("--resources", action="store_true", help="print registers and spills")
     args = p.parse_args()
     if args.check_cpu:
         check_cpu()
@@ -225,6 +263,10 @@ def main():
                     except Exception as e:  # noqa: BLE001
                         line.append(f"{cfg} FAILED {type(e).__name__}: {str(e)[:120]}")
             log(f"{shape} s={s}:\n    " + "\n    ".join(line))
+        if args.resources:
+            from workbench.kernels.sparse_gemv.triton import _sparse_down_kernel
+
+            log("\n".join(kernel_resources(_sparse_down_kernel, _stream_down)))
         del wt, wd
         torch.cuda.empty_cache()
 

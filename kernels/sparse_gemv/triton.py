@@ -6,9 +6,12 @@ Design (one launch, graph-capturable, no host synchronisation):
 - Grid: (d_ff chunks) x (d_model column blocks), column block fastest so that programs of one
   chunk run side by side and read neighbouring parts of the same rows.
 - Each program loads its chunk of the activations for every token, takes the union of nonzeros
-  across tokens, and compacts the active row numbers in registers (cumsum + rank match); it then
-  reads only the active rows of its [CHUNK, BN] tile. When more than DENSE_CNT rows of the chunk
-  are active it reads the whole chunk instead (dense fallback: no compaction work).
+  across tokens and reads only the active rows of its [CHUNK, BN] tile. One token (the default
+  "list" path): the program writes its active row numbers and activations to its own slot of a
+  scratch list in global memory (cumsum positions), one barrier, then reads them back BK at a
+  time. Several tokens (and config list=False): the row numbers are compacted in registers
+  (cumsum + rank match), and when more than DENSE_CNT rows of the chunk are active the program
+  reads the whole chunk instead (dense fallback: no compaction work).
 - Split-K reduction in fp32 through atomics into a zeroed workspace; a per-column-block ticket
   lets the last program of each column block cast the sum to the output dtype and re-zero the
   workspace, so no separate memset or cast kernel is needed.
@@ -128,6 +131,50 @@ def _down_ranked(
 
 
 @triton.jit
+def _down_listed(
+    acc, W, idx_slot, val_slot, a_c, act, cnt, rows_c, offs_b, offs_t, t_ok, offs_n, n_ok,
+    stride_w, CHUNK: tl.constexpr, BK: tl.constexpr, T_PAD: tl.constexpr, DOT_F32: tl.constexpr,
+    PREF: tl.constexpr,
+):
+    """Only the chunk's active rows, through a list: the program writes its active row numbers and
+    their activations (every token's) to its own slot of a global scratch list, one barrier, then
+    reads them back BK at a time. No [BK, CHUNK] rank tile in registers, and the activations come
+    back as one contiguous load rather than a gather from A (twice as fast at 2048x8192 on the
+    H100, KERNEL_NOTES v14). PREF: each pass's row numbers are loaded one pass ahead."""
+    pos = tl.cumsum(act, axis=0) - 1
+    keep = act > 0
+    tl.store(idx_slot + pos, rows_c, mask=keep)
+    tl.store(val_slot + offs_t[:, None] * CHUNK + pos[None, :], a_c, mask=keep[None, :])
+    tl.debug_barrier()  # the block's own global writes are visible to it after the barrier
+    if PREF:  # the next pass's row numbers are loaded one pass ahead
+        rows_n = tl.load(idx_slot + offs_b, mask=offs_b < cnt, other=0)
+    for i in range(0, cnt, BK):
+        j = i + offs_b
+        ok = j < cnt
+        if PREF:
+            rows = rows_n
+            rows_n = tl.load(idx_slot + j + BK, mask=j + BK < cnt, other=0)
+        else:
+            rows = tl.load(idx_slot + j, mask=ok, other=0)
+        w = tl.load(
+            W + rows[:, None] * stride_w + offs_n[None, :],
+            mask=ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        if T_PAD == 1:
+            a = tl.load(val_slot + j, mask=ok, other=0.0)
+            acc += a[:, None].to(tl.float32) * w.to(tl.float32)
+        else:
+            a = tl.load(
+                val_slot + offs_t[:, None] * CHUNK + j[None, :],
+                mask=t_ok[:, None] & ok[None, :],
+                other=0.0,
+            )
+            acc = dot_acc(a, w, acc, DOT_F32)
+    return acc
+
+
+@triton.jit
 def _sparse_down_kernel(
     A,
     W,
@@ -152,6 +199,10 @@ def _sparse_down_kernel(
     COMPACT: tl.constexpr,
     PDL: tl.constexpr = False,
     DOT_CNT: tl.constexpr = -1,
+    IDX=None,
+    VAL=None,
+    LIST: tl.constexpr = False,
+    LIST_PREF: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
@@ -210,6 +261,27 @@ def _sparse_down_kernel(
                 stride_w, BK, T_PAD, DOT_F32,
             )  # fmt: skip
             part1 = tl.sum(acc, axis=0)
+    elif COMPACT and LIST:
+        if DENSE_CNT < ROWS:  # a dense fallback only when asked for (dense_fraction < 1)
+            if cnt > DENSE_CNT:
+                acc = _down_chunk(
+                    acc, A, W, base, lim, offs_b, offs_t, t_ok, offs_n, n_ok, stride_a, stride_w,
+                    ROWS, BK, T_PAD, DOT_F32, False,
+                )  # fmt: skip
+            else:
+                acc = _down_listed(
+                    acc, W, IDX + pid.to(tl.int64) * CHUNK,
+                    VAL + pid.to(tl.int64) * (T_PAD * CHUNK), a_c, act, cnt, rows_c, offs_b, offs_t,
+                    t_ok, offs_n, n_ok, stride_w, CHUNK, BK, T_PAD, DOT_F32, LIST_PREF,
+                )  # fmt: skip
+        else:
+            # no fallback branch at all: compiled in, it made the list loop itself 1.4-2.3x
+            # slower on the H100 even where it was never taken (KERNEL_NOTES v14)
+            acc = _down_listed(
+                acc, W, IDX + pid.to(tl.int64) * CHUNK, VAL + pid.to(tl.int64) * (T_PAD * CHUNK),
+                a_c, act, cnt, rows_c, offs_b, offs_t, t_ok, offs_n, n_ok, stride_w, CHUNK, BK,
+                T_PAD, DOT_F32, LIST_PREF,
+            )  # fmt: skip
     elif COMPACT:
         # Two separate loops (v1 form): a runtime branch inside one loop raised the register
         # count from 168 to 200 and cost 30-50 % at s >= 0.9 on the H100 (see KERNEL_NOTES.md).
@@ -255,13 +327,19 @@ def _sparse_down_kernel(
 def default_down_config(t: int, d_ff: int, d_model: int) -> dict:
     """Block shapes by problem shape only (never by data, so the launch is graph-safe)."""
     if t == 1:
-        # H100 sweeps (benchmarks/KERNEL_NOTES.md): wide column blocks for d_model >= 4096; for
-        # narrower layers chunks of 64 rows (one BK=16 pass at s >= 0.8) over 1024-wide column
-        # blocks (v8: 2048x8192 at s = 0.9 6.2 us against 7.3 us with the v3 blocks)
+        # H100 sweeps (benchmarks/KERNEL_NOTES.md v14): one token goes through the scratch list
+        # (no dense fallback: compiled in, it slowed the list loop); wide column blocks for
+        # d_model >= 4096 (chunks sized to the SMs by grid_rows on a GPU); for narrower layers
+        # chunks of 128 rows over 1024-wide column blocks, row numbers loaded a pass ahead
         if d_model >= 4096:
-            return dict(CHUNK=256, BK=16, BN=512, num_warps=4, num_stages=2, dense_fraction=0.6)
+            return dict(
+                CHUNK=256, BK=16, BN=512, num_warps=4, num_stages=2, dense_fraction=0.6, list=True
+            )
         bn = min(1024, triton.next_power_of_2(d_model))
-        return dict(CHUNK=64, BK=16, BN=bn, num_warps=4, num_stages=2, dense_fraction=0.6)
+        return dict(
+            CHUNK=128, BK=16, BN=bn, num_warps=4, num_stages=1, dense_fraction=0.6, list=True,
+            list_prefetch=True,
+        )  # fmt: skip
     # chunks of tokens (P4 sweeps, 4096x11008): wide column blocks amortise the ranking work
     if t <= 16:
         return dict(CHUNK=256, BK=16, BN=512, num_warps=4, num_stages=2, dense_fraction=0.6)
@@ -272,13 +350,14 @@ _SM_COUNT: dict[str, int] = {}
 
 
 def grid_rows(k: int, num_nb: int, chunk: int, device: torch.device, per_sm: int = 4) -> int:
-    """Rows per chunk for the one-token fp16 default at d_model >= 4096 (128 registers x 128
+    """Rows per chunk for the one-token default at d_model >= 4096 (about 128 registers x 128
     threads: `per_sm` = 4 blocks a SM on the H100). When the CHUNK-row grid fills less than 70 % of
     the SMs' block slots, chunks shrink (to a multiple of 16 rows) until the grid fills about 96 %
-    of them in one wave; otherwise CHUNK stays. KERNEL_NOTES v13: 4096x11008 fp16 176 rows (504
-    programs instead of 344) 1.02-1.05 / 1.44-1.46 / 2.00-2.04 / 2.49-2.53x at s = 0 / 0.5 / 0.7 /
-    0.8 against 0.97-0.99 / 1.25-1.31 / 1.83-1.87 / 2.28-2.39x; in bf16 the same rows were slower,
-    and exactly 4 blocks a SM (528 programs) was slower than either."""
+    of them in one wave; otherwise CHUNK stays. KERNEL_NOTES v13 (rank tile, fp16): 4096x11008 176
+    rows (504 programs instead of 344), 1.44 / 2.00 / 2.49x at s = 0.5 / 0.7 / 0.8 against 1.25 /
+    1.83 / 2.28x; v14 (scratch list, fp16 and bf16): 176 rows 0.5-2 % faster than 256 at s >= 0.5
+    and 1-3 % at s = 0; exactly 4 blocks a SM (528 programs) was slower in v13, and 4096x14336
+    keeps 256 (448 programs; 176 rows there were 10-40 % slower in v14)."""
     key = str(device)
     if key not in _SM_COUNT:
         _SM_COUNT[key] = torch.cuda.get_device_properties(device).multi_processor_count
@@ -303,7 +382,10 @@ def sparse_down(
               grid_rows, the device's SM count),
               "t_pad" (16: one token through tl.dot) and
               "dot_fraction" (one token: tl.dot only in chunks with more active rows than this
-              fraction); measured in benchmarks/KERNEL_NOTES.md v8 and v13.
+              fraction), "list" (active row numbers through a per-program scratch list in
+              global memory instead of a rank tile in registers; the one-token default) and
+              "list_prefetch" (with "list": row numbers loaded one pass ahead); measured in
+              benchmarks/KERNEL_NOTES.md v8, v13 and v14.
     """
     a2, was_1d = as_tokens(a, "a")
     t, k = a2.shape
@@ -326,17 +408,16 @@ def sparse_down(
     num_nb = triton.cdiv(n, cfg["BN"])
     # "rows_per_chunk" (<= CHUNK): fewer rows per program than the CHUNK-wide rank tile, so that
     # the grid can be sized to the SMs (grid_rows: the fp16 default where that pays)
-    blocks = ("CHUNK", "BK", "BN", "num_warps", "rows_per_chunk", "t_pad", "dot_fraction")
-    if (
-        t == 1
-        and n >= 4096
-        and a2.dtype == torch.float16
-        and a2.is_cuda
-        and not any(b in (config or {}) for b in blocks)
-    ):
-        # the library's one-token fp16 blocks: chunks sized to the device's SMs where the default
-        # grid leaves block slots idle (graph-safe: shape, dtype and device decide, not the data)
+    blocks = (
+        "CHUNK", "BK", "BN", "num_warps", "rows_per_chunk", "t_pad", "dot_fraction", "list",
+        "list_prefetch",
+    )  # fmt: skip
+    if t == 1 and n >= 4096 and a2.is_cuda and not any(b in (config or {}) for b in blocks):
+        # the library's one-token blocks: chunks sized to the device's SMs where the default grid
+        # leaves block slots idle (graph-safe: shape and device decide, not the data)
         cfg["rows_per_chunk"] = grid_rows(k, num_nb, cfg["CHUNK"], a2.device)
+    if config and "dot_fraction" in config and "list" not in config:
+        cfg["list"] = False  # dot_fraction is a rank-tile option
     rows = int(cfg.get("rows_per_chunk") or cfg["CHUNK"])
     if not 0 < rows <= cfg["CHUNK"]:
         raise KernelError(f"rows_per_chunk={rows} must lie in 1..CHUNK ({cfg['CHUNK']})")
@@ -350,6 +431,21 @@ def sparse_down(
     acc, cnt = workspace(
         ("down", t, n, num_nb), a2.device, [(t * n, torch.float32), (num_nb, torch.int32)]
     )
+    # "list": the active rows go through a per-program scratch list (global, L2-resident) instead
+    # of the rank tile in registers
+    listed = bool(cfg.get("list", False)) and bool(cfg.get("compact", True))
+    if listed and dot_cnt >= 0:
+        raise KernelError("config 'list' and 'dot_fraction' cannot be combined: choose one")
+    if listed and "dense_fraction" not in (config or {}):
+        cfg["dense_fraction"] = 1.0  # the list path reads full chunks itself; no fallback branch
+    idx = val = None
+    if listed:
+        slots = num_nb * num_chunks * cfg["CHUNK"]
+        idx, val = workspace(
+            ("down_list", slots, t_pad, a2.dtype),
+            a2.device,
+            [(slots, torch.int32), (slots * t_pad, a2.dtype)],
+        )
     y = torch.empty((t, n), dtype=a2.dtype, device=a2.device)
     pdl = use_pdl(a2.device, cfg.get("pdl"))
     _sparse_down_kernel[(num_nb * num_chunks,)](
@@ -376,6 +472,10 @@ def sparse_down(
         COMPACT=bool(cfg.get("compact", True)),
         PDL=pdl,
         DOT_CNT=dot_cnt,
+        IDX=idx,
+        VAL=val,
+        LIST=listed,
+        LIST_PREF=listed and bool(cfg.get("list_prefetch", False)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"launch_pdl": True} if pdl else {}),

@@ -67,8 +67,15 @@ def _weights(g, rows, d, dtype, device, n=1, scale=None):
     "tokens,kind",
     [(1, "rand"), (3, "rand"), (5, "zero"), (7, "full"), (1, "zero"), (1, "full"), (8, "rand")],
 )
-def test_sparse_down(device, dtype, tokens, kind):
+@pytest.mark.parametrize("path", ["default", "rank"])
+def test_sparse_down(device, dtype, tokens, kind, path):
+    """default: one token through the scratch list, several through the rank tile; rank: the rank
+    tile (with its dense fallback) for one token too."""
+    if path == "rank" and tokens > 1:
+        pytest.skip("several tokens take the rank tile by default")
     (d, f), cdown, _ = _setup(device)
+    if path == "rank":
+        cdown = dict(cdown or {}, list=False)
     g = _gen("down", device, dtype, tokens, kind)
     a = torch.randn(tokens, f, generator=g) * _mask(kind, (tokens, f), g, density=0.15)
     a = a.to(dtype).to(device)
@@ -127,7 +134,9 @@ def test_sparse_down_one_token_dot_fraction(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,kind", [(1, "rand"), (1, "full"), (3, "rand"), (1, "zero")])
-@pytest.mark.parametrize("extra", [{}, {"dot_fraction": 0.2}, {"compact": False}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"list": False}, {"dot_fraction": 0.2}, {"compact": False}]
+)
 def test_sparse_down_rows_per_chunk(device, dtype, tokens, kind, extra):
     """config rows_per_chunk: programs own fewer rows than the CHUNK-wide rank tile (here 40 of
     64, so chunks straddle tile boundaries and the last one is partial)."""
@@ -146,6 +155,55 @@ def test_sparse_down_rows_per_chunk(device, dtype, tokens, kind, extra):
             assert (y == 0).all()
         else:
             assert _rel(y.cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,kind", [(1, "rand"), (1, "full"), (3, "rand"), (1, "zero"), (5, "full")])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"dense_fraction": 0.6},
+        {"t_pad": 16, "num_stages": 3},
+        {"rows_per_chunk": 40},
+        {"list_prefetch": True},
+        {"list_prefetch": True, "rows_per_chunk": 40},
+        {"list_prefetch": False},
+    ],
+    ids=["list", "list-fallback", "list-dot", "list-rows", "pref", "pref-rows", "no-pref"],
+)
+def test_sparse_down_list(device, dtype, tokens, kind, extra):
+    """config list: the active rows through a per-program scratch list (by default full chunks
+    too; dense_fraction 0.6 compiles the dense fallback in); rows_per_chunk 40 (of a 64-wide
+    tile) gives straddled and partial chunks; list_prefetch loads the row numbers a pass ahead
+    (explicitly on and off, whatever the default for the shape). Two calls: the second reuses the
+    scratch list."""
+    (d, f), cdown, _ = _setup(device)
+    cfg = dict(cdown or dict(CHUNK=256, BK=16, BN=512), list=True, **extra)
+    if "rows_per_chunk" in extra:
+        cfg["rows_per_chunk"] = cfg["CHUNK"] * 5 // 8
+    g = _gen("down-list", device, dtype, tokens, kind, tuple(extra))
+    keep = _mask(kind, (tokens, f), g, density=0.3)
+    a = torch.where(keep, torch.randn(tokens, f, generator=g), 0.0).to(dtype)
+    (w,) = _weights(g, f, d, dtype, "cpu")
+    ref = a.double() @ w.double()
+    for _ in range(2):
+        y = K.sparse_down(a.to(device), w.to(device), backend="triton", config=cfg)
+        assert y.shape == (tokens, d)
+        if kind == "zero":
+            assert (y == 0).all()
+        else:
+            assert _rel(y.cpu(), ref) < TOL[dtype]
+
+
+def test_sparse_down_list_with_dot_fraction_refused():
+    a = torch.zeros(1, 64, dtype=torch.float16)
+    w = torch.zeros(64, 32, dtype=torch.float16)
+    with pytest.raises(KernelError, match="list"):
+        K.sparse_down(
+            a, w, backend="triton", config=dict(CHUNK=32, BK=16, BN=32, list=True, dot_fraction=0.2)
+        )
 
 
 def test_grid_rows_fills_idle_block_slots(monkeypatch):
