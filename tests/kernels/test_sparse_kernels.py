@@ -67,15 +67,9 @@ def _weights(g, rows, d, dtype, device, n=1, scale=None):
     "tokens,kind",
     [(1, "rand"), (3, "rand"), (5, "zero"), (7, "full"), (1, "zero"), (1, "full"), (8, "rand")],
 )
-@pytest.mark.parametrize("path", ["default", "rank"])
-def test_sparse_down(device, dtype, tokens, kind, path):
-    """default: one token through the scratch list, several through the rank tile; rank: the rank
-    tile (with its dense fallback) for one token too."""
-    if path == "rank" and tokens > 1:
-        pytest.skip("several tokens take the rank tile by default")
+def test_sparse_down(device, dtype, tokens, kind):
+    """Library paths: one token through the scratch list, several through the rank tile."""
     (d, f), cdown, _ = _setup(device)
-    if path == "rank":
-        cdown = dict(cdown or {}, list=False)
     g = _gen("down", device, dtype, tokens, kind)
     a = torch.randn(tokens, f, generator=g) * _mask(kind, (tokens, f), g, density=0.15)
     a = a.to(dtype).to(device)
@@ -84,6 +78,27 @@ def test_sparse_down(device, dtype, tokens, kind, path):
     for _ in range(2):  # the second call checks that the workspace was left zeroed
         y = K.sparse_down(a, w, backend="triton", config=cdown)
         assert y.shape == (tokens, d) and y.dtype == dtype
+        if kind == "zero":
+            assert (y == 0).all()
+        else:
+            assert _rel(y.cpu(), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["rand", "zero", "full"])
+def test_sparse_down_one_token_rank_tile(device, dtype, kind):
+    """config list=False: one token through the rank tile and its dense fallback ("full")."""
+    (d, f), cdown, _ = _setup(device)
+    cfg = dict(cdown or {}, list=False)
+    g = _gen("down-rank", device, dtype, kind)
+    a = torch.randn(1, f, generator=g) * _mask(kind, (1, f), g, density=0.15)
+    a = a.to(dtype)
+    (w,) = _weights(g, f, d, dtype, "cpu")
+    ref = a.double() @ w.double()
+    for _ in range(2):
+        y = K.sparse_down(a.to(device), w.to(device), backend="triton", config=cfg)
+        assert y.shape == (1, d)
         if kind == "zero":
             assert (y == 0).all()
         else:
