@@ -378,13 +378,14 @@ def sparse_down(
     returns   [T, d_model] (or [d_model]) in a's dtype, fp32 accumulation.
     config:   block-shape overrides (CHUNK, BK, BN, num_warps, num_stages, dense_fraction), "pdl",
               "compact" (False: masked tiles), "rows_per_chunk" (<= CHUNK rows a program; for
-              one fp16 token at d_model >= 4096 with the default blocks it comes from
-              grid_rows, the device's SM count),
-              "t_pad" (16: one token through tl.dot) and
-              "dot_fraction" (one token: tl.dot only in chunks with more active rows than this
-              fraction), "list" (active row numbers through a per-program scratch list in
-              global memory instead of a rank tile in registers; the one-token default) and
-              "list_prefetch" (with "list": row numbers loaded one pass ahead); measured in
+              one token on a GPU at d_model >= 4096 with the default blocks it comes from
+              grid_rows, the device's SM count), "t_pad" (16: one token through tl.dot),
+              "dot_fraction" (rank tile, one token: tl.dot only in chunks with more active rows
+              than this fraction; turns "list" off unless "list" is given), "list" (active row
+              numbers and activations through a per-program scratch list in global memory
+              instead of a rank tile in registers; the one-token default, with no dense
+              fallback unless dense_fraction is given) and "list_prefetch" (with "list": row
+              numbers loaded one pass ahead; the default below d_model 4096); measured in
               benchmarks/KERNEL_NOTES.md v8, v13 and v14.
     """
     a2, was_1d = as_tokens(a, "a")
