@@ -135,6 +135,7 @@ def _down_listed(
     acc, W, idx_slot, val_slot, a_c, act, cnt, rows_c, offs_b, offs_t, t_ok, offs_n, n_ok,
     stride_w, CHUNK: tl.constexpr, BK: tl.constexpr, T_PAD: tl.constexpr, DOT_F32: tl.constexpr,
     PREF: tl.constexpr,
+    EVICT: tl.constexpr = "",
 ):
     """Only the chunk's active rows, through a list: the program writes its active row numbers and
     their activations (every token's) to its own slot of a global scratch list, one barrier, then
@@ -160,6 +161,7 @@ def _down_listed(
             W + rows[:, None] * stride_w + offs_n[None, :],
             mask=ok[:, None] & n_ok[None, :],
             other=0.0,
+            eviction_policy=EVICT,
         )
         if T_PAD == 1:
             a = tl.load(val_slot + j, mask=ok, other=0.0)
@@ -203,6 +205,7 @@ def _sparse_down_kernel(
     VAL=None,
     LIST: tl.constexpr = False,
     LIST_PREF: tl.constexpr = False,
+    EVICT: tl.constexpr = "",
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
@@ -272,7 +275,7 @@ def _sparse_down_kernel(
                 acc = _down_listed(
                     acc, W, IDX + pid.to(tl.int64) * CHUNK,
                     VAL + pid.to(tl.int64) * (T_PAD * CHUNK), a_c, act, cnt, rows_c, offs_b, offs_t,
-                    t_ok, offs_n, n_ok, stride_w, CHUNK, BK, T_PAD, DOT_F32, LIST_PREF,
+                    t_ok, offs_n, n_ok, stride_w, CHUNK, BK, T_PAD, DOT_F32, LIST_PREF, EVICT,
                 )  # fmt: skip
         else:
             # no fallback branch at all: compiled in, it made the list loop itself 1.4-2.3x
@@ -280,7 +283,7 @@ def _sparse_down_kernel(
             acc = _down_listed(
                 acc, W, IDX + pid.to(tl.int64) * CHUNK, VAL + pid.to(tl.int64) * (T_PAD * CHUNK),
                 a_c, act, cnt, rows_c, offs_b, offs_t, t_ok, offs_n, n_ok, stride_w, CHUNK, BK,
-                T_PAD, DOT_F32, LIST_PREF,
+                T_PAD, DOT_F32, LIST_PREF, EVICT,
             )  # fmt: skip
     elif COMPACT:
         # Two separate loops (v1 form): a runtime branch inside one loop raised the register
@@ -331,10 +334,11 @@ def default_down_config(t: int, d_ff: int, d_model: int) -> dict:
         # (no dense fallback: compiled in, it slowed the list loop); wide column blocks for
         # d_model >= 4096 (chunks sized to the SMs by grid_rows on a GPU); for narrower layers
         # chunks of 128 rows over 1024-wide column blocks, row numbers loaded a pass ahead
-        if d_model >= 4096:
+        if d_model >= 4096:  # weight rows marked evict_first: 1-2 % faster there (v15)
             return dict(
-                CHUNK=256, BK=16, BN=512, num_warps=4, num_stages=2, dense_fraction=0.6, list=True
-            )
+                CHUNK=256, BK=16, BN=512, num_warps=4, num_stages=2, dense_fraction=0.6, list=True,
+                w_evict="evict_first",
+            )  # fmt: skip
         bn = min(1024, triton.next_power_of_2(d_model))
         return dict(
             CHUNK=128, BK=16, BN=bn, num_warps=4, num_stages=1, dense_fraction=0.6, list=True,
@@ -385,8 +389,10 @@ def sparse_down(
               numbers and activations through a per-program scratch list in global memory
               instead of a rank tile in registers; the one-token default, with no dense
               fallback unless dense_fraction is given) and "list_prefetch" (with "list": row
-              numbers loaded one pass ahead; the default below d_model 4096); measured in
-              benchmarks/KERNEL_NOTES.md v8, v13 and v14.
+              numbers loaded one pass ahead; the default below d_model 4096) and "w_evict"
+              (with "list": the L2 eviction policy of the weight-row loads, "" or "evict_first"
+              (the default at d_model >= 4096) or "evict_last"); measured in
+              benchmarks/KERNEL_NOTES.md v8, v13, v14 and v15.
     """
     a2, was_1d = as_tokens(a, "a")
     t, k = a2.shape
@@ -439,6 +445,12 @@ def sparse_down(
         raise KernelError("config 'list' and 'dot_fraction' cannot be combined: choose one")
     if listed and "dense_fraction" not in (config or {}):
         cfg["dense_fraction"] = 1.0  # the list path reads full chunks itself; no fallback branch
+    evict = str(cfg.get("w_evict", "") or "")
+    if evict not in ("", "evict_first", "evict_last"):
+        raise KernelError(
+            f"config w_evict={evict!r} is not an L2 eviction policy: use '', 'evict_first' or "
+            "'evict_last'"
+        )
     idx = val = None
     if listed:
         slots = num_nb * num_chunks * cfg["CHUNK"]
@@ -477,6 +489,7 @@ def sparse_down(
         VAL=val,
         LIST=listed,
         LIST_PREF=listed and bool(cfg.get("list_prefetch", False)),
+        EVICT=evict,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"launch_pdl": True} if pdl else {}),

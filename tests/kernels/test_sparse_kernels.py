@@ -184,15 +184,16 @@ def test_sparse_down_rows_per_chunk(device, dtype, tokens, kind, extra):
         {"list_prefetch": True},
         {"list_prefetch": True, "rows_per_chunk": 40},
         {"list_prefetch": False},
+        {"w_evict": "evict_first"},
     ],
-    ids=["list", "list-fallback", "list-dot", "list-rows", "pref", "pref-rows", "no-pref"],
+    ids=["list", "list-fallback", "list-dot", "list-rows", "pref", "pref-rows", "no-pref", "evict"],
 )
 def test_sparse_down_list(device, dtype, tokens, kind, extra):
     """config list: the active rows through a per-program scratch list (by default full chunks
     too; dense_fraction 0.6 compiles the dense fallback in); rows_per_chunk 40 (of a 64-wide
     tile) gives straddled and partial chunks; list_prefetch loads the row numbers a pass ahead
-    (explicitly on and off, whatever the default for the shape). Two calls: the second reuses the
-    scratch list."""
+    (explicitly on and off, whatever the default for the shape); w_evict marks the weight-row
+    loads evict_first. Two calls: the second reuses the scratch list."""
     (d, f), cdown, _ = _setup(device)
     cfg = dict(cdown or dict(CHUNK=256, BK=16, BN=512), list=True, **extra)
     if "rows_per_chunk" in extra:
@@ -211,6 +212,13 @@ def test_sparse_down_list_with_dot_fraction_refused():
         K.sparse_down(
             a, w, backend="triton", config=dict(CHUNK=32, BK=16, BN=32, list=True, dot_fraction=0.2)
         )
+
+
+def test_sparse_down_bad_eviction_policy_refused():
+    a = torch.zeros(1, 64, dtype=torch.float16)
+    w = torch.zeros(64, 32, dtype=torch.float16)
+    with pytest.raises(KernelError, match="w_evict"):
+        K.sparse_down(a, w, backend="triton", config=dict(list=True, w_evict="evict_early"))
 
 
 def test_grid_rows_fills_idle_block_slots(monkeypatch):
