@@ -449,12 +449,15 @@ def p4(shape, dtype, rows, l2, rep, tokens_list, d_e=256):
         nwt = [(torch.rand(e, device=DEV) + 0.5).to(dtype) for _ in range(nw)]
         wr0 = [rand_w(e, d, dtype) for _ in range(nw)]
 
-        from workbench.kernels.moe_blocks.triton import router_logits
+        from workbench.kernels.moe_blocks.triton import default_expert_config, router_logits
 
-        def dense_moe(x, wr, wu_, wd_):
-            # the same router kernel as the sparse side (cuBLAS took 32 us for it at T = 8);
-            # the scores' normalisation is left out: a lower bound of the dense layer's time
-            router_logits(x, wr) if not DRY else F.linear(x, wr)
+        rcfg = default_expert_config(t, d, d_e)
+
+        def dense_moe(x, wr, wu_, wd_, rcfg=rcfg):
+            # the same router kernel and options as the sparse side's default (cuBLAS took 32 us
+            # for it at T = 8); the scores' normalisation is left out: a lower bound of the
+            # dense layer's time
+            router_logits(x, wr, config=rcfg) if not DRY else F.linear(x, wr)
             return F.linear(F.silu(F.linear(x, wu_)), wd_)
 
         mbase = bench(rotating(dense_moe, list(zip(xs, wr0, wu, wd))), rep)

@@ -3,7 +3,7 @@ and down kernels timed alone and whole, for several block shapes, graph replays 
 weights as in bench_kernels.py, at T = 8 and 32 and CLS = 0.8.
 
     PYTHONPATH=$PWD python3 benchmarks/diag_moe.py
-    PYTHONPATH=$PWD python3 benchmarks/diag_moe.py --ab '[{}, {"ranked": false}]'
+    PYTHONPATH=$PWD python3 benchmarks/diag_moe.py --ab '[{}, {"up_partials": false}]'
 
 --ab CFGS: the whole layer (and the up kernel alone) for each config of the JSON list, at T = 8
 and 32 and CLS 0.5 / 0.7 / 0.8, beside the dense MoE baseline of bench_kernels.py, in one run.
@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_kernels import K, bench, log, rand_w, rotating, solve_rows, union_mask  # noqa: E402
 from workbench.kernels.moe_blocks.triton import (  # noqa: E402
+    default_expert_config,
     launch_expert_down,
     launch_expert_up,
     router_logits,
@@ -61,8 +62,10 @@ def main():
         mb = active * d_e * d * 2 / 1e6
         log(f"T={t}: {active}/{e} experts active, {mb:.1f} MB per matrix, "
             f"{mb / 2.5e6 * 1e6:.2f} us each at 2.5 TB/s")
-        ms = bench(rotating(lambda x, r, n, u, dd, a, h: router_logits(x, r), sets), 10)
-        log(f"  router kernel: {ms * 1e3:.2f} us")
+        for rc in ({}, {"router_unroll": True}, {"router_split": 4}, {"router_split": 8}):
+            ms = bench(rotating(lambda x, r, n, u, dd, a, h, rc=rc: router_logits(
+                x, r, config=rc), sets), 10)
+            log(f"  router kernel {rc}: {ms * 1e3:.2f} us")
         ms = bench(rotating(lambda x, r, n, u, dd, a, h: F.linear(x, r), sets), 10)
         log(f"  router cuBLAS: {ms * 1e3:.2f} us")
         for c in UP:
@@ -92,8 +95,10 @@ def ab(cfgs):
         xs = [torch.randn(t, d, device="cuda").to(dt) for _ in range(nw)]
         wr0 = [rand_w(e, d, dt) for _ in range(nw)]
 
-        def dense(x, r, u, dd):  # bench_kernels.py's dense MoE baseline
-            router_logits(x, r)
+        rcfg = default_expert_config(t, d, d_e)
+
+        def dense(x, r, u, dd, rcfg=rcfg):  # bench_kernels.py's dense MoE baseline
+            router_logits(x, r, config=rcfg)
             return F.linear(F.silu(F.linear(x, u)), dd)
 
         base = bench(rotating(dense, list(zip(xs, wr0, wu, wd))), 10)

@@ -491,15 +491,42 @@ def test_moe_expert_kernels_read_only_active_experts(device, dtype, tokens):
     wdt[rows_off] = float("nan")
     x, wr, nw, wu, wdt = (t.to(device) for t in (x, wr, nw, wu, wdt))
     if device == "cpu":
-        cfgs = [dict(CPU_EXPERTS, BF=16, RB=16), dict(CPU_EXPERTS, BF=16, RB=16, KS=3)]
-    else:
-        cfgs = [None, dict(KS=4, BF=64)]  # KS: the d_model axis split over programs
+        cfgs = [dict(CPU_EXPERTS, BF=16, RB=16), dict(CPU_EXPERTS, BF=16, RB=16, KS=3),
+                dict(CPU_EXPERTS, BF=16, RB=16, KS=3, up_partials=True, down_prefetch=False)]
+    else:  # KS: the d_model axis split over programs; up_partials: no split reduction in up
+        cfgs = [None, dict(KS=4, BF=64), dict(KS=4, BF=64, up_partials=True),
+                dict(up_partials=True, up_early_release=True, down_prefetch=False)]
     for cfg in cfgs:
         for xi in ([x[0]] if tokens == 1 else []) + [x]:
             y = K.moe_blocks(xi, wr, nw, wu, wdt, backend="triton", config=cfg)
             assert y.shape == xi.shape
             r = ref[0] if xi.dim() == 1 else ref
             assert _rel(y.cpu(), r) < TOL[dtype] / 4, cfg
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 33])
+def test_moe_router_logits_variants(device, dtype, tokens):
+    """The router kernel's variants (plain loop, unrolled, d_model split over programs with a
+    split reduction) equal x @ w_router^T in float64, twice in a row (the split's workspace is
+    left zeroed); the tile does not divide d_model."""
+    from workbench.kernels.moe_blocks.triton import router_logits
+
+    d = CPU_SHAPE[0] if device == "cpu" else GPU_SHAPE[0]
+    g = _gen("router", dtype, tokens)
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wr = _weights(g, 13, d, dtype, "cpu")[0]
+    ref = x.double() @ wr.double().t()
+    x, wr = x.to(device), wr.to(device)
+    bd = 32 if device == "cpu" else 128
+    cfgs = [{}, {"router_unroll": True, "router_bd": bd}, {"router_split": 3, "router_bd": bd // 2},
+            {"router_split": 4}]  # fmt: skip
+    for cfg in cfgs:
+        for _ in range(2):
+            a0 = router_logits(x, wr, config=cfg)
+            assert a0.shape == (tokens, 13) and a0.dtype == torch.float32
+            assert _rel(a0.cpu(), ref) < 1e-5, cfg
 
 
 @pytest.mark.parametrize("device", DEVICES)
