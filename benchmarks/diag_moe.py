@@ -5,6 +5,8 @@ weights as in bench_kernels.py, at T = 8 and 32 and CLS = 0.8.
     PYTHONPATH=$PWD python3 benchmarks/diag_moe.py
     PYTHONPATH=$PWD python3 benchmarks/diag_moe.py --ab '[{}, {"up_partials": false}]'
 
+--baseline: the dense MoE baseline with each router (none, plain kernel, the default, cuBLAS).
+
 --ab CFGS: the whole layer (and the up kernel alone) for each config of the JSON list, at T = 8
 and 32 and CLS 0.5 / 0.7 / 0.8, beside the dense MoE baseline of bench_kernels.py, in one run.
 """
@@ -120,8 +122,41 @@ def ab(cfgs):
                     f"{0.75 / (1 - cls):.2f}), up kernel {up * 1e3:.2f} us, rel err {err:.1e}")
 
 
+def baseline():
+    """The dense MoE baseline with each router: which part of the baseline is the router."""
+    d, f, d_e, nw, dt = 4096, 11008, 256, 3, torch.float16
+    e = f // d_e
+    wu = [rand_w(f, d, dt) for _ in range(nw)]
+    wd = [rand_w(f, d, dt).t().contiguous() for _ in range(nw)]
+    for t in (8, 32):
+        xs = [torch.randn(t, d, device="cuda").to(dt) for _ in range(nw)]
+        wr = [rand_w(e, d, dt) for _ in range(nw)]
+        sets = list(zip(xs, wr, wu, wd))
+        routers = {
+            "none": None,
+            "kernel, plain loop": {},
+            "kernel, library default for T": default_expert_config(t, d, d_e),
+            "cuBLAS": "cublas",
+        }
+        for name, rc in routers.items():
+            def dense(x, r, u, dd, rc=rc):
+                if rc == "cublas":
+                    F.linear(x, r)
+                elif rc is not None:
+                    router_logits(x, r, config=rc)
+                return F.linear(F.silu(F.linear(x, u)), dd)
+
+            ms = bench(rotating(dense, sets), 10)
+            only = "" if rc is None else " (router alone: {:.2f} us)".format(bench(rotating(
+                lambda x, r, u, dd, rc=rc: F.linear(x, r) if rc == "cublas" else router_logits(
+                    x, r, config=rc), sets), 10) * 1e3)
+            log(f"T={t}: dense MoE, router {name}: {ms * 1e3:.2f} us{only}")
+
+
 if __name__ == "__main__":
-    if "--ab" in sys.argv:
+    if "--baseline" in sys.argv:
+        baseline()
+    elif "--ab" in sys.argv:
         import json
 
         ab(json.loads(sys.argv[sys.argv.index("--ab") + 1]))
