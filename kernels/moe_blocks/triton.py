@@ -2,21 +2,25 @@
 
 Three launches, graph-capturable, no host synchronisation, no data-dependent shapes:
 
-1. router logits A0 [T, E] (up to 16 tokens a small Triton kernel, one program per expert row:
-   cuBLAS picked a slow path for [T, d_model] x [E, d_model]^T with an E like 43, 35 us on the
-   H100 at T = 8; above 16 tokens cuBLAS, 7.4 us at T = 32);
-2. expert up kernel, grid (E x d_e / BF): every program recomputes the router scores
+1. router logits A0 [T, E], a small Triton kernel (cuBLAS picked a slow path for [T, d_model] x
+   [E, d_model]^T with an E like 43: 32 us on the H100 at T = 8, 7.2 us at T = 32): up to 16
+   tokens one program per expert with the d_model loop unrolled (2.1 us at T = 8), above 16
+   d_model split over 4 programs per expert through a split reduction (3.8 us at T = 32);
+2. expert up kernel, grid (E x d_e / BF x KS): every program recomputes the router scores
    A = RMSNorm(ReLU(A0)) * w for all tokens (a [T, E] tile from L2), and a program whose expert
    has A = 0 on every token of the chunk exits before reading any weight. The others read BF rows
-   of their expert's up block once for the whole chunk (tl.dot over the padded token axis) and
-   write h = SiLU(up x) * A for their rows. With KS > 1 the d_model axis is split over KS
-   programs per row block (fp32 partials through atomics, the block's last program applies the
-   SiLU and the scores), so wide row blocks still give enough programs;
+   of their expert's up block over a 1/KS slice of d_model, once for the whole chunk (tl.dot over
+   the padded token axis). Up to 16 tokens (config "up_partials") each slice stores its fp32
+   partial to its own plane and the kernel releases the down launch at its start; otherwise the
+   partials go through atomics and the row block's last program writes h = SiLU(up x) * A;
 3. expert down kernel, grid (d_model column blocks x S splits): every program ranks the active
    experts in registers (the same scores, so the same set as the up kernel), and walks the work
    items (active expert, RB-row block) i = split, split + S, ... reading only active experts' down
-   rows; fp32 partials go through atomics into a zeroed workspace and a per-column-block ticket
-   lets the last split cast the sum and re-zero the workspace.
+   rows, h from the up kernel (or made from its partial planes: summed, SiLU, scores). The scores
+   and the first item's weight tile are read before the programmatic-dependent-launch wait (A0 is
+   already complete then, see launch_expert_down). fp32 partials go through atomics into a zeroed
+   workspace and a per-column-block ticket lets the last split cast the sum and re-zero the
+   workspace.
 
 Rounding follows the dense module (workbench.models.blockffn.BlockFFNMLP in the model dtype):
 A0, the RMS-normalised scores, their product with the norm weight, the up projection, the SiLU

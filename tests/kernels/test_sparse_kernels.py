@@ -469,7 +469,7 @@ def test_moe_blocks(device, dtype, tokens, kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 4, 9, 33])  # 33: above 16 tokens (cuBLAS router on CUDA)
+@pytest.mark.parametrize("tokens", [1, 4, 9, 33])  # 33: above 16 tokens (the split router)
 def test_moe_expert_kernels_read_only_active_experts(device, dtype, tokens):
     """Expert width not a multiple of the blocks; inactive experts' weights are NaN, so any read
     of them would show in the output; the result equals the module-rounded torch reference."""
