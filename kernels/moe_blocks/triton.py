@@ -162,6 +162,15 @@ def _expert_scores(A0, NW, T, E, eps, offs_t, t_ok, offs_e, e_ok, DT: tl.constex
 
 
 @triton.jit
+def _h_from_up(up, s_e, DT: tl.constexpr):
+    """h = SiLU(up) * score in DT, from the fp32 up sums [T_PAD, rows] and the scores [T_PAD],
+    rounded where the module rounds (up, the SiLU, the product)."""
+    u = _rnd(up, DT)
+    h = _rnd(u / (1.0 + tl.exp(-u)), DT)
+    return _rnd(h * s_e[:, None], DT).to(DT)
+
+
+@triton.jit
 def _expert_up_kernel(
     X,
     A0,
@@ -234,17 +243,13 @@ def _expert_up_kernel(
             pp = H + ks * (T * E * D_E) + offs_t[:, None] * (E * D_E) + rows[None, :]
             tl.store(pp, acc, mask=m2)
         elif KS == 1:
-            u = _rnd(acc, DT)
-            h = _rnd(u / (1.0 + tl.exp(-u)), DT)
-            tl.store(hp, _rnd(h * s_e[:, None], DT).to(DT), mask=m2)
+            tl.store(hp, _h_from_up(acc, s_e, DT), mask=m2)
         else:
             # split over d_model: fp32 partials through atomics, the tile's last program finishes
             up = UACC + offs_t[:, None] * (E * D_E) + rows[None, :]
             last, total = split_reduce(up, m2, acc, TCNT + tile, KS, True)
             if last:
-                u = _rnd(total, DT)
-                h = _rnd(u / (1.0 + tl.exp(-u)), DT)
-                tl.store(hp, _rnd(h * s_e[:, None], DT).to(DT), mask=m2)
+                tl.store(hp, _h_from_up(total, s_e, DT), mask=m2)
 
 
 @triton.jit
@@ -261,10 +266,8 @@ def _h_tile(H, s, e, rows, r_ok, offs_t, t_ok, offs_e, T, E, D_E, stride_h, KS_P
         u = tl.load(p, mask=m, other=0.0)
         for k in tl.static_range(1, KS_P):
             u += tl.load(p + k * (T * E * D_E), mask=m, other=0.0)
-        u = _rnd(u, DT)
-        h = _rnd(u / (1.0 + tl.exp(-u)), DT)
         s_e = tl.sum(tl.where(offs_e[None, :] == e, s, 0.0), axis=1)  # [T_PAD]
-        return _rnd(h * s_e[:, None], DT).to(DT)
+        return _h_from_up(u, s_e, DT)
 
 
 @triton.jit
