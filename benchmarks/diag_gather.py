@@ -3,11 +3,16 @@
 into one fp32 (no ranking, no atomics, 4 bytes stored per program), for several tile shapes, with the rows random or contiguous,
 rotated over 10 weight copies (DRAM) or from one copy (L2-resident after the first replay).
 
-    PYTHONPATH=$PWD python3 benchmarks/diag_gather.py
+    PYTHONPATH=$PWD python3 benchmarks/diag_gather.py [--sparsities 0.9,0.5] [--d-ff 11008]
+        [--random-only] [--dense]
+
+--dense also times cuBLAS's dense GEMV on the same rotated weights (batch 1, F.linear), so that
+each gather line gives the highest speedup any kernel that reads those rows could reach.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -57,19 +62,35 @@ CFGS = [  # (R, BN, warps, evict)
 
 
 def main():
-    k, n, nw, dt = 11008, 4096, 10, torch.float16
+    p = argparse.ArgumentParser()
+    p.add_argument("--sparsities", default="0.9,0.5")
+    p.add_argument("--d-ff", type=int, default=11008)
+    p.add_argument("--random-only", action="store_true", help="random rows from DRAM only")
+    p.add_argument("--dense", action="store_true", help="time cuBLAS's dense GEMV too")
+    args = p.parse_args()
+    k, n, nw, dt = args.d_ff, 4096, 10, torch.float16
     ws = [rand_w(k, n, dt) for _ in range(nw)]
-    for s in (0.9, 0.5):
+    if args.dense:
+        wd = [w.t().contiguous() for w in ws]  # [d_model, d_ff], as the dense layer stores it
+        xs = [torch.randn(1, k, device="cuda").to(dt) for _ in ws]
+        ms = bench(rotating(lambda x, w: torch.nn.functional.linear(x, w), list(zip(xs, wd))), 10)
+        log(f"dense cuBLAS {n}x{k}: {ms * 1e3:.2f} us")
+        del wd
+    for s in (float(v) for v in args.sparsities.split(",")):
         na = int(round((1 - s) * k)) // 32 * 32
         rnd = [torch.randperm(k, device="cuda")[:na].sort().values.to(torch.int32) for _ in ws]
         con = [torch.arange(na, device="cuda", dtype=torch.int32) for _ in ws]
         mb = na * n * 2 / 1e6
         log(f"s={s}: {na} rows, {mb:.1f} MB ({mb / 2.5e6 * 1e6:.2f} us at 2.5 TB/s)")
+        kinds = [("random", rnd, ws)]
+        if not args.random_only:
+            kinds += [("contig", con, ws), ("random-L2", rnd[:1], ws[:1])]
         for r, bn, warps, ev in CFGS:
+            if na % r:
+                continue
             out = torch.empty((na // r, n // bn), device="cuda")
             res = []
-            for name, idx, wl in (("random", rnd, ws), ("contig", con, ws),
-                                  ("random-L2", rnd[:1], ws[:1])):  # fmt: skip
+            for name, idx, wl in kinds:
                 fn = rotating(
                     lambda i, w, r=r, bn=bn, warps=warps, ev=ev, out=out, na=na: _gather[
                         (na // r, n // bn)
