@@ -7,7 +7,7 @@ weights as in bench_kernels.py, at T = 8 and 32 and CLS = 0.8.
 
 --baseline: the dense MoE baseline with each router (none, plain kernel, the default, cuBLAS).
 
---ab CFGS: the whole layer (and the up kernel alone) for each config of the JSON list, at T = 8
+--ab CFGS: the whole layer (and the up and down kernels alone) for each config of the JSON list, at T = 8
 and 32 and CLS 0.5 / 0.7 / 0.8, beside the dense MoE baseline of bench_kernels.py, in one run.
 """
 
@@ -116,10 +116,15 @@ def ab(cfgs):
                                     sets), 10)
                 up = bench(rotating(lambda x, r, n, u, dd, a, c=c: launch_expert_up(
                     x, a, n, u, e, d_e, 1e-6, c), sets), 10)
+                # the down kernel alone, on h made by the up kernel of the same config
+                hs = [launch_expert_up(x, a, n, u, e, d_e, 1e-6, c) for x, r, n, u, dd, a in sets]
+                down = bench(rotating(lambda x, r, n, u, dd, a, h, c=c: launch_expert_down(
+                    h, a, n, dd, e, d_e, 1e-6, c), [(*st, h) for st, h in zip(sets, hs)]), 10)
                 y = K.moe_blocks(xs[0], wr[0], nwt[0], wu[0], wdt[0], config=c).float()
                 err = ((y - ref).norm() / ref.norm()).item()
                 log(f"  CLS {cls} {c}: layer {ms * 1e3:.2f} us (x{base / ms:.2f}, target "
-                    f"{0.75 / (1 - cls):.2f}), up kernel {up * 1e3:.2f} us, rel err {err:.1e}")
+                    f"{0.75 / (1 - cls):.2f}), up kernel {up * 1e3:.2f} us, down kernel "
+                    f"{down * 1e3:.2f} us, rel err {err:.1e}")
 
 
 def baseline():
