@@ -8,7 +8,8 @@ weights as in bench_kernels.py, at T = 8 and 32 and CLS = 0.8.
 --baseline: the dense MoE baseline with each router (none, plain kernel, the default, cuBLAS).
 
 --ab CFGS: the whole layer (and the up and down kernels alone) for each config of the JSON list, at T = 8
-and 32 and CLS 0.5 / 0.7 / 0.8, beside the dense MoE baseline of bench_kernels.py, in one run.
+and 32 and CLS 0.5 / 0.7 / 0.8, beside the dense MoE baseline of bench_kernels.py, in one run;
+with --resources, then the registers and shared memory of each compiled expert kernel.
 """
 
 from __future__ import annotations
@@ -158,6 +159,21 @@ def baseline():
             log(f"T={t}: dense MoE, router {name}: {ms * 1e3:.2f} us{only}")
 
 
+def resources() -> None:
+    """Registers and shared memory of every compiled variant of the expert kernels (which bounds
+    how many of their programs an SM holds, and so whether the down kernel's programs can sit
+    beside the up kernel's)."""
+    from workbench.kernels.moe_blocks.triton import _expert_down_kernel, _expert_up_kernel
+
+    for fn in (_expert_up_kernel, _expert_down_kernel):
+        for cache in getattr(fn, "device_caches", {}).values():
+            for key, k in cache[0].items():
+                consts = [c for c in key if isinstance(c, tuple) and c[0] == "constexpr"]
+                log(f"{fn.__name__}: regs {k.n_regs} spills {k.n_spills} shared "
+                    f"{k.metadata.shared} B, warps {k.metadata.num_warps}, stages "
+                    f"{k.metadata.num_stages}, constexprs {[c[1] for c in consts]}")
+
+
 if __name__ == "__main__":
     if "--baseline" in sys.argv:
         baseline()
@@ -165,5 +181,7 @@ if __name__ == "__main__":
         import json
 
         ab(json.loads(sys.argv[sys.argv.index("--ab") + 1]))
+        if "--resources" in sys.argv:
+            resources()
     else:
         main()
