@@ -1,5 +1,6 @@
 """The GPU benchmark scripts run end to end on a toy shape on the CPU (reference path), so that
-they do not rot between device sessions: accuracy_7b.py and bench_decode.py's sensitivity check."""
+they do not rot between device sessions: accuracy_7b.py and bench_decode.py's sensitivity check;
+and profile_moe_timeline.py's trace summary on a synthetic trace."""
 
 from __future__ import annotations
 
@@ -44,3 +45,37 @@ def test_bench_decode_sensitivity_smoke(tmp_path):
     for rule in ("relu0", "fatrelu_q0.9"):
         assert set(sens[rule]) == {"dense_split_order_vs_dense", "exact_vs_dense", "exact_run2_vs_run1"}
         assert sens[rule]["exact_run2_vs_run1"]["logits_rel_rms"] == 0.0
+
+
+def test_profile_moe_timeline_summary(tmp_path):
+    """The trace-to-timeline step of profile_moe_timeline.py on a synthetic chrome trace: warm-up
+    layers (a separate segment) are left out, every replayed layer counts, times are relative to
+    the router's start and the period excludes the jump between replays."""
+    calls, replays = 40, 3
+    plan = [{"tokens": 8, "cls": 0.8, "calls": calls, "replays": replays}]
+    ev, t = [], 0.0  # us
+    for _ in range(3):  # warm-up calls, then a long pause
+        ev += [{"cat": "kernel", "name": n, "ts": t + dt, "dur": 1.0} for n, dt in
+               (("_router_logits_kernel", 0), ("_expert_up_kernel", 2), ("_expert_down_kernel", 4))]
+        t += 50.0
+    t += 5000.0
+    for _ in range(replays):
+        for _ in range(calls):
+            ev += [{"cat": "kernel", "name": "_router_logits_kernel", "ts": t, "dur": 6.0},
+                   {"cat": "kernel", "name": "_expert_up_kernel", "ts": t + 3.0, "dur": 15.0},
+                   {"cat": "kernel", "name": "_expert_down_kernel", "ts": t + 9.0, "dur": 18.0},
+                   {"cat": "kernel", "name": "some_other_kernel", "ts": t + 1.0, "dur": 1.0}]
+            t += 24.0
+        t += 500.0  # between replays
+    (tmp_path / "trace.json").write_text(json.dumps({"traceEvents": ev}))
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_moe_timeline.py"),
+                        "--plan", str(tmp_path / "plan.json"), "--summarize",
+                        str(tmp_path / "trace.json")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == (
+        "T=8 CLS 0.8 (120 layers; us from the router's start, medians): router 0-6.00 | "
+        "up 3.00-18.00 | down 9.00-27.00 | next router after 24.00"
+    )
