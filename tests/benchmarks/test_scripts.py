@@ -1,6 +1,6 @@
 """The GPU benchmark scripts run end to end on a toy shape on the CPU (reference path), so that
 they do not rot between device sessions: accuracy_7b.py and bench_decode.py's sensitivity check;
-and profile_moe_timeline.py's trace summary on a synthetic trace."""
+and profile_timeline.py's trace summary on a synthetic trace."""
 
 from __future__ import annotations
 
@@ -47,12 +47,13 @@ def test_bench_decode_sensitivity_smoke(tmp_path):
         assert sens[rule]["exact_run2_vs_run1"]["logits_rel_rms"] == 0.0
 
 
-def test_profile_moe_timeline_summary(tmp_path):
-    """The trace-to-timeline step of profile_moe_timeline.py on a synthetic chrome trace: warm-up
+def test_profile_timeline_summary(tmp_path):
+    """The trace-to-timeline step of profile_timeline.py on a synthetic chrome trace (MoE layer): warm-up
     layers (a separate segment) are left out, every replayed layer counts, times are relative to
     the router's start and the period excludes the jump between replays."""
     calls, replays = 40, 3
-    plan = [{"tokens": 8, "cls": 0.8, "calls": calls, "replays": replays}]
+    plan = [{"tokens": 8, "cls": 0.8, "layer": "moe", "calls": calls, "replays": replays,
+             "kernels": ["router", "_expert_up_kernel", "_expert_down_kernel"]}]
     ev, t = [], 0.0  # us
     for _ in range(3):  # warm-up calls, then a long pause
         ev += [{"cat": "kernel", "name": n, "ts": t + dt, "dur": 1.0} for n, dt in
@@ -70,12 +71,12 @@ def test_profile_moe_timeline_summary(tmp_path):
     (tmp_path / "trace.json").write_text(json.dumps({"traceEvents": ev}))
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_moe_timeline.py"),
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_timeline.py"),
                         "--plan", str(tmp_path / "plan.json"), "--summarize",
                         str(tmp_path / "trace.json")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == (
-        "T=8 CLS 0.8 (120 layers; us from the router's start, medians): router 0-6.00 | "
-        "up 3.00-18.00 | down 9.00-27.00 | next router after 24.00"
+        "T=8 cls=0.8 (120 layers; us from the first kernel's start, medians): router 0.00-6.00 | "
+        "expert_up_kernel 3.00-18.00 | expert_down_kernel 9.00-27.00 | next layer after 24.00"
     )
