@@ -24,7 +24,8 @@ The weights rotate over several copies (as in bench_kernels.py, more than the L2
 uses), 40 layer calls a graph, replayed 3 times, cases separated by a 20 ms pause. --timing also
 times the same graphs untraced (events) and with bench_kernels.py's method: compare the period
 with those before reading the timeline. On the H100 the torch profiler's tracing left the MoE
-layer's period as it was but made the P3 layer 1.8 us faster than untraced (KERNEL_NOTES v17).
+layer's period as it was but made the P3 layer 0.76 us faster than untraced in the same process
+(KERNEL_NOTES v17 item 8).
 """
 
 from __future__ import annotations
