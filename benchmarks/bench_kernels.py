@@ -85,6 +85,21 @@ def log(msg: str) -> None:
     LOG.append(msg)
 
 
+def kernel_resources(*fns) -> list[str]:
+    """Registers, spills, shared memory, warps and stages of every compiled variant of the given
+    Triton kernels (what bounds how many of their programs an SM holds)."""
+    out = []
+    for fn in fns:
+        for cache in getattr(fn, "device_caches", {}).values():
+            for key, k in cache[0].items():
+                md = k.metadata
+                out.append(
+                    f"{fn.__name__}: regs {k.n_regs} spills {k.n_spills} shared {md.shared} B, "
+                    f"warps {md.num_warps}, stages {md.num_stages} {str(key)[:400]}"
+                )
+    return out
+
+
 def bench(fn, rep: int) -> float:
     if DRY:  # CPU smoke run of the script's logic (references only), not a measurement
         fn()

@@ -163,15 +163,10 @@ def resources() -> None:
     """Registers and shared memory of every compiled variant of the expert kernels (which bounds
     how many of their programs an SM holds, and so whether the down kernel's programs can sit
     beside the up kernel's)."""
+    from bench_kernels import kernel_resources
     from workbench.kernels.moe_blocks.triton import _expert_down_kernel, _expert_up_kernel
 
-    for fn in (_expert_up_kernel, _expert_down_kernel):
-        for cache in getattr(fn, "device_caches", {}).values():
-            for key, k in cache[0].items():
-                consts = [c for c in key if isinstance(c, tuple) and c[0] == "constexpr"]
-                log(f"{fn.__name__}: regs {k.n_regs} spills {k.n_spills} shared "
-                    f"{k.metadata.shared} B, warps {k.metadata.num_warps}, stages "
-                    f"{k.metadata.num_stages}, constexprs {[c[1] for c in consts]}")
+    log("\n".join(kernel_resources(_expert_up_kernel, _expert_down_kernel)))
 
 
 if __name__ == "__main__":

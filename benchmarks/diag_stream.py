@@ -202,16 +202,6 @@ def check_cpu():
             print(f"ok k={k} n={n} s={s} {cfg} rel err {err:.1e}")
 
 
-def kernel_resources(*fns) -> list[str]:
-    """Registers and spills of every compiled variant of the given Triton kernels."""
-    out = []
-    for fn in fns:
-        for cache in getattr(fn, "device_caches", {}).values():
-            for key, k in cache[0].items():
-                out.append(f"{fn.__name__}: regs {k.n_regs} spills {k.n_spills} {str(key)[:400]}")
-    return out
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--check-cpu", action="store_true")
@@ -227,7 +217,16 @@ def main():
         check_cpu()
         return
     import torch.nn.functional as F
-    from bench_kernels import K, bench, exact_active, log, n_copies, rand_w, rotating
+    from bench_kernels import (
+        K,
+        bench,
+        exact_active,
+        kernel_resources,
+        log,
+        n_copies,
+        rand_w,
+        rotating,
+    )
 
     cfgs = json.loads(args.cfgs) if args.cfgs else CFGS
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
