@@ -1,5 +1,5 @@
 """A/B of the predictor's second layer fused into the updown kernel (MODE 2) inside P5's decode:
-runs benchmarks/bench_decode.py with the fusion forced on or off (default: by dtype, see
+runs benchmarks/bench_decode.py with the fusion forced on or off (default: on, see
 kernels/sparse_ffn/triton._fuse_pred2), the other arguments passed through.
 
     PYTHONPATH=$PWD python3 benchmarks/ab_decode_fuse_pred2.py --fuse off --layers 32 --modes predictor --compile on

@@ -599,11 +599,13 @@ def _dense(x2, w, config, bias=None, relu=False):
 
 def _fuse_pred2(w_pred2, config) -> bool:
     """Predictor's second layer inside the updown kernel (MODE 2), for predictor widths up to 1024
-    (its [CHUNK, width] tile stays in registers). Default by dtype, as measured on the H100
-    (KERNEL_NOTES v8): fp16 on (whole P3 layer 31.3-31.8 vs 32.8-33.6 us at s = 0.9, 40.5 vs
-    43.1-44.2 at 0.8); bf16 off (P5's bf16 decode took 4.12-4.13 ms a token fused against
-    4.07-4.08 unfused). config {"fuse_pred2": True | False} decides either way."""
-    fuse = (config or {}).get("fuse_pred2", w_pred2.dtype == torch.float16)
+    (its [CHUNK, width] tile stays in registers). On by default, as measured on the H100: fp16
+    (KERNEL_NOTES v8: whole P3 layer 31.3-31.8 vs 32.8-33.6 us at s = 0.9, 40.5 vs 43.1-44.2 at
+    0.8) and, since v19, bf16 (P3 with predictor biases 32.5 / 41.1 / 66.9 us at s = 0.9 / 0.8 /
+    0.5 against 34.2 / 44.7 / 75.5 unfused; P5's bf16 predictor decode 3.990-3.993 ms a token
+    against 4.015-4.024; v8's opposite bf16 result came before v10-v16). config {"fuse_pred2":
+    True | False} decides either way."""
+    fuse = (config or {}).get("fuse_pred2", True)
     return bool(fuse) and w_pred2.shape[1] <= 1024
 
 
