@@ -167,6 +167,24 @@ def test_decode_benchmark_compile_path_on_cpu_without_compiling(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device machine)")
+def test_gpu_repeated_decode_benchmark_keeps_no_device_memory():
+    """Calling the harness again and again (as a notebook user does) leaves the device memory where
+    the first call left it: no per-call cache, graph pool or per-stream cuBLAS workspace stays."""
+    model = _tiny(seed=1).cuda()
+    ids = _prompt().cuda()
+    h = wb.accelerate(model, mode="exact", backend="triton")
+    h.off()
+    wb.decode_benchmark(model, ids, new_tokens=6, handle=h, reps=2, warmup=1)
+    torch.cuda.synchronize()
+    first = torch.cuda.memory_allocated()
+    for _ in range(4):
+        wb.decode_benchmark(model, ids, new_tokens=6, handle=h, reps=2, warmup=1)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device machine)")
 def test_gpu_compiled_decode_matches_uncompiled():
     """float32 (so that a different rounding of the fused kernels cannot flip a near-tie): the
     compiled harness decodes the tokens the uncompiled one does, and leaves the modules as they were."""

@@ -183,6 +183,18 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(dev: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every decoder's warm-up. A fresh stream per decoder made
+    cuBLAS allocate a workspace for each new stream (32 MiB on an H100, kept for the process's life):
+    up to ~1 GiB across repeated decode_benchmark calls (KERNEL_NOTES v19 item 5)."""
+    if dev not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[dev] = torch.cuda.Stream(dev)
+    return _WARMUP_STREAMS[dev]
+
+
 class _GraphDecoder:
     """One decode step of `model` captured as a CUDA graph over a StaticCache."""
 
@@ -196,7 +208,7 @@ class _GraphDecoder:
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((1,), dtype=torch.long, device=dev)
         self.prefill()
-        s = torch.cuda.Stream(dev)
+        s = _warmup_stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):  # warm-up: kernels compiled, workspaces allocated, cache laid out
             for _ in range(max(warmup, 2)):
