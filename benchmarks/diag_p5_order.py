@@ -6,7 +6,10 @@ Builds bench_decode.py's P5 model once (7B shape, bf16, FATReLU at the 0.9 quant
 predictors), then, inside one compiled_non_ffn block (as bench_decode.py --compile on), runs
 decode_benchmark for each step of SEQ in order, e.g. "predictor,exact,predictor,empty:predictor":
 a step "empty:MODE" calls torch.cuda.empty_cache() first (the caching allocator hands its free
-blocks back, so the next allocations land afresh). Prints ms a token per step, dense and
+blocks back, so the next allocations land afresh); "measure:MODE" runs the handle's eager
+`measure` (16 tokens, as bench_decode.py does once per mode) before the decode; "perlayer:MODE"
+runs bench_decode.py's per_layer_error (each FFN alone on 8 calibration tokens, one call each, as
+bench_decode.py does for exact mode) before the decode. Prints ms a token per step, dense and
 accelerated, and the allocator's reserved / allocated memory before each step.
 """
 
@@ -35,7 +38,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(2)
     calib = torch.randint(0, bd.SHAPE["vocab"], (1, 128), generator=gen).to(bd.DEV)
     prompt = torch.randint(0, bd.SHAPE["vocab"], (1, 16), generator=gen).to(bd.DEV)
-    _, preds, _ = bd.calibrate(model, calib, 0.9, 1024)
+    _, preds, xs = bd.calibrate(model, calib, 0.9, 1024)
     with compiled_non_ffn(model):
         for step in args.seq.split(","):
             mode = step.split(":")[-1]
@@ -44,6 +47,12 @@ def main() -> None:
             mem = (torch.cuda.memory_reserved() / 2**30, torch.cuda.memory_allocated() / 2**30)
             h = wb.accelerate(model, mode=mode, predictors=preds if mode == "predictor" else None)
             h.off()
+            if step.startswith("measure:"):
+                mids = torch.randint(0, bd.SHAPE["vocab"], (1, 16), generator=gen)
+                with torch.compiler.set_stance("force_eager"):
+                    h.measure(mids, reps=3, warmup=1)
+            if step.startswith("perlayer:"):
+                bd.log("per-layer FFN error:", bd.per_layer_error(model, h, xs))
             try:
                 r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, handle=h, warmup=2,
                                         reps=3, compile_non_ffn=True)
