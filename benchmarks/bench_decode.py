@@ -115,6 +115,16 @@ def calibrate(model, calib_ids, sparsity: float, width: int):
     return thresholds, preds, xs
 
 
+def p5_setup(layers: int, sparsity: float = 0.9, width: int = 1024, calib: int = 128, prompt: int = 16):
+    """The P5 model as the diagnostic scripts use it: built, calibrated (FATReLU thresholds and
+    predictors, see `calibrate`), with a prompt; returns (model, prompt_ids, thresholds, preds, xs)."""
+    model = build(layers)
+    gen = torch.Generator().manual_seed(2)
+    calib_ids = torch.randint(0, SHAPE["vocab"], (1, calib), generator=gen).to(DEV)
+    prompt_ids = torch.randint(0, SHAPE["vocab"], (1, prompt), generator=gen).to(DEV)
+    return (model, prompt_ids, *calibrate(model, calib_ids, sparsity, width))
+
+
 class _Zero(torch.nn.Module):
     def forward(self, x):
         return torch.zeros_like(x)

@@ -29,11 +29,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--calls", type=int, default=4)
     args = ap.parse_args()
-    model = bd.build(args.layers)
-    gen = torch.Generator().manual_seed(2)
-    calib = torch.randint(0, bd.SHAPE["vocab"], (1, 128), generator=gen).to(bd.DEV)
-    prompt = torch.randint(0, bd.SHAPE["vocab"], (1, 16), generator=gen).to(bd.DEV)
-    bd.calibrate(model, calib, 0.9, 1024)
+    model, prompt, *_ = bd.p5_setup(args.layers)
     mib = 2**20
     for compiled in (False, True):
         for handle in (False, True):

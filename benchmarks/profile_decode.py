@@ -208,11 +208,7 @@ def main():
     ap.add_argument("--replays", type=int, default=5)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     args = ap.parse_args()
-    model = bd.build(args.layers)
-    gen = torch.Generator().manual_seed(2)
-    calib = torch.randint(0, bd.SHAPE["vocab"], (1, 128), generator=gen).to(bd.DEV)
-    prompt = torch.randint(0, bd.SHAPE["vocab"], (1, 16), generator=gen).to(bd.DEV)
-    bd.calibrate(model, calib, 0.9, 1024)
+    model, prompt, *_ = bd.p5_setup(args.layers)
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "layers": args.layers,
            "what": "one dense decode step of the P5 model (FATReLU q0.9), CUDA graph replays under "
                    "torch.profiler; us = median over replays of each kernel's duration"}
