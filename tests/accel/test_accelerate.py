@@ -167,3 +167,92 @@ def test_zoo_exact_and_chunk_match_dense(name, sparsity):
         assert m.summary["logits_rel_rms"] <= 1e-2, (mode, m.summary)
         assert m.summary["top1_agreement"] >= 0.99, (mode, m.summary)
         assert m.layers[sparsity].mean() > 0.5
+
+
+# -- plain (non-gated) ReLU FFNs: the down projection is swapped ---------------------------------
+
+def _tiny_opt(seed=0, dtype=torch.bfloat16):
+    torch.manual_seed(seed)
+    cfg = tf.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=128, num_hidden_layers=2, num_attention_heads=2,
+                       max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=1,
+                       pad_token_id=1)
+    return tf.OPTForCausalLM(cfg).to(dtype).eval()
+
+
+def _tiny_gpt2(seed=0, act="relu", dtype=torch.bfloat16):
+    torch.manual_seed(seed)
+    cfg = tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64, activation_function=act,
+                        bos_token_id=0, eos_token_id=1)
+    return tf.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def _downs(model):
+    if isinstance(model, tf.OPTForCausalLM):
+        return [layer.fc2 for layer in model.model.decoder.layers]
+    return [block.mlp.c_proj for block in model.transformer.h]
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_plain_ffn_on_off_swaps_only_the_down_projection_and_restores_it(arch):
+    model = _tiny_opt() if arch == "opt" else _tiny_gpt2()
+    downs = _downs(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = _ids()
+    dense = model(ids).logits
+    h = accelerate(model, mode="exact", backend="torch")
+    swapped = _downs(model)
+    assert [type(m).__name__ for m in swapped] == ["SparseDown"] * 2
+    assert all(sp.w_down_t.is_contiguous() and sp.w_down_t.data_ptr() == d.weight.data_ptr()
+               for sp, d in zip(swapped, downs, strict=True))  # re-laid out in place (Conv1D: as it is)
+    assert list(h.sparse) == [n for n, m in model.named_modules() if type(m).__name__ == "SparseDown"]
+    h.off()
+    assert _downs(model) == downs  # the very same objects
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]) and v.is_contiguous(), k
+    assert torch.equal(model(ids).logits, dense)
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+@pytest.mark.parametrize("mode", ["exact", "chunk"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_plain_ffn_exact_and_chunk_match_dense(arch, mode, backend):
+    model = _tiny_opt(seed=3) if arch == "opt" else _tiny_gpt2(seed=3)
+    h = accelerate(model, mode=mode, backend=backend)
+    m = h.measure(_ids(13, seed=4), reps=1, warmup=0)
+    h.off()
+    assert m.summary["logits_rel_rms"] <= 1e-2
+    assert m.summary["top1_agreement"] >= 0.99
+    assert m.summary["backend"] == backend
+    assert m.layers["name"].str.endswith(".fc2" if arch == "opt" else ".c_proj").all()
+    assert (m.layers["true_sparsity"] > 0.2).all()
+    if mode == "exact":  # one token a step: the kernel reads exactly the active rows
+        assert (m.layers["realised_sparsity"] - m.layers["true_sparsity"]).abs().max() < 1e-9
+    else:  # 8 tokens a step: the union of their active rows
+        assert (m.layers["realised_sparsity"] <= m.layers["true_sparsity"]).all()
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8, 21, 70])
+def test_sparse_down_module_computes_the_dense_projection(tokens):
+    from workbench.accel.ffn import SparseDown
+
+    model = _tiny_opt(seed=5)
+    h = accelerate(model, mode="chunk", backend="torch")
+    sp = model.model.decoder.layers[0].fc2
+    assert isinstance(sp, SparseDown)
+    a = torch.relu(torch.randn(1, tokens, 128, generator=torch.Generator().manual_seed(tokens))).to(torch.bfloat16)
+    a[..., ::3] = 0
+    with torch.no_grad():
+        want = a.double() @ sp.down_module.weight.double().t() + sp.down_module.bias.double()
+        got = sp(a)
+    h.off()
+    assert got.shape == (1, tokens, 32) and got.dtype == torch.bfloat16
+    assert float((got.double() - want).norm() / want.norm()) < 4e-3
+
+
+def test_plain_ffn_refusals_name_the_cause():
+    with pytest.raises(WorkbenchError, match="plain .*exact"):
+        accelerate(_tiny_opt(), mode="predictor", predictors={})
+    with pytest.raises(WorkbenchError, match="no exact zeros"):
+        accelerate(_tiny_gpt2(act="gelu_new"))
+    with pytest.raises(WorkbenchError, match="bf16/fp16"):
+        accelerate(_tiny_opt(dtype=torch.float32))

@@ -216,3 +216,60 @@ def test_gpu_compiled_graph_decode_equals_compiled_eager_decode():
     assert r["tokens"]["accel"] == e["tokens"]["accel"]
     assert h.active and not _compiled_impls(model)
     h.off()
+
+
+# -- plain (non-gated) ReLU FFNs: OPT, GPT-2 ---------------------------------------------------
+
+def _tiny_plain(arch, seed=0, dtype=torch.bfloat16):
+    from tests.accel.test_accelerate import _tiny_gpt2, _tiny_opt
+
+    return _tiny_opt(seed, dtype) if arch == "opt" else _tiny_gpt2(seed, dtype=dtype)
+
+
+def test_non_ffn_modules_of_plain_ffns_keep_only_the_down_projection_out():
+    from workbench.accel.decode import non_ffn_modules
+
+    opt = {f"model.decoder.layers.{i}.{c}" for i in range(2)
+           for c in ("self_attn", "self_attn_layer_norm", "fc1", "activation_fn", "final_layer_norm")}
+    assert set(non_ffn_modules(_tiny_plain("opt"))) == opt | {"model.decoder.final_layer_norm"}
+    gpt2 = {f"transformer.h.{i}.{c}" for i in range(2)
+            for c in ("ln_1", "attn", "ln_2", "mlp.c_fc", "mlp.act", "mlp.dropout")}
+    assert set(non_ffn_modules(_tiny_plain("gpt2"))) == gpt2 | {"transformer.drop", "transformer.ln_f"}
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+def test_cpu_reference_decode_of_plain_ffn_models(arch, monkeypatch):
+    model = _tiny_plain(arch)
+    ids = _prompt()
+    want = _dense_greedy(model, ids, 6)
+    h = wb.accelerate(model, mode="exact", backend="torch")
+    r = wb.decode_benchmark(model, ids, new_tokens=6, handle=h, reps=1, warmup=1)
+    assert r["summary"]["reference"] and r["summary"]["tokens_match"]
+    assert r["tokens"]["dense"] == want and r["tokens"]["accel"] == want
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: _counting_compiler(calls)(fn))
+    c = wb.decode_benchmark(model, ids, new_tokens=6, handle=h, reps=1, warmup=1, compile_non_ffn=True)
+    assert c["tokens"] == r["tokens"] and calls and "SparseDown" not in calls
+    assert not _compiled_impls(model) and h.active
+    h.off()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device machine)")
+@pytest.mark.parametrize("arch", ["opt", "gpt2"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_graph_decode_of_plain_ffn_models_equals_eager(arch, compiled):
+    """OPT / GPT-2 (ReLU) with their down projections on the kernel: the graph replays decode what the
+    same (compiled or not) step decodes eagerly, on both sides; modules and handle left as they were."""
+    model = _tiny_plain(arch, seed=1).cuda()
+    ids = _prompt().cuda()
+    h = wb.accelerate(model, mode="exact", backend="triton")
+    r = wb.decode_benchmark(model, ids, new_tokens=12, handle=h, reps=2, warmup=2, compile_non_ffn=compiled)
+    e = wb.decode_benchmark(model, ids, new_tokens=12, handle=h, reps=1, warmup=1, cuda_graphs=False,
+                            compile_non_ffn=compiled)
+    s = r["summary"]
+    assert s["cuda_graphs"] and not s["reference"] and s["backend"] == "triton"
+    assert r["tokens"]["dense"] == e["tokens"]["dense"]
+    assert r["tokens"]["accel"] == e["tokens"]["accel"]
+    assert h.active and not _compiled_impls(model)
+    h.off()

@@ -15,6 +15,9 @@ Modes:
   (BlockFFN's scheme, dense fallback when the union is too large), 1 token the exact kernel.
 - Routed MoE layers (BlockFFN, zoo:blockffn) take `kernels.moe_blocks` in exact and chunk modes:
   only the experts the router turned on (union over the call's tokens) are read.
+- Plain (non-gated) ReLU FFNs (OPT, GPT-2/BERT style with a ReLU, biases allowed): their down
+  projection is swapped for `kernels.sparse_down` in exact and chunk modes (the up projection and
+  the activation stay dense; the activation's zeros decide which down rows are read).
 - "predictor": gate and up both sparse on a Deja Vu predictor's mask (predictor included), for
   every call: this changes the function, and measure() reports the error instead of bounding it.
   `predictors` is a directory written by `workbench.metrics.save_predictors`, a Predictors, or a
@@ -35,8 +38,8 @@ import torch
 from torch import nn
 
 from workbench._compat import cache_kwargs
-from workbench.accel.ffn import MODES, SparseFFN, SparseMoE, is_moe_blocks
-from workbench.adapters import FFNSite, Layout, locate
+from workbench.accel.ffn import MODES, SparseDown, SparseFFN, SparseMoE, is_moe_blocks
+from workbench.adapters import PLAIN, FFNSite, Layout, locate
 from workbench.errors import WorkbenchError
 
 
@@ -109,8 +112,8 @@ class Accelerator:
                 raise WorkbenchError(f"backend='triton' needs the model on a CUDA device (it is on {p0.device}); "
                                      "use backend='auto' or 'torch' on CPU")
         for s in sites:
-            if is_moe_blocks(s.module):
-                continue  # checked by SparseMoE
+            if is_moe_blocks(s.module) or s.kind == PLAIN:
+                continue  # checked by SparseMoE / SparseDown
             for m in (s.gate, s.up, s.down):
                 if m is None:
                     raise WorkbenchError(f"{s.name}: missing projection; accelerate needs gate, up and down")
@@ -122,16 +125,30 @@ class Accelerator:
             raise WorkbenchError(
                 f"mode='predictor' on a routed MoE model ({moe[0].name} is a BlockFFN layer): its router already "
                 "chooses the experts; use mode='exact' or 'chunk', which skip the inactive experts exactly")
+        plain = [s for s in sites if s.kind == PLAIN]
+        if plain and mode == "predictor":
+            raise WorkbenchError(
+                f"mode='predictor' on a plain (non-gated) FFN ({plain[0].name}): the predictor kernels skip the "
+                "gate and up rows of gated FFNs only; use mode='exact' or 'chunk', which skip the down rows of "
+                "inactive neurons exactly (the up projection stays dense)")
         if mode == "predictor":
             if predictors is None:
                 raise WorkbenchError("mode='predictor' needs predictors=PATH (saved by workbench.metrics."
                                      "save_predictors) or a Predictors object")
             pred = _load_predictor_tensors(predictors, [s.name for s in sites], p0.device, p0.dtype)
-        self.sparse = {
-            s.name: SparseMoE(s, s.module, mode, backend, decode_tokens) if is_moe_blocks(s.module)
-            else SparseFFN(s, s.module, mode, backend, None if pred is None else pred[s.name], dense_fraction,
-                           decode_tokens)
-            for s in sites}
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def swap(s: FFNSite) -> tuple[str, nn.Module]:
+            if is_moe_blocks(s.module):
+                return s.name, SparseMoE(s, s.module, mode, backend, decode_tokens)
+            if s.kind == PLAIN:  # the down projection alone is swapped: its input is the sparse activation
+                if s.up is None or id(s.down) not in names:
+                    raise WorkbenchError(f"{s.name}: missing projection; accelerate needs up and down")
+                return names[id(s.down)], SparseDown(s, s.down, mode, backend, dense_fraction, decode_tokens)
+            return s.name, SparseFFN(s, s.module, mode, backend, None if pred is None else pred[s.name],
+                                     dense_fraction, decode_tokens)
+
+        self.sparse = dict(swap(s) for s in sites)
         self.active = False
 
     # -- switching -----------------------------------------------------------------------------
@@ -242,7 +259,7 @@ class Accelerator:
 
         sp = next(iter(self.sparse.values()))
         try:
-            return _common.pick_backend(sp.backend, sp.w_up)
+            return _common.pick_backend(sp.backend, sp.w_down_t)
         except Exception:  # noqa: BLE001
             return "torch"
 
@@ -374,7 +391,8 @@ def _device_name(dev: torch.device) -> str:
 
 def accelerate(model: nn.Module, mode: str = "exact", backend: str = "auto", *, predictors=None,
                layers: list[int] | None = None, dense_fraction: float = 0.6, decode_tokens: int = 8) -> Accelerator:
-    """Swap the model's gated ReLU/FATReLU FFNs for kernel-backed ones; returns the handle, already on.
+    """Swap the model's ReLU/FATReLU FFNs (gated, plain or BlockFFN MoE blocks) for kernel-backed ones;
+    returns the handle, already on.
 
     See the module docstring for the modes. `handle.off()` (or leaving the `with` block) restores
     the original modules exactly.

@@ -54,29 +54,51 @@ def non_ffn_modules(model: nn.Module, layout=None) -> dict[str, nn.Module]:
     """The modules `compiled_non_ffn` compiles, by name: each block's direct children except the
     one that is (or holds) its FFN or router, and the direct children of the module holding the
     block list except that list and the embeddings (Llama: model.layers.i.{self_attn,
-    input_layernorm, post_attention_layernorm}, model.norm, model.rotary_emb)."""
-    from workbench.adapters import locate
+    input_layernorm, post_attention_layernorm}, model.norm, model.rotary_emb).
+
+    For a plain (non-gated) FFN, what `wb.accelerate` swaps is its down projection, so that
+    module alone is kept out: the up projection and the activation compile with the rest (OPT:
+    model.decoder.layers.i.{self_attn, self_attn_layer_norm, fc1, activation_fn, final_layer_norm};
+    GPT-2: transformer.h.i.{ln_1, attn, ln_2} and transformer.h.i.mlp.{c_fc, act, dropout})."""
+    from workbench.adapters import PLAIN, locate
 
     layout = layout or locate(model)
-    ffn = [s.name for s in layout.ffns] + [r.name for r in layout.routers]
-    if not ffn:
+    names = {id(m): n for n, m in model.named_modules()}
+    keep_out = [names.get(id(s.down), s.name) if s.kind == PLAIN else s.name for s in layout.ffns]
+    keep_out += [r.name for r in layout.routers]
+    if not keep_out:
         raise WorkbenchError(f"no FFN found in {type(model).__name__}: nothing to keep out of the compile")
 
     def holds_ffn(name: str) -> bool:
-        return any(n == name or n.startswith(name + ".") for n in ffn)
+        return any(n == name or n.startswith(name + ".") for n in keep_out)
+
+    def block_of(name: str) -> str:
+        """The nearest ancestor that is an element of a ModuleList (a layer)."""
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            if isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+                return ".".join(parts[:i + 1])
+        raise WorkbenchError(f"{name}: compile_non_ffn needs FFNs inside the model's list of layers")
 
     blocks: list[str] = []
-    for s in layout.ffns:
-        block = s.name.rpartition(".")[0]
-        if not block or isinstance(model.get_submodule(block), nn.ModuleList):
-            raise WorkbenchError(f"{s.name}: compile_non_ffn needs FFNs that are children of their blocks")
+    for name in keep_out[:len(layout.ffns)]:
+        block = block_of(name)
+        if block == name:
+            raise WorkbenchError(f"{name}: compile_non_ffn needs FFNs that are children of their blocks")
         if block not in blocks:
             blocks.append(block)
     out: dict[str, nn.Module] = {}
+
+    def add_children(owner: str) -> None:
+        for child, mod in model.get_submodule(owner).named_children():
+            name = f"{owner}.{child}"
+            if not holds_ffn(name):
+                out[name] = mod
+            elif name not in keep_out:
+                add_children(name)  # e.g. GPT-2's mlp, which holds the swapped c_proj
+
     for block in blocks:
-        for child, mod in model.get_submodule(block).named_children():
-            if not holds_ffn(f"{block}.{child}"):
-                out[f"{block}.{child}"] = mod
+        add_children(block)
     containers = {b.rpartition(".")[0] for b in blocks}  # e.g. model.layers
     for owner in sorted({c.rpartition(".")[0] for c in containers}):  # e.g. model
         for child, mod in model.get_submodule(owner).named_children():

@@ -1,8 +1,11 @@
-"""SparseFFN / SparseMoE: FFN layers computed by the sparse kernels, swapped in by accelerate().
+"""SparseFFN / SparseDown / SparseMoE: FFN layers computed by the sparse kernels, swapped in by
+accelerate().
 
-SparseFFN replaces a gated ReLU/FATReLU FFN (Llama style); SparseMoE replaces a ReLU-routed MoE
-block layer (BlockFFN, workbench.models.blockffn) and runs `kernels.moe_blocks`, which reads only
-the experts the router turned on for the call's tokens.
+SparseFFN replaces a gated ReLU/FATReLU FFN (Llama style); SparseDown replaces the down projection
+of a plain (non-gated) ReLU FFN (OPT, GPT-2 or BERT style, biases allowed), whose input, the
+activation, is already sparse: `kernels.sparse_down` reads only the rows of active neurons;
+SparseMoE replaces a ReLU-routed MoE block layer (BlockFFN, workbench.models.blockffn) and runs
+`kernels.moe_blocks`, which reads only the experts the router turned on for the call's tokens.
 
 It holds no weights of its own: gate and up are the original modules' weights ([d_ff, d_model],
 rows = neurons, already the kernels' layout); the down projection's weight is re-laid out once,
@@ -41,6 +44,108 @@ class _DownRelayout:
         w = self.site.down.weight
         if not w.is_contiguous():
             w.data = w.data.contiguous()
+
+
+class SparseDown(_DownRelayout, nn.Module):
+    """Drop-in replacement of the down projection of a plain ReLU FFN (down(act(up(x)))); see
+    `accelerate`.
+
+    The activation `a` it receives has exact zeros, so the input-sparse kernel
+    (`kernels.sparse_down`, P1) reads only the down rows of active neurons; the up projection and
+    the activation stay the model's own (dense). Calls of up to `decode_tokens` tokens (exact
+    mode) or 64 (chunk mode: the union of the chunk's active neurons is read once, with a dense
+    fallback past `dense_fraction`) take the kernel, longer ones the original module. A bias is
+    added after the kernel's cast. Works for nn.Linear (weight re-laid out in place, as in
+    SparseFFN) and transformers' Conv1D (GPT-2: its weight is [d_ff, d_model] already).
+    """
+
+    def __init__(self, site: FFNSite, original: nn.Module, mode: str, backend: str | None,
+                 dense_fraction: float = 0.6, decode_tokens: int = 8):
+        super().__init__()
+        if mode not in ("exact", "chunk"):
+            raise WorkbenchError(
+                f"{site.name}: mode {mode!r} on a plain (non-gated) FFN: the predictor kernels skip gate and up "
+                "rows of gated FFNs only; use mode='exact' or 'chunk', which skip the down rows of inactive "
+                "neurons exactly (the up projection stays dense)")
+        if site.activation not in ("relu", "fatrelu"):
+            raise WorkbenchError(
+                f"{site.name}: activation {site.activation!r} has no exact zeros for the kernels to skip; "
+                "accelerate needs ReLU or FATReLU FFNs (e.g. OPT, or a ReLU-fied model)")
+        w = original.weight
+        self.conv1d = type(original).__name__ == "Conv1D"  # transformers' Conv1D: y = x @ W + b, W [in, out]
+        if not self.conv1d and not isinstance(original, nn.Linear):
+            raise WorkbenchError(f"{site.name}: the down projection is a {type(original).__name__}; "
+                                 "accelerate takes nn.Linear or transformers' Conv1D")
+        d_ff, d_model = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+        if d_ff % 16 or d_model % 16:
+            raise WorkbenchError(f"{site.name}: d_model={d_model}, d_ff={d_ff}: the kernels need multiples of 16")
+        self.site = site
+        self.down_module = original
+        self.original = [original]
+        self.mode = mode
+        self.backend = None if backend == "auto" else backend
+        self.dense_fraction = dense_fraction
+        self.decode_tokens = decode_tokens
+        self.d_ff = d_ff
+        self.predictor = None
+        self.enabled = True
+        self.track = False
+        self.stats: dict[str, torch.Tensor] = {}
+
+    @property
+    def w_down_t(self) -> torch.Tensor:
+        w = self.down_module.weight
+        return w if self.conv1d else w.t()
+
+    def relayout(self) -> None:
+        if not self.conv1d:
+            w = self.down_module.weight
+            if not w.t().is_contiguous():
+                w.data = w.data.t().contiguous().t()
+
+    def restore_layout(self) -> None:
+        if not self.conv1d:
+            w = self.down_module.weight
+            if not w.is_contiguous():
+                w.data = w.data.contiguous()
+
+    def _limit(self) -> int:
+        return self.decode_tokens if self.mode == "exact" else 64
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        shape = a.shape
+        a2 = a.reshape(-1, shape[-1])
+        if self.track:
+            self._track(a2)
+        if a2.shape[0] > self._limit():
+            return self.down_module(a)
+        cfg = {"dense_fraction": self.dense_fraction} if self.mode == "chunk" and a2.shape[0] > 1 else None
+        y = kernels.sparse_down(a2, self.w_down_t, backend=self.backend, config=cfg)
+        b = getattr(self.down_module, "bias", None)
+        if b is not None:
+            y = y + b
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @torch.no_grad()
+    def _track(self, a2: torch.Tensor) -> None:
+        """Active neurons and the down rows the kernel reads (the union, for a chunk)."""
+        on = a2 != 0
+        st = self.stats
+        if not st:
+            st.update({k: torch.zeros((), dtype=torch.int64, device=a2.device) for k in ("tokens", "active", "used", "hit")})
+        n = a2.shape[0]
+        st["tokens"] += n
+        st["active"] += on.sum()
+        st["hit"] += on.sum()
+        if n == 1:
+            st["used"] += on.sum()
+        elif n <= self._limit():
+            st["used"] += on.any(0).sum() * n  # the union is read for every token of the call
+        else:
+            st["used"] += n * self.d_ff  # dense path
+
+    def extra_repr(self) -> str:
+        return f"{self.site.name} (down projection), mode={self.mode}, activation={self.site.activation}"
 
 
 class SparseFFN(_DownRelayout, nn.Module):

@@ -1,0 +1,171 @@
+"""End-to-end greedy decoding of a plain-FFN ReLU model (OPT-6.7B shape), dense vs wb.accelerate.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_decode_plain.py --out $OUT [--layers 32] [--sparsity 0.9]
+
+The issue's P5 is a gated Llama; this is the same measurement for the other family of ReLU models,
+the plain FFN down(relu(up(x) + b)) of OPT (Deja Vu's and PowerInfer's models). wb.accelerate
+swaps only its down projection (fc2) for `kernels.sparse_down`: fc1 stays dense, so at FFN
+sparsity s the FFN reads (1 + (1 - s)) / 2 of its bytes, and the whole model's bytes ideal is
+reported per row ("bytes_ideal": dense bytes over accelerated bytes, attention, fc1 and lm_head
+read whole). There is no issue target for it ("target": null).
+
+Model: OPTConfig(hidden 4096, ffn_dim 16384, 32 heads, vocab 50272; the OPT-6.7B shape), bf16,
+random weights (HF init), `--layers` decoder layers. Sparsity: OPT's fc1 has a bias, so each
+layer's bias is lowered by the `--sparsity` quantile of its own pre-activation, measured in one
+calibration forward over `--calib` random tokens (layer by layer, each on the already-sparsified
+layers before it): the model stays a plain ReLU model, now with ~`--sparsity` zeros.
+
+Rows: decode_benchmark (StaticCache, one CUDA graph per decode step, dense and accelerated
+alternating, `--reps` medians), with the non-FFN modules as they are and compiled
+(compile_non_ffn: everything but the fc2 projections, both sides alike), plus measure()'s logits
+error (exact mode must match the dense model) and the realised sparsity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+import workbench as wb  # noqa: E402
+
+SHAPE = {"hidden": 4096, "ff": 16384, "heads": 32, "vocab": 50272}
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def build(layers: int, dev: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    cfg = tf.OPTConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], ffn_dim=SHAPE["ff"],
+                       num_hidden_layers=layers, num_attention_heads=SHAPE["heads"], max_position_embeddings=2048,
+                       word_embed_proj_dim=SHAPE["hidden"], activation_function="relu", bos_token_id=2,
+                       eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = tf.OPTForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+@torch.no_grad()
+def sparsify(model, calib_ids, sparsity: float) -> list[float]:
+    """Lower each fc1 bias by the `sparsity` quantile of that layer's pre-activation (in order)."""
+    shifts = []
+
+    def hook(fc1, args, out):
+        q = float(torch.quantile(out.float().flatten()[:4_000_000], sparsity))
+        fc1.bias -= q
+        shifts.append(q)
+        return out - q
+
+    hs = [layer.fc1.register_forward_hook(hook) for layer in model.model.decoder.layers]
+    try:
+        model(input_ids=calib_ids)
+    finally:
+        for h in hs:
+            h.remove()
+    return shifts
+
+
+def model_bytes(model, sparsity: float) -> tuple[float, float]:
+    """Weight bytes one decode step reads: dense, and with fc2 read at (1 - sparsity)."""
+    dense = acc = 0.0
+    for name, p in model.named_parameters():
+        if "embed_positions" in name or (name.endswith("embed_tokens.weight") and
+                                         model.get_output_embeddings().weight is not p):
+            continue  # an embedding lookup reads one row
+        b = p.numel() * p.element_size()
+        dense += b
+        acc += b * ((1 - sparsity) if ".fc2.weight" in name else 1.0)
+    return dense, acc
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/wb_out"))
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--measure-tokens", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", default=["exact"])
+    ap.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--smoke-cpu", action="store_true", help="tiny shape on the CPU (reference path)")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke_cpu else "cuda"
+    if args.smoke_cpu:
+        SHAPE.update(hidden=64, ff=256, heads=4, vocab=512)
+        args.layers, args.new_tokens, args.reps, args.measure_tokens = 2, 4, 1, 4
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build(args.layers, dev)
+    gen = torch.Generator().manual_seed(2)
+    calib = torch.randint(0, SHAPE["vocab"], (1, args.calib), generator=gen).to(dev)
+    prompt = torch.randint(0, SHAPE["vocab"], (1, args.prompt), generator=gen).to(dev)
+    shifts = sparsify(model, calib, args.sparsity)
+    log(f"built {args.layers} layers, fc1 bias shifts {min(shifts):.3f}..{max(shifts):.3f}")
+    dense_b, acc_b = model_bytes(model, args.sparsity)
+    shape = f"opt {SHAPE['hidden']}x{SHAPE['ff']}"
+    rows = []
+    for mode in args.modes:
+        h = wb.accelerate(model, mode=mode, backend="auto" if args.smoke_cpu else "triton")
+        try:
+            m = h.measure(prompt[:, :args.measure_tokens], reps=5, warmup=2)
+            log(mode, m)
+            err = {k: m.summary[k] for k in ("logits_rel_rms", "top1_agreement", "top1_agreement_model_dtype_logits")}
+            err["realised_sparsity"] = float(m.layers["realised_sparsity"].mean())
+            err["true_sparsity"] = float(m.layers["true_sparsity"].mean())
+            err["fc2_eager_speedup_median"] = float(m.layers["speedup"].median())
+            for c in args.compile:
+                r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, handle=h, reps=args.reps,
+                                        warmup=2, compile_non_ffn=(c == "on"))
+                s = r["summary"]
+                log(mode, f"compile={c}", {k: s[k] for k in ("ms_per_token_dense", "ms_per_token_accel",
+                                                             "speedup", "tokens_match")})
+                rows.append({
+                    "measure": "decode-plain", "shape": shape, "dtype": "bf16", "mode": mode,
+                    "sparsity": args.sparsity, "tokens": 1, "layers": args.layers,
+                    "baseline_ms": s["ms_per_token_dense"], "ms": s["ms_per_token_accel"], "speedup": s["speedup"],
+                    "target": None, "bytes_ideal": dense_b / acc_b, "compile_non_ffn": c == "on",
+                    "tokens_match": s["tokens_match"], "token_agreement": s["token_agreement"],
+                    "cuda_graphs": s["cuda_graphs"], "reference": s["reference"], "new_tokens": args.new_tokens,
+                    "reps": args.reps, "runs": r["runs"], **err,
+                })
+        finally:
+            h.off()
+    try:
+        commit = os.environ.get("WB_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    doc = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "date": _dt.date.today().isoformat(), "commit": commit,
+        "command": "PYTHONPATH=$PWD python3 benchmarks/bench_decode_plain.py " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__, "transformers": tf.__version__,
+        "model": {"config": "OPT", **SHAPE, "layers": args.layers, "dtype": "bf16", "weights": "random (HF init)",
+                  "sparsity_rule": "fc1 bias lowered by the per-layer quantile", "fc1_bias_shifts": shifts,
+                  "weight_bytes_dense": dense_b, "weight_bytes_accel": acc_b},
+        "rows": rows,
+    }
+    path = out / ("decode_plain_smoke.json" if args.smoke_cpu else "decode_plain.json")
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    log("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
