@@ -2,7 +2,7 @@
 
 Public functions (all take ``backend=None | "triton" | "torch"`` and ``config=None``):
 
-- sparse_down(a, w_down_t)                               P1: input-sparse down projection
+- sparse_down(a, w_down_t, bias)                         P1: input-sparse down projection
 - gated_up(x, gate, w_up, activation, threshold)         P2: up rows where act(gate) != 0
 - gate_up_predicted(x, logits, w_gate, w_up, ...)        P3: gate+up rows where logit > 0
 - sparse_ffn(x, w_gate, w_up, w_down_t, ...)             P2: whole FFN, gate dense
@@ -58,9 +58,11 @@ def _dispatch(op: str, backend: str | None, tensors: list[torch.Tensor]):
     return getattr(mod, op)
 
 
-def sparse_down(a, w_down_t, *, backend=None, config=None):
-    """y [T, d_model] = a [T, d_ff] @ w_down_t [d_ff, d_model], skipping zero activations."""
-    return _dispatch("sparse_down", backend, [a, w_down_t])(a, w_down_t, config=config)
+def sparse_down(a, w_down_t, *, bias=None, backend=None, config=None):
+    """y [T, d_model] = a [T, d_ff] @ w_down_t [d_ff, d_model] (+ bias [d_model]), skipping zero
+    activations; the bias is added in fp32 before the one rounding to a's dtype."""
+    ts = [a, w_down_t] + ([bias] if bias is not None else [])
+    return _dispatch("sparse_down", backend, ts)(a, w_down_t, bias=bias, config=config)
 
 
 def gated_up(x, gate, w_up, *, activation="relu", threshold=0.0, backend=None, config=None):

@@ -39,6 +39,7 @@ from .._common import (
     workspace,
 )
 from .._tl import dot_acc, pdl_release, pdl_wait, split_reduce
+from .reference import _check_bias
 
 
 @triton.jit
@@ -206,6 +207,8 @@ def _sparse_down_kernel(
     LIST: tl.constexpr = False,
     LIST_PREF: tl.constexpr = False,
     EVICT: tl.constexpr = "",
+    BIAS=None,
+    HAS_BIAS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     pid_n = pid % NUM_NB
@@ -324,6 +327,8 @@ def _sparse_down_kernel(
         yptrs = Y + offs_t[:, None] * stride_y + offs_n[None, :]
     last, total = split_reduce(ptrs, pmask, part, CNT + pid_n, NUM_CHUNKS, cnt > 0)
     if last:
+        if HAS_BIAS:  # added in fp32 before the one rounding, as cuBLAS's epilogue does
+            total = total + tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(yptrs, total.to(Y.dtype.element_ty), mask=pmask)
 
 
@@ -373,12 +378,18 @@ def grid_rows(k: int, num_nb: int, chunk: int, device: torch.device, per_sm: int
 
 
 def sparse_down(
-    a: torch.Tensor, w_down_t: torch.Tensor, *, config: dict | None = None
+    a: torch.Tensor,
+    w_down_t: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """y = a @ w_down_t reading only the rows of w_down_t whose activation is nonzero.
+    """y = a @ w_down_t (+ bias) reading only the rows of w_down_t whose activation is nonzero.
 
     a:        [T, d_ff] or [d_ff], fp16/bf16, T in 1..64 (union of nonzeros across tokens)
     w_down_t: [d_ff, d_model], same dtype (see workbench.kernels.layout.down_rows)
+    bias:     [d_model] or None (a plain FFN's down bias, e.g. OPT's fc2), same dtype, added in
+              fp32 by the program that writes the output, before the one rounding
     returns   [T, d_model] (or [d_model]) in a's dtype, fp32 accumulation.
     config:   block-shape overrides (CHUNK, BK, BN, num_warps, num_stages, dense_fraction), "pdl",
               "compact" (False: masked tiles), "rows_per_chunk" (<= CHUNK rows a program; for
@@ -406,6 +417,9 @@ def sparse_down(
     check_tokens(t)
     if w_down_t.stride(1) != 1:
         w_down_t = w_down_t.contiguous()
+    if bias is not None:
+        _check_bias(bias, w_down_t, a2.dtype)
+        bias = bias.contiguous()
     cfg = dict(default_down_config(t, k, n))
     if config:
         cfg.update(config)
@@ -490,6 +504,8 @@ def sparse_down(
         LIST=listed,
         LIST_PREF=listed and bool(cfg.get("list_prefetch", False)),
         EVICT=evict,
+        BIAS=bias,
+        HAS_BIAS=bias is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         **({"launch_pdl": True} if pdl else {}),

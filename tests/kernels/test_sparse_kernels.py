@@ -273,6 +273,45 @@ def test_sparse_down_1d_and_reference(device):
     assert y.shape == (d,) and _rel(y.cpu(), r.cpu()) < 4e-3
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,kind,cfg",
+    [(1, "rand", None), (3, "rand", None), (8, "full", None), (1, "zero", None), (5, "zero", None),
+     (1, "rand", {"list": False}), (4, "rand", {"dense_fraction": 0.1})],
+)
+def test_sparse_down_bias(device, dtype, tokens, kind, cfg):
+    """A plain FFN's down bias, added in fp32 before the rounding, on every path (the one-token
+    list, the rank tile, several tokens, the dense fallback); all-zero activations give the bias."""
+    (d, f), cdown, _ = _setup(device)
+    g = _gen("down_bias", device, dtype, tokens, kind, repr(cfg))
+    a = (torch.randn(tokens, f, generator=g) * _mask(kind, (tokens, f), g, density=0.15)).to(dtype).to(device)
+    (w,) = _weights(g, f, d, dtype, device)
+    b = (torch.randn(d, generator=g) * 0.5).to(dtype).to(device)
+    ref = a.double().cpu() @ w.double().cpu() + b.double().cpu()
+    config = {**(cdown or {}), **(cfg or {})} or None
+    for backend in ("triton", "torch"):
+        for _ in range(2):
+            y = K.sparse_down(a, w, bias=b, backend=backend, config=config)
+            assert y.shape == (tokens, d) and y.dtype == dtype
+            if kind == "zero":
+                assert torch.equal(y, b.expand(tokens, d))
+            else:
+                assert _rel(y.cpu(), ref) < TOL[dtype]
+    y1 = K.sparse_down(a[0], w, bias=b, backend="triton", config=cdown)
+    assert y1.shape == (d,)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_sparse_down_bad_bias_refused(backend):
+    a = torch.zeros(2, 64, dtype=torch.float16)
+    w = torch.zeros(64, 32, dtype=torch.float16)
+    with pytest.raises(KernelError, match=r"bias has shape \(31,\).*\[32\]"):
+        K.sparse_down(a, w, bias=torch.zeros(31, dtype=torch.float16), backend=backend)
+    with pytest.raises(KernelError, match="bias is torch.float32.*float16"):
+        K.sparse_down(a, w, bias=torch.zeros(32), backend=backend)
+
+
 def _controlled_gate(g, x, rows, mask, dtype, margin=0.5):
     """W_gate [rows, d] with sign(x_t . W_gate[i]) = +1 exactly where mask[t, i]."""
     t, d = x.shape

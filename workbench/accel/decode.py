@@ -179,20 +179,48 @@ def _eager(compiled: bool):
     return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
 
 
-def _greedy_eager(model, prompt, new_tokens, cache, compiled=False) -> tuple[list[int], float]:
-    """Prefill + `new_tokens` greedy steps, eager; returns the tokens and the decode seconds."""
+# Models whose forward, given no attention mask, derives the token positions from a mask it builds
+# from the cache length read on the host (OPT: torch.ones(past + T) and a cumsum): a host read that
+# a CUDA graph capture refuses. Their decode steps get a static [1, max_len] mask (1 up to the
+# current token) and explicit position_ids, which compute the same positions.
+_MASK_POSITION_MODELS = ("opt",)
+
+
+def _static_mask(model, max_len: int, dev: torch.device) -> torch.Tensor | None:
+    if getattr(model.config, "model_type", None) in _MASK_POSITION_MODELS:
+        return torch.zeros((1, max_len), dtype=torch.long, device=dev)
+    return None
+
+
+def _mask_kwargs(mask: torch.Tensor | None, positions: torch.Tensor) -> dict:
+    """Mark `positions` [T] valid in `mask` (in place) and return the step's extra keywords."""
+    if mask is None:
+        return {}
+    mask.index_fill_(1, positions, 1)
+    return {"attention_mask": mask, "position_ids": positions[None]}
+
+
+def _greedy_eager(model, prompt, new_tokens, max_len, compiled=False) -> tuple[list[int], float]:
+    """Prefill + `new_tokens` greedy steps over a fresh StaticCache of `max_len`, eager; returns the
+    tokens and the decode seconds."""
+    from transformers import StaticCache
+
     dev = prompt.device
     p = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    mask = _static_mask(model, max_len, dev)
     with _eager(compiled):
-        out = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True,
-                    cache_position=torch.arange(p, device=dev))
+        pos = torch.arange(p, device=dev)
+        out = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True, cache_position=pos,
+                    **_mask_kwargs(mask, pos))
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     toks = [tok]
     _sync(dev)
     t0 = time.perf_counter()
     for i in range(new_tokens - 1):
-        out = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True,
-                    cache_position=torch.tensor([p + i], device=dev))
+        pos = torch.tensor([p + i], device=dev)
+        out = model(input_ids=tok, **cache_kwargs(model, cache), use_cache=True, cache_position=pos,
+                    **_mask_kwargs(mask, pos))
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         toks.append(tok)
     _sync(dev)
@@ -229,6 +257,7 @@ class _GraphDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((1,), dtype=torch.long, device=dev)
+        self.mask = _static_mask(model, max_len, dev)
         self.prefill()
         s = _warmup_stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
@@ -244,7 +273,7 @@ class _GraphDecoder:
 
     def _step(self):
         out = self.model(input_ids=self.ids, **cache_kwargs(self.model, self.cache), use_cache=True,
-                         cache_position=self.pos)
+                         cache_position=self.pos, **_mask_kwargs(self.mask, self.pos))
         self.next = out.logits[:, -1].argmax(-1, keepdim=True)
         self.ids.copy_(self.next)
         self.pos.add_(1)
@@ -252,9 +281,12 @@ class _GraphDecoder:
     def prefill(self):
         """Run the prompt (eager, untimed) and set the static buffers to the first decode step."""
         self.cache.reset()
+        pos = torch.arange(self.p, device=self.prompt.device)
+        if self.mask is not None:
+            self.mask.zero_()
         with _eager(self.compiled):
             out = self.model(input_ids=self.prompt, **cache_kwargs(self.model, self.cache), use_cache=True,
-                             cache_position=torch.arange(self.p, device=self.prompt.device))
+                             cache_position=pos, **_mask_kwargs(self.mask, pos))
         self.ids.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         self.pos.fill_(self.p)
 
@@ -292,7 +324,6 @@ def decode_benchmark(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
     reference (True when the torch reference path ran, e.g. on CPU: timings are not the
     kernels') and the device. The handle is left as it was.
     """
-    from transformers import StaticCache
 
     ids = prompt_ids if prompt_ids.dim() == 2 else prompt_ids[None]
     if ids.shape[0] != 1:
@@ -324,11 +355,9 @@ def decode_benchmark(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
                         del dec
                     else:
                         for _ in range(warmup if rep == 0 else 0):
-                            _greedy_eager(model, ids, min(new_tokens, 3),
-                                          StaticCache(config=model.config, max_cache_len=max_len), compiled)
+                            _greedy_eager(model, ids, min(new_tokens, 3), max_len, compiled)
                         setup_s = time.perf_counter() - t_setup
-                        toks, dt = _greedy_eager(model, ids, new_tokens,
-                                                 StaticCache(config=model.config, max_cache_len=max_len), compiled)
+                        toks, dt = _greedy_eager(model, ids, new_tokens, max_len, compiled)
                     tokens.setdefault(side, toks)
                     steps = new_tokens - 1
                     runs.append({"rep": rep, "side": side, "decode_steps": steps, "s": dt,

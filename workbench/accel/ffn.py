@@ -55,8 +55,9 @@ class SparseDown(_DownRelayout, nn.Module):
     the activation stay the model's own (dense). Calls of up to `decode_tokens` tokens (exact
     mode) or 64 (chunk mode: the union of the chunk's active neurons is read once, with a dense
     fallback past `dense_fraction`) take the kernel, longer ones the original module. A bias is
-    added after the kernel's cast. Works for nn.Linear (weight re-laid out in place, as in
-    SparseFFN) and transformers' Conv1D (GPT-2: its weight is [d_ff, d_model] already).
+    added by the kernel in fp32 before its one rounding (as cuBLAS's epilogue does). Works for
+    nn.Linear (weight re-laid out in place, as in SparseFFN) and transformers' Conv1D (GPT-2: its
+    weight is [d_ff, d_model] already).
     """
 
     def __init__(self, site: FFNSite, original: nn.Module, mode: str, backend: str | None,
@@ -120,10 +121,8 @@ class SparseDown(_DownRelayout, nn.Module):
         if a2.shape[0] > self._limit():
             return self.down_module(a)
         cfg = {"dense_fraction": self.dense_fraction} if self.mode == "chunk" and a2.shape[0] > 1 else None
-        y = kernels.sparse_down(a2, self.w_down_t, backend=self.backend, config=cfg)
-        b = getattr(self.down_module, "bias", None)
-        if b is not None:
-            y = y + b
+        y = kernels.sparse_down(a2, self.w_down_t, bias=getattr(self.down_module, "bias", None),
+                                backend=self.backend, config=cfg)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @torch.no_grad()
