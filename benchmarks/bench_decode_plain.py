@@ -79,6 +79,30 @@ def sparsify(model, calib_ids, sparsity: float) -> list[float]:
     return shifts
 
 
+@torch.no_grad()
+def per_layer_error(model, ids, backend: str) -> dict:
+    """Each fc2 alone on its own inputs (the prompt's tokens, one call each): rel RMS against the
+    float64 product of the kernel's output and of the dense module's (cuBLAS) output."""
+    xs = {}
+    hs = [layer.fc2.register_forward_pre_hook(lambda m, a, i=i: xs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+          for i, layer in enumerate(model.model.decoder.layers)]
+    try:
+        model(input_ids=ids)
+    finally:
+        for h in hs:
+            h.remove()
+    kern, dense = [], []
+    for i, layer in enumerate(model.model.decoder.layers):
+        fc2, a = layer.fc2, xs[i]
+        truth = a.double() @ fc2.weight.double().t() + fc2.bias.double()
+        y = torch.cat([wb.kernels.sparse_down(a[t:t + 1], fc2.weight.t().contiguous(), bias=fc2.bias, backend=backend)
+                       for t in range(a.shape[0])])
+        yd = torch.cat([fc2(a[t:t + 1]) for t in range(a.shape[0])])
+        kern.append(float((y.double() - truth).norm() / truth.norm()))
+        dense.append(float((yd.double() - truth).norm() / truth.norm()))
+    return {"fc2_kernel_vs_fp64_max": max(kern), "fc2_cublas_vs_fp64_max": max(dense)}
+
+
 def model_bytes(model, sparsity: float) -> tuple[float, float]:
     """Weight bytes one decode step reads: dense, and with fc2 read at (1 - sparsity)."""
     dense = acc = 0.0
@@ -130,6 +154,18 @@ def main():
             err["realised_sparsity"] = float(m.layers["realised_sparsity"].mean())
             err["true_sparsity"] = float(m.layers["true_sparsity"].mean())
             err["fc2_eager_speedup_median"] = float(m.layers["speedup"].median())
+            err.update(eager_step_dense_ms=m.summary["step_dense_ms"], eager_step_ms=m.summary["step_ms"])
+            # the noise floor: the same model with fc2 through the torch reference (fp32 sums, one
+            # rounding, another summation order than cuBLAS): a random 32-layer bf16 model amplifies
+            # any rounding difference (KERNEL_NOTES, accuracy on a 7B-shape model)
+            h.off()
+            with wb.accelerate(model, mode=mode, backend="torch") as hr:
+                ref = hr.measure(prompt[:, :args.measure_tokens], reps=1, warmup=0)
+            err.update(per_layer_error(model, prompt[:, :8], "torch" if args.smoke_cpu else "triton"))
+            h.on()
+            err["torch_reference_logits_rel_rms"] = ref.summary["logits_rel_rms"]
+            err["torch_reference_top1_agreement"] = ref.summary["top1_agreement"]
+            log(mode, "noise floor and per-layer error", {k: err[k] for k in err if "reference" in k or "fp64" in k})
             for c in args.compile:
                 r = wb.decode_benchmark(model, prompt, new_tokens=args.new_tokens, handle=h, reps=args.reps,
                                         warmup=2, compile_non_ffn=(c == "on"))

@@ -105,6 +105,16 @@ def test_bad_inputs_give_clear_errors():
         accelerate(tf.Phi3ForCausalLM(cfg).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("make", [_tiny, lambda: _tiny_opt()], ids=["gated", "plain"])
+def test_accelerating_an_accelerated_model_names_the_active_handle(make):
+    model = make()
+    h = accelerate(model, backend="torch")
+    with pytest.raises(WorkbenchError, match=r"already swapped .*\.off\(\)"):
+        accelerate(model, backend="torch")
+    h.off()
+    accelerate(model, backend="torch").off()  # fine once the first handle is off
+
+
 def test_triton_backend_refuses_cpu_tensors_when_not_interpreting(monkeypatch):
     from workbench.kernels import _common
 

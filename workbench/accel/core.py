@@ -93,6 +93,10 @@ class Accelerator:
             raise WorkbenchError(f"mode {mode!r}: use one of {MODES}")
         if backend not in ("auto", "triton", "torch"):
             raise WorkbenchError(f"backend {backend!r}: use 'auto', 'triton' or 'torch'")
+        swapped = next((n for n, m in model.named_modules() if isinstance(m, (SparseFFN, SparseDown, SparseMoE))), None)
+        if swapped is not None:
+            raise WorkbenchError(f"{swapped} is already swapped by an active accelerate handle: call that handle's "
+                                 ".off() (or leave its `with` block) before accelerating the model again")
         self.model = model
         self.mode = mode
         self.backend = backend
