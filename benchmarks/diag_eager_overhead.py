@@ -55,6 +55,20 @@ def main():
     for name, fn in cases:
         host, wall = per_call_us(fn)
         print(f"{name:22s} host {host:6.1f} us/call, wall {wall:6.1f} us/call")
+    # does a call wait for the GPU? queue ~20 ms of matmuls, then time issuing the call
+    big = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for name, fn in cases:
+        torch.cuda.synchronize()
+        for _ in range(20):
+            big @ big
+        t0 = time.perf_counter()
+        fn()
+        host = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        torch.cuda.synchronize()
+        rest = (time.perf_counter() - t0) * 1e3
+        print(f"{name:22s} behind ~20 ms of queued work: the call returns after {host:7.3f} ms, "
+              f"the queue drains {rest:7.3f} ms later ({'waits for the GPU' if host > rest else 'asynchronous'})")
 
 
 if __name__ == "__main__":
