@@ -266,3 +266,26 @@ def test_plain_ffn_refusals_name_the_cause():
         accelerate(_tiny_gpt2(act="gelu_new"))
     with pytest.raises(WorkbenchError, match="bf16/fp16"):
         accelerate(_tiny_opt(dtype=torch.float32))
+
+
+def test_call_graphs_stay_off_on_the_cpu_and_inside_the_harness():
+    from workbench.accel.ffn import CallGraphs, call_graphs_disabled
+
+    model = _tiny()
+    h = accelerate(model, backend="torch")
+    sp = model.model.layers[0].mlp
+    x = torch.randn(1, 32, dtype=torch.bfloat16)
+    assert isinstance(sp.call_graphs, CallGraphs) and sp.call_graphs.enabled
+    assert not sp.call_graphs.usable(x, None)  # CPU tensors: direct launches
+    with torch.no_grad():
+        sp(x[None])
+    assert not sp.call_graphs.graphs
+    with call_graphs_disabled(), call_graphs_disabled():
+        from workbench.accel import ffn
+
+        assert ffn._GRAPHS_OFF[0] == 2
+    assert ffn._GRAPHS_OFF[0] == 0
+    h.off()
+    h2 = accelerate(model, backend="torch", call_graphs=False)
+    assert not model.model.layers[0].mlp.call_graphs.enabled
+    h2.off()

@@ -88,7 +88,7 @@ class Accelerator:
 
     def __init__(self, model: nn.Module, mode: str = "exact", backend: str = "auto", predictors=None,
                  layers: list[int] | None = None, dense_fraction: float = 0.6, decode_tokens: int = 8,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, call_graphs: bool = True):
         if mode not in MODES:
             raise WorkbenchError(f"mode {mode!r}: use one of {MODES}")
         if backend not in ("auto", "triton", "torch"):
@@ -153,6 +153,8 @@ class Accelerator:
                                      dense_fraction, decode_tokens)
 
         self.sparse = dict(swap(s) for s in sites)
+        for sp in self.sparse.values():
+            sp.call_graphs.enabled = bool(call_graphs)
         self.active = False
 
     # -- switching -----------------------------------------------------------------------------
@@ -162,6 +164,7 @@ class Accelerator:
         done = []
         try:
             for name, sp in self.sparse.items():
+                sp.call_graphs.clear()  # captured with the previous layout's storage
                 sp.relayout()
                 parent, child = _parent(self.model, name)
                 setattr(parent, child, sp)
@@ -181,6 +184,7 @@ class Accelerator:
     def _restore(self, names) -> None:
         for name in names:
             sp = self.sparse[name]
+            sp.call_graphs.clear()
             parent, child = _parent(self.model, name)
             if getattr(parent, child) is sp:
                 setattr(parent, child, sp.original[0])
@@ -394,12 +398,15 @@ def _device_name(dev: torch.device) -> str:
 
 
 def accelerate(model: nn.Module, mode: str = "exact", backend: str = "auto", *, predictors=None,
-               layers: list[int] | None = None, dense_fraction: float = 0.6, decode_tokens: int = 8) -> Accelerator:
+               layers: list[int] | None = None, dense_fraction: float = 0.6, decode_tokens: int = 8,
+               call_graphs: bool = True) -> Accelerator:
     """Swap the model's ReLU/FATReLU FFNs (gated, plain or BlockFFN MoE blocks) for kernel-backed ones;
     returns the handle, already on.
 
     See the module docstring for the modes. `handle.off()` (or leaving the `with` block) restores
-    the original modules exactly.
+    the original modules exactly. `call_graphs` (GPU, Triton): eager calls of up to 16 tokens replay
+    each swapped module's kernels from a CUDA graph captured on first use (`ffn.CallGraphs`), since
+    eager decoding is bound by the host's launch work; False launches the kernels directly.
     """
     return Accelerator(model, mode=mode, backend=backend, predictors=predictors, layers=layers,
-                       dense_fraction=dense_fraction, decode_tokens=decode_tokens).on()
+                       dense_fraction=dense_fraction, decode_tokens=decode_tokens, call_graphs=call_graphs).on()

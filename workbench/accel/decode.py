@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from workbench._compat import cache_kwargs
+from workbench.accel.ffn import call_graphs_disabled, side_stream
 from workbench.errors import WorkbenchError
 
 _MISSING = object()
@@ -233,18 +234,6 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _warmup_stream(dev: torch.device) -> torch.cuda.Stream:
-    """One side stream per device for every decoder's warm-up. A fresh stream per decoder made
-    cuBLAS allocate a workspace for each new stream (32 MiB on an H100, kept for the process's life):
-    up to ~1 GiB across repeated decode_benchmark calls (KERNEL_NOTES v19 item 5)."""
-    if dev not in _WARMUP_STREAMS:
-        _WARMUP_STREAMS[dev] = torch.cuda.Stream(dev)
-    return _WARMUP_STREAMS[dev]
-
-
 class _GraphDecoder:
     """One decode step of `model` captured as a CUDA graph over a StaticCache."""
 
@@ -259,7 +248,7 @@ class _GraphDecoder:
         self.pos = torch.zeros((1,), dtype=torch.long, device=dev)
         self.mask = _static_mask(model, max_len, dev)
         self.prefill()
-        s = _warmup_stream(dev)
+        s = side_stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):  # warm-up: kernels compiled, workspaces allocated, cache laid out
             for _ in range(max(warmup, 2)):
@@ -341,7 +330,7 @@ def decode_benchmark(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
     compiled = bool(compile_non_ffn)
     ctx = (compiled_non_ffn(model, layout=handle.layout if handle is not None else None, mode=compile_mode)
            if compiled else contextlib.nullcontext({}))
-    with ctx as compiled_mods:
+    with ctx as compiled_mods, call_graphs_disabled():  # the harness captures whole steps itself
         try:
             for rep in range(reps):
                 for side in sides:

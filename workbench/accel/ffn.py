@@ -15,6 +15,9 @@ nn.Linear keeps a transposed *view* of it: no second copy stays on the device.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from torch import nn
 
@@ -23,6 +26,113 @@ from workbench.adapters import GATED, FFNSite
 from workbench.errors import WorkbenchError
 
 MODES = ("exact", "predictor", "chunk")
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_POOLS: dict[torch.device, tuple] = {}
+_GRAPHS_OFF = [0]  # > 0 inside `call_graphs_disabled`
+
+
+def side_stream(dev: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every warm-up before a capture. A fresh stream per capture
+    made cuBLAS allocate a workspace for each new stream (32 MiB on an H100, kept for the
+    process's life): up to ~1 GiB across repeated decode_benchmark calls (KERNEL_NOTES v19 item 5)."""
+    dev = torch.device(dev)
+    if dev not in _SIDE_STREAMS:
+        _SIDE_STREAMS[dev] = torch.cuda.Stream(dev)
+    return _SIDE_STREAMS[dev]
+
+
+@contextlib.contextmanager
+def call_graphs_disabled():
+    """Inside, the swapped modules launch their kernels directly instead of replaying their
+    per-call graphs (the decode harness captures whole steps itself)."""
+    _GRAPHS_OFF[0] += 1
+    try:
+        yield
+    finally:
+        _GRAPHS_OFF[0] -= 1
+
+
+class CallGraphs:
+    """A swapped module's kernel calls replayed from CUDA graphs when run eagerly on a GPU.
+
+    Eager decoding is bound by the host: one sparse-kernel call costs 85-130 us of Python and
+    Triton launch work on the H100 machine against 26-37 us for cuBLAS (KERNEL_NOTES v20), so
+    flipping the switch made eager decode steps slower. Here each distinct call (route, input
+    shape, dtype, device, weight storage; up to MAX_GRAPHS calls of up to MAX_TOKENS tokens) is run
+    twice on a side stream (kernels compiled,
+    workspaces allocated) and captured once; later calls copy their input into the captured one,
+    replay and return a copy of the output: three launches, whatever the kernels do. The graphs
+    share one memory pool per device (replays run one at a time, in one stream's order) and are
+    dropped whenever the handle is switched (the weights' storage changes with the layout).
+    Skipped: on the CPU, with the torch backend, inside another capture (the decode harness's)
+    and inside `call_graphs_disabled`. A failed capture warns once and the module launches
+    directly from then on.
+    """
+
+    MAX_TOKENS = 16  # longer calls (prefills, long chunks) launch directly: each length would be a graph
+    MAX_GRAPHS = 8  # per module; further distinct calls launch directly
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed = False
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+    def usable(self, x: torch.Tensor, backend: str | None) -> bool:
+        if not (self.enabled and not self.failed and _GRAPHS_OFF[0] == 0 and x.is_cuda):
+            return False
+        if backend == "torch" or x.shape[0] > self.MAX_TOKENS or torch.cuda.is_current_stream_capturing():
+            return False
+        return kernels.pick_backend(backend, x) == "triton"
+
+    @torch.no_grad()
+    def run(self, key: tuple, fn, x: torch.Tensor) -> torch.Tensor:
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                return fn(x)
+            entry = self._capture(fn, x)
+            if entry is None:
+                return fn(x)
+            self.graphs[key] = entry
+        graph, sx, sy = entry
+        sx.copy_(x)
+        graph.replay()
+        return sy.clone()
+
+    def _capture(self, fn, x: torch.Tensor):
+        dev = x.device
+        sx = x.clone(memory_format=torch.contiguous_format)
+        try:
+            s = side_stream(dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    fn(sx)
+            torch.cuda.current_stream(dev).wait_stream(s)
+            if dev not in _POOLS:
+                _POOLS[dev] = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=_POOLS[dev]):
+                sy = fn(sx)
+        except Exception as e:  # noqa: BLE001 - fall back to direct launches, loudly
+            self.failed = True
+            warnings.warn(f"CUDA graph capture of a sparse FFN call failed ({type(e).__name__}: {e}); "
+                          "its kernels are launched directly from now on", RuntimeWarning, stacklevel=3)
+            return None
+        return graph, sx, sy
+
+
+def _launch(module: nn.Module, route: str, x2: torch.Tensor, fn, *weights: torch.Tensor) -> torch.Tensor:
+    """fn(x2) through the module's per-call graphs where they apply, else directly."""
+    g: CallGraphs = module.call_graphs
+    if not g.usable(x2, module.backend):
+        return fn(x2)
+    key = (route, tuple(x2.shape), x2.dtype, x2.device, *(w.data_ptr() for w in weights))
+    return g.run(key, fn, x2)
 
 
 class _DownRelayout:
@@ -89,9 +199,9 @@ class SparseDown(_DownRelayout, nn.Module):
         self.decode_tokens = decode_tokens
         self.d_ff = d_ff
         self.predictor = None
-        self.enabled = True
         self.track = False
         self.stats: dict[str, torch.Tensor] = {}
+        self.call_graphs = CallGraphs()
 
     @property
     def w_down_t(self) -> torch.Tensor:
@@ -121,8 +231,12 @@ class SparseDown(_DownRelayout, nn.Module):
         if a2.shape[0] > self._limit():
             return self.down_module(a)
         cfg = {"dense_fraction": self.dense_fraction} if self.mode == "chunk" and a2.shape[0] > 1 else None
-        y = kernels.sparse_down(a2, self.w_down_t, bias=getattr(self.down_module, "bias", None),
-                                backend=self.backend, config=cfg)
+        w, b = self.w_down_t, getattr(self.down_module, "bias", None)
+
+        def call(a_):
+            return kernels.sparse_down(a_, w, bias=b, backend=self.backend, config=cfg)
+
+        y = _launch(self, "down", a2, call, w)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @torch.no_grad()
@@ -179,9 +293,9 @@ class SparseFFN(_DownRelayout, nn.Module):
         self.dense_fraction = dense_fraction
         self.decode_tokens = decode_tokens
         self.predictor = predictor
-        self.enabled = True
         self.track = False
         self.stats: dict[str, torch.Tensor] = {}
+        self.call_graphs = CallGraphs()
 
     # weights, always the live ones of the original modules
     @property
@@ -207,23 +321,24 @@ class SparseFFN(_DownRelayout, nn.Module):
             self._track(x2)
         if route == "dense":
             return self.original[0](x)
-        if route == "sparse":
-            y = kernels.sparse_ffn(x2, self.w_gate, self.w_up, self.w_down_t, activation=self.activation,
-                                   threshold=self.threshold, backend=self.backend)
-        elif route == "chunk":
-            y = kernels.chunk_ffn(x2, self.w_gate, self.w_up, self.w_down_t, activation=self.activation,
-                                  threshold=self.threshold, dense_fraction=self.dense_fraction,
-                                  backend=self.backend)
+        if route == "predicted_ref":  # more than 64 tokens: the reference, 64 tokens a call
+            y = torch.cat([self._call(x2[i:i + 64], "predicted", "torch") for i in range(0, x2.shape[0], 64)])
         else:
-            p = self.predictor
-            backend = "torch" if route == "predicted_ref" else self.backend
-            ys = []
-            for i in range(0, x2.shape[0], 64):  # the reference path too takes <= 64 tokens a call
-                ys.append(kernels.sparse_ffn_predicted(
-                    x2[i:i + 64], self.w_gate, self.w_up, self.w_down_t, p["w1"], p["w2"], b_pred1=p["b1"],
-                    b_pred2=p["b2"], activation=self.activation, threshold=self.threshold, backend=backend))
-            y = torch.cat(ys) if len(ys) > 1 else ys[0]
+            y = _launch(self, route, x2, lambda x_: self._call(x_, route, self.backend), self.w_gate, self.w_up,
+                        self.w_down_t)
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _call(self, x2: torch.Tensor, route: str, backend: str | None) -> torch.Tensor:
+        if route == "sparse":
+            return kernels.sparse_ffn(x2, self.w_gate, self.w_up, self.w_down_t, activation=self.activation,
+                                      threshold=self.threshold, backend=backend)
+        if route == "chunk":
+            return kernels.chunk_ffn(x2, self.w_gate, self.w_up, self.w_down_t, activation=self.activation,
+                                     threshold=self.threshold, dense_fraction=self.dense_fraction, backend=backend)
+        p = self.predictor
+        return kernels.sparse_ffn_predicted(
+            x2, self.w_gate, self.w_up, self.w_down_t, p["w1"], p["w2"], b_pred1=p["b1"], b_pred2=p["b2"],
+            activation=self.activation, threshold=self.threshold, backend=backend)
 
     @torch.no_grad()
     def _track(self, x2: torch.Tensor) -> None:
@@ -302,6 +417,7 @@ class SparseMoE(_DownRelayout, nn.Module):
         self.predictor = None
         self.track = False
         self.stats: dict[str, torch.Tensor] = {}
+        self.call_graphs = CallGraphs()
 
     @property
     def w_up(self) -> torch.Tensor:
@@ -318,8 +434,12 @@ class SparseMoE(_DownRelayout, nn.Module):
         if x2.shape[0] > self._limit():
             return self.original[0](x)
         r = self.original[0].router
-        y = kernels.moe_blocks(x2, r.proj.weight, r.norm.weight, self.w_up, self.w_down_t, eps=self.eps,
-                               backend=self.backend)
+        w_r, w_n, w_up, w_down_t = r.proj.weight, r.norm.weight, self.w_up, self.w_down_t
+
+        def call(x_):
+            return kernels.moe_blocks(x_, w_r, w_n, w_up, w_down_t, eps=self.eps, backend=self.backend)
+
+        y = _launch(self, "moe", x2, call, w_r, w_n, w_up, w_down_t)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @torch.no_grad()
