@@ -77,6 +77,7 @@ class CallGraphs:
         self.enabled = enabled
         self.graphs: dict[tuple, tuple] = {}
         self.failed = False
+        self._triton: dict[torch.device, bool] = {}  # the backend the kernels pick on a device
 
     def clear(self) -> None:
         self.graphs.clear()
@@ -86,7 +87,10 @@ class CallGraphs:
             return False
         if backend == "torch" or x.shape[0] > self.MAX_TOKENS or torch.cuda.is_current_stream_capturing():
             return False
-        return kernels.pick_backend(backend, x) == "triton"
+        ok = self._triton.get(x.device)
+        if ok is None:
+            ok = self._triton[x.device] = kernels.pick_backend(backend, x) == "triton"
+        return ok
 
     @torch.no_grad()
     def run(self, key: tuple, fn, x: torch.Tensor) -> torch.Tensor:
