@@ -209,7 +209,9 @@ class Accelerator:
         reported too: their rounding makes near-ties flip on any perturbation). Realised sparsity (and, in predictor mode,
         the predictor's recall against the exact mask) is counted per layer on those steps.
         Timings: each FFN on the last step's hidden states, and one whole decode step, dense and
-        accelerated, medians of `reps` after `warmup` (CUDA events on GPU, perf_counter on CPU).
+        accelerated, medians of `reps` after `warmup` (CUDA events on GPU, perf_counter on CPU);
+        eager calls, so on a GPU the accelerated side replays its per-call graphs unless the
+        handle was made with call_graphs=False.
         """
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]
         if ids.shape[0] != 1:
