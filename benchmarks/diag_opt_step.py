@@ -63,11 +63,34 @@ def main():
     def one_layer():
         layer(h0, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False)
 
-    h = wb.accelerate(model, mode="exact", backend="triton")
-    for side in ("dense", "accel"):
-        (h.on if side == "accel" else h.off)()
-        print(f"{side:6s} one layer (no cache) host {host_ms(one_layer) * 1e3:7.1f} us, "
-              f"one step host+wait {host_ms(step):7.2f} ms")
+    h = wb.accelerate(model, mode="exact", backend="triton").off()
+    hd = wb.accelerate(model, mode="exact", backend="triton", call_graphs=False).off()
+    x2 = h0.reshape(-1, SHAPE["hidden"])
+    a = layer.activation_fn(layer.fc1(x2))
+    # order: does a side's cost persist into the next one?
+    for side in ("dense", "accel", "dense", "accel_direct", "dense", "accel", "dense"):
+        h.off()
+        hd.off()
+        if side == "accel":
+            h.on()
+        elif side == "accel_direct":
+            hd.on()
+        parts = {"fc1": lambda: layer.fc1(x2), "act": lambda: layer.activation_fn(a), "fc2": lambda: layer.fc2(a),
+                 "self_attn_layer_norm": lambda: layer.self_attn_layer_norm(h0)}
+        print(f"{side:12s} one layer (no cache) host {host_ms(one_layer) * 1e3:7.1f} us, "
+              f"one step host+wait {host_ms(step):7.2f} ms; parts (host us): "
+              + ", ".join(f"{k} {host_ms(f) * 1e3:.1f}" for k, f in parts.items()))
+    import cProfile
+    import pstats
+
+    h.on()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(20):
+        one_layer()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(16)
     for side in ("dense", "accel"):
         (h.on if side == "accel" else h.off)()
         step()
