@@ -118,3 +118,11 @@ def test_call_graphs_compute_what_direct_launches_compute(arch, mode):
     h.on()
     assert torch.equal(decode(h), want)
     h.off()
+    # first call (the capture) under inference_mode, later calls under no_grad, and back
+    h.on()
+    with torch.inference_mode():
+        first = decode(h)
+    assert torch.equal(first, want) and torch.equal(decode(h), want)
+    with torch.inference_mode():
+        assert torch.equal(decode(h), want)
+    h.off()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -28,7 +29,17 @@ from workbench.errors import WorkbenchError
 MODES = ("exact", "predictor", "chunk")
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-_POOLS: dict[torch.device, tuple] = {}
+_POOLS: dict[torch.device, tuple] = {}  # device -> (graph pool handle, the live graphs using it)
+
+
+def _graph_pool(dev: torch.device) -> tuple:
+    """The per-device memory pool the call graphs share, and the set of live graphs using it. A new
+    handle once every graph of the previous one is gone: PyTorch releases a pool when its last graph
+    is destroyed, and capturing into a released pool fails an internal assertion."""
+    entry = _POOLS.get(dev)
+    if entry is None or not len(entry[1]):
+        entry = _POOLS[dev] = (torch.cuda.graph_pool_handle(), weakref.WeakSet())
+    return entry
 _GRAPHS_OFF = [0]  # > 0 inside `call_graphs_disabled`
 
 
@@ -56,18 +67,18 @@ def call_graphs_disabled():
 class CallGraphs:
     """A swapped module's kernel calls replayed from CUDA graphs when run eagerly on a GPU.
 
-    Eager decoding is bound by the host: one sparse-kernel call costs 85-130 us of Python and
-    Triton launch work on the H100 machine against 26-37 us for cuBLAS (KERNEL_NOTES v20), so
-    flipping the switch made eager decode steps slower. Here each distinct call (route, input
-    shape, dtype, device, weight storage; up to MAX_GRAPHS calls of up to MAX_TOKENS tokens) is run
-    twice on a side stream (kernels compiled,
-    workspaces allocated) and captured once; later calls copy their input into the captured one,
-    replay and return a copy of the output: three launches, whatever the kernels do. The graphs
-    share one memory pool per device (replays run one at a time, in one stream's order) and are
-    dropped whenever the handle is switched (the weights' storage changes with the layout).
-    Skipped: on the CPU, with the torch backend, inside another capture (the decode harness's)
-    and inside `call_graphs_disabled`. A failed capture warns once and the module launches
-    directly from then on.
+    Eager decoding is bound by the host: one FFN call of a 7B-shape Llama costs 256 us of Python
+    and Triton launch work with the kernels launched directly against 149 us dense (H100 machine,
+    KERNEL_NOTES v20), so flipping the switch made eager decode steps slower. Here each distinct
+    call (route, input shape, dtype, device, weight storage; up to MAX_GRAPHS calls of up to
+    MAX_TOKENS tokens) is run twice on a side stream (kernels compiled, workspaces allocated) and
+    captured once; later calls copy their input into the captured one, replay and return a copy of
+    the output (64 us of host time for that FFN). The graphs share one memory pool per device while
+    any of them lives (replays run one at a time, in one stream's order) and are dropped whenever
+    the handle is switched (the weights' storage changes with the layout). Skipped: on the CPU,
+    with the torch backend, inside another capture (the decode harness's) and inside
+    `call_graphs_disabled`. A failed capture warns once and the module launches directly from then
+    on.
     """
 
     MAX_TOKENS = 16  # longer calls (prefills, long chunks) launch directly: each length would be a graph
@@ -98,14 +109,18 @@ class CallGraphs:
         if entry is None:
             if len(self.graphs) >= self.MAX_GRAPHS:
                 return fn(x)
-            entry = self._capture(fn, x)
+            # normal tensors even when the first call comes under torch.inference_mode(): later
+            # calls outside it could not write into inference tensors
+            with torch.inference_mode(False), torch.cuda.device(x.device):
+                entry = self._capture(fn, x)
             if entry is None:
                 return fn(x)
             self.graphs[key] = entry
         graph, sx, sy = entry
-        sx.copy_(x)
-        graph.replay()
-        return sy.clone()
+        with torch.cuda.device(x.device):  # a layer on another GPU than the current one (device_map)
+            sx.copy_(x)
+            graph.replay()
+            return sy.clone()
 
     def _capture(self, fn, x: torch.Tensor):
         dev = x.device
@@ -117,11 +132,11 @@ class CallGraphs:
                 for _ in range(2):
                     fn(sx)
             torch.cuda.current_stream(dev).wait_stream(s)
-            if dev not in _POOLS:
-                _POOLS[dev] = torch.cuda.graph_pool_handle()
+            pool, users = _graph_pool(dev)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=_POOLS[dev]):
+            with torch.cuda.graph(graph, pool=pool):
                 sy = fn(sx)
+            users.add(graph)
         except Exception as e:  # noqa: BLE001 - fall back to direct launches, loudly
             self.failed = True
             warnings.warn(f"CUDA graph capture of a sparse FFN call failed ({type(e).__name__}: {e}); "
