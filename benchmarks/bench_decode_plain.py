@@ -8,6 +8,9 @@ swaps only its down projection (fc2) for `kernels.sparse_down`: fc1 stays dense,
 sparsity s the FFN reads (1 + (1 - s)) / 2 of its bytes, and the whole model's bytes ideal is
 reported per row ("bytes_ideal": dense bytes over accelerated bytes, attention, fc1 and lm_head
 read whole). There is no issue target for it ("target": null).
+`--modes exact predictor` adds predictor mode (Deja Vu on OPT): random width-`--width` predictors
+with ~`--sparsity` predicted off (their choice is wrong, so the error figures are for form; the
+timing does not depend on which rows are chosen), fc1 then read on the predicted rows only.
 
 Model: OPTConfig(hidden 4096, ffn_dim 16384, 32 heads, vocab 50272; the OPT-6.7B shape), bf16,
 random weights (HF init), `--layers` decoder layers. Sparsity: OPT's fc1 has a bias, so each
@@ -60,23 +63,37 @@ def build(layers: int, dev: str, seed: int = 0, dtype: torch.dtype = torch.bfloa
 
 
 @torch.no_grad()
-def sparsify(model, calib_ids, sparsity: float) -> list[float]:
-    """Lower each fc1 bias by the `sparsity` quantile of that layer's pre-activation (in order)."""
-    shifts = []
+def sparsify(model, calib_ids, sparsity: float, width: int = 0) -> tuple[list[float], dict]:
+    """Lower each fc1 bias by the `sparsity` quantile of that layer's pre-activation (in order).
+    With `width`, also a random width-`width` Deja Vu predictor per layer whose output bias puts
+    `sparsity` of its logits on the calibration inputs below zero (as bench_decode.calibrate does:
+    the timing of the predicted path does not depend on which neurons are chosen)."""
+    shifts, preds = [], {}
+    g = torch.Generator(device=calib_ids.device).manual_seed(1)
 
-    def hook(fc1, args, out):
+    def hook(fc1, args, out, i):
         q = float(torch.quantile(out.float().flatten()[:4_000_000], sparsity))
         fc1.bias -= q
         shifts.append(q)
+        if width:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            d, f = x.shape[1], fc1.weight.shape[0]
+            w1 = torch.randn(width, d, generator=g, device=x.device) / d ** 0.5
+            w2 = torch.randn(f, width, generator=g, device=x.device) / width ** 0.5
+            lg = (torch.relu(x @ w1.t()) @ w2.t()).flatten()
+            b2 = torch.full((f,), -float(torch.quantile(lg[:4_000_000], sparsity)), device=x.device)
+            preds[f"model.decoder.layers.{i}"] = {"w1": w1, "b1": torch.zeros(width, device=x.device), "w2": w2,
+                                                  "b2": b2}
         return out - q
 
-    hs = [layer.fc1.register_forward_hook(hook) for layer in model.model.decoder.layers]
+    hs = [layer.fc1.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+          for i, layer in enumerate(model.model.decoder.layers)]
     try:
         model(input_ids=calib_ids)
     finally:
         for h in hs:
             h.remove()
-    return shifts
+    return shifts, preds
 
 
 @torch.no_grad()
@@ -103,8 +120,9 @@ def per_layer_error(model, ids, backend: str) -> dict:
     return {"fc2_kernel_vs_fp64_max": max(kern), "fc2_cublas_vs_fp64_max": max(dense)}
 
 
-def model_bytes(model, sparsity: float) -> tuple[float, float]:
-    """Weight bytes one decode step reads: dense, and with fc2 read at (1 - sparsity)."""
+def model_bytes(model, sparsity: float, predictor_width: int = 0) -> tuple[float, float]:
+    """Weight bytes one decode step reads: dense, and with fc2 read at (1 - sparsity); with a
+    predictor width (predictor mode), fc1 too, plus the predictors' two layers."""
     dense = acc = 0.0
     for name, p in model.named_parameters():
         if "embed_positions" in name or (name.endswith("embed_tokens.weight") and
@@ -112,7 +130,10 @@ def model_bytes(model, sparsity: float) -> tuple[float, float]:
             continue  # an embedding lookup reads one row
         b = p.numel() * p.element_size()
         dense += b
-        acc += b * ((1 - sparsity) if ".fc2.weight" in name else 1.0)
+        sparse = ".fc2.weight" in name or (predictor_width and ".fc1.weight" in name)
+        acc += b * ((1 - sparsity) if sparse else 1.0)
+        if predictor_width and ".fc1.weight" in name:
+            acc += predictor_width * (p.shape[0] + p.shape[1]) * p.element_size()
     return dense, acc
 
 
@@ -126,27 +147,31 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--measure-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--modes", nargs="+", default=["exact"])
+    ap.add_argument("--modes", nargs="+", default=["exact"], choices=["exact", "predictor"])
+    ap.add_argument("--width", type=int, default=1024, help="predictor width (predictor mode)")
     ap.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny shape on the CPU (reference path)")
     args = ap.parse_args()
     dev = "cpu" if args.smoke_cpu else "cuda"
     if args.smoke_cpu:
         SHAPE.update(hidden=64, ff=256, heads=4, vocab=512)
-        args.layers, args.new_tokens, args.reps, args.measure_tokens = 2, 4, 1, 4
+        args.layers, args.new_tokens, args.reps, args.measure_tokens, args.width = 2, 4, 1, 4, 16
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build(args.layers, dev)
     gen = torch.Generator().manual_seed(2)
     calib = torch.randint(0, SHAPE["vocab"], (1, args.calib), generator=gen).to(dev)
     prompt = torch.randint(0, SHAPE["vocab"], (1, args.prompt), generator=gen).to(dev)
-    shifts = sparsify(model, calib, args.sparsity)
+    shifts, preds = sparsify(model, calib, args.sparsity, args.width if "predictor" in args.modes else 0)
     log(f"built {args.layers} layers, fc1 bias shifts {min(shifts):.3f}..{max(shifts):.3f}")
     dense_b, acc_b = model_bytes(model, args.sparsity)
+    pred_b = (model_bytes(model, args.sparsity, predictor_width=args.width)[1] if "predictor" in args.modes
+              else None)
     shape = f"opt {SHAPE['hidden']}x{SHAPE['ff']}"
     rows = []
     for mode in args.modes:
-        h = wb.accelerate(model, mode=mode, backend="auto" if args.smoke_cpu else "triton")
+        kw = {"predictors": preds} if mode == "predictor" else {}
+        h = wb.accelerate(model, mode=mode, backend="auto" if args.smoke_cpu else "triton", **kw)
         try:
             m = h.measure(prompt[:, :args.measure_tokens], reps=5, warmup=2)
             log(mode, m)
@@ -158,8 +183,10 @@ def main():
             # the noise floor: the same model with fc2 through the torch reference (fp32 sums, one
             # rounding, another summation order than cuBLAS): a random 32-layer bf16 model amplifies
             # any rounding difference (KERNEL_NOTES, accuracy on a 7B-shape model)
+            if mode == "predictor":  # the predicted rows' recall (random predictors: ~0.1, for form)
+                err["predictor_recall"] = m.summary["predictor_recall"]
             h.off()
-            with wb.accelerate(model, mode=mode, backend="torch") as hr:
+            with wb.accelerate(model, mode=mode, backend="torch", **kw) as hr:
                 ref = hr.measure(prompt[:, :args.measure_tokens], reps=1, warmup=0)
             err.update(per_layer_error(model, prompt[:, :8], "torch" if args.smoke_cpu else "triton"))
             h.on()
@@ -176,7 +203,8 @@ def main():
                     "measure": "decode-plain", "shape": shape, "dtype": "bf16", "mode": mode,
                     "sparsity": args.sparsity, "tokens": 1, "layers": args.layers,
                     "baseline_ms": s["ms_per_token_dense"], "ms": s["ms_per_token_accel"], "speedup": s["speedup"],
-                    "target": None, "bytes_ideal": dense_b / acc_b, "compile_non_ffn": c == "on",
+                    "target": None, "bytes_ideal": dense_b / (pred_b if mode == "predictor" else acc_b),
+                    "compile_non_ffn": c == "on", **({"predictor_width": args.width} if mode == "predictor" else {}),
                     "tokens_match": s["tokens_match"], "token_agreement": s["token_agreement"],
                     "cuda_graphs": s["cuda_graphs"], "reference": s["reference"], "new_tokens": args.new_tokens,
                     "reps": args.reps, "runs": r["runs"], **err,

@@ -260,8 +260,17 @@ def test_sparse_down_module_computes_the_dense_projection(tokens):
 
 
 def test_plain_ffn_refusals_name_the_cause():
-    with pytest.raises(WorkbenchError, match="plain .*exact"):
+    with pytest.raises(WorkbenchError, match="needs predictors"):
+        accelerate(_tiny_opt(), mode="predictor")
+    with pytest.raises(WorkbenchError, match="no entry for"):
         accelerate(_tiny_opt(), mode="predictor", predictors={})
+    g = _tiny_gpt2()
+    bad = {f"transformer.h.{i}.mlp": _random_predictor(32, 128, 8) for i in range(2)}
+    with pytest.raises(WorkbenchError, match="nn.Linear up projection.*Conv1D"):
+        accelerate(g, mode="predictor", predictors=bad)
+    wrong = {f"model.decoder.layers.{i}": _random_predictor(32, 64, 8) for i in range(2)}
+    with pytest.raises(WorkbenchError, match="train the predictors on this model"):
+        accelerate(_tiny_opt(), mode="predictor", predictors=wrong)
     with pytest.raises(WorkbenchError, match="no exact zeros"):
         accelerate(_tiny_gpt2(act="gelu_new"))
     with pytest.raises(WorkbenchError, match="bf16/fp16"):
@@ -289,3 +298,57 @@ def test_call_graphs_stay_off_on_the_cpu_and_inside_the_harness():
     h2 = accelerate(model, backend="torch", call_graphs=False)
     assert not model.model.layers[0].mlp.call_graphs.enabled
     h2.off()
+
+
+def _random_predictor(d_model, d_ff, width, seed=0, margin=False):
+    """Random Deja Vu predictor weights; margin: logits = b2 (+-1, random signs) + a small x-dependent
+    part, so which rows are predicted cannot flip with the rounding of the predictor's layers."""
+    g = torch.Generator().manual_seed(seed)
+    w2 = torch.randn(d_ff, width, generator=g) / width ** 0.5
+    b2 = torch.zeros(d_ff)
+    if margin:
+        w2 *= 0.01
+        b2 = torch.where(torch.rand(d_ff, generator=g) < 0.4, 1.0, -1.0)
+    return {"w1": torch.randn(width, d_model, generator=g) / d_model ** 0.5, "b1": torch.zeros(width), "w2": w2,
+            "b2": b2}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
+def test_sparse_predicted_up_computes_the_up_rows_the_predictor_turns_on(backend, tokens):
+    from workbench.accel.ffn import SparsePredictedUp
+
+    model = _tiny_opt(seed=8)
+    preds = {f"model.decoder.layers.{i}": _random_predictor(32, 128, 16, seed=i, margin=True) for i in range(2)}
+    h = accelerate(model, mode="predictor", predictors=preds, backend=backend)
+    sp = model.model.decoder.layers[0].fc1
+    assert isinstance(sp, SparsePredictedUp) and type(model.model.decoder.layers[0].fc2).__name__ == "SparseDown"
+    x = torch.randn(1, tokens, 32, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    p = {k: v.double() for k, v in sp.predictor.items()}
+    with torch.no_grad():
+        xd = x[0].double()
+        on = (torch.relu(xd @ p["w1"].t() + p["b1"]) @ p["w2"].t() + p["b2"]) > 0
+        want = (xd @ sp.up_module.weight.double().t() + sp.up_module.bias.double()) * on
+        got = sp(x)[0]
+    h.off()
+    assert 0.1 < on.double().mean() < 0.9
+    assert (got[~on] == 0).all()  # rows not predicted: exactly zero, so act(0) = 0 reaches fc2
+    assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+def test_plain_ffn_predictor_mode_reports_error_and_restores(tmp_path):
+    from workbench.metrics import save_predictors, train_predictors
+
+    model = _tiny_opt(seed=5)
+    ups = [layer.fc1 for layer in model.model.decoder.layers]
+    downs = _downs(model)
+    data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(6))
+    path = save_predictors(train_predictors(model, data, width=16, epochs=3), tmp_path / "pred")
+    h = accelerate(model, mode="predictor", predictors=path, backend="torch")
+    assert list(h.sparse) == [f"model.decoder.layers.{i}.{n}" for i in range(2) for n in ("fc1", "fc2")]
+    m = h.measure(_ids(9, seed=7), reps=1, warmup=0)
+    h.off()
+    assert [layer.fc1 for layer in model.model.decoder.layers] == ups and _downs(model) == downs
+    assert 0.0 < m.summary["predictor_recall"] <= 1.0 and 0.0 <= m.summary["top1_agreement"] <= 1.0
+    rec = m.layers.set_index("name")["predictor_recall"]
+    assert rec.filter(like=".fc1").notna().all() and rec.filter(like=".fc2").isna().all()

@@ -273,3 +273,18 @@ def test_gpu_graph_decode_of_plain_ffn_models_equals_eager(arch, compiled):
     assert r["tokens"]["accel"] == e["tokens"]["accel"]
     assert h.active and not _compiled_impls(model)
     h.off()
+
+
+def test_plain_ffn_predictor_mode_in_the_harness_keeps_both_swapped_projections_uncompiled(monkeypatch):
+    from tests.accel.test_accelerate import _random_predictor
+
+    model = _tiny_plain("opt")
+    preds = {f"model.decoder.layers.{i}": _random_predictor(32, 128, 16, seed=i, margin=True) for i in range(2)}
+    h = wb.accelerate(model, mode="predictor", predictors=preds, backend="torch")
+    calls: list[str] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: _counting_compiler(calls)(fn))
+    r = wb.decode_benchmark(model, _prompt(), new_tokens=5, handle=h, reps=1, warmup=1, compile_non_ffn=True)
+    assert r["summary"]["mode"] == "predictor" and r["summary"]["compiled_modules"] == 2 * 4 + 1
+    assert calls and not {"SparsePredictedUp", "SparseDown", "Linear"} & set(calls)  # fc1, fc2 stay out
+    assert not _compiled_impls(model) and h.active
+    h.off()

@@ -16,8 +16,10 @@ Modes:
 - Routed MoE layers (BlockFFN, zoo:blockffn) take `kernels.moe_blocks` in exact and chunk modes:
   only the experts the router turned on (union over the call's tokens) are read.
 - Plain (non-gated) ReLU FFNs (OPT, GPT-2/BERT style with a ReLU, biases allowed): their down
-  projection is swapped for `kernels.sparse_down` in exact and chunk modes (the up projection and
-  the activation stay dense; the activation's zeros decide which down rows are read).
+  projection is swapped for `kernels.sparse_down` (`SparseDown`: the activation's zeros decide
+  which down rows are read); in exact and chunk modes the up projection stays dense, in predictor
+  mode it is swapped too (`SparsePredictedUp`: only the predicted up rows are computed, zeros
+  elsewhere, Deja Vu on OPT).
 - "predictor": gate and up both sparse on a Deja Vu predictor's mask (predictor included), for
   every call: this changes the function, and measure() reports the error instead of bounding it.
   `predictors` is a directory written by `workbench.metrics.save_predictors`, a Predictors, or a
@@ -38,7 +40,14 @@ import torch
 from torch import nn
 
 from workbench._compat import cache_kwargs
-from workbench.accel.ffn import MODES, SparseDown, SparseFFN, SparseMoE, is_moe_blocks
+from workbench.accel.ffn import (
+    MODES,
+    SparseDown,
+    SparseFFN,
+    SparseMoE,
+    SparsePredictedUp,
+    is_moe_blocks,
+)
 from workbench.adapters import PLAIN, FFNSite, Layout, locate
 from workbench.errors import WorkbenchError
 
@@ -93,7 +102,8 @@ class Accelerator:
             raise WorkbenchError(f"mode {mode!r}: use one of {MODES}")
         if backend not in ("auto", "triton", "torch"):
             raise WorkbenchError(f"backend {backend!r}: use 'auto', 'triton' or 'torch'")
-        swapped = next((n for n, m in model.named_modules() if isinstance(m, (SparseFFN, SparseDown, SparseMoE))), None)
+        swapped = next((n for n, m in model.named_modules()
+                        if isinstance(m, (SparseFFN, SparseDown, SparseMoE, SparsePredictedUp))), None)
         if swapped is not None:
             raise WorkbenchError(f"{swapped} is already swapped by an active accelerate handle: call that handle's "
                                  ".off() (or leave its `with` block) before accelerating the model again")
@@ -129,12 +139,6 @@ class Accelerator:
             raise WorkbenchError(
                 f"mode='predictor' on a routed MoE model ({moe[0].name} is a BlockFFN layer): its router already "
                 "chooses the experts; use mode='exact' or 'chunk', which skip the inactive experts exactly")
-        plain = [s for s in sites if s.kind == PLAIN]
-        if plain and mode == "predictor":
-            raise WorkbenchError(
-                f"mode='predictor' on a plain (non-gated) FFN ({plain[0].name}): the predictor kernels skip the "
-                "gate and up rows of gated FFNs only; use mode='exact' or 'chunk', which skip the down rows of "
-                "inactive neurons exactly (the up projection stays dense)")
         if mode == "predictor":
             if predictors is None:
                 raise WorkbenchError("mode='predictor' needs predictors=PATH (saved by workbench.metrics."
@@ -142,17 +146,20 @@ class Accelerator:
             pred = _load_predictor_tensors(predictors, [s.name for s in sites], p0.device, p0.dtype)
         names = {id(m): n for n, m in model.named_modules()}
 
-        def swap(s: FFNSite) -> tuple[str, nn.Module]:
+        def swap(s: FFNSite) -> list[tuple[str, nn.Module]]:
             if is_moe_blocks(s.module):
-                return s.name, SparseMoE(s, s.module, mode, backend, decode_tokens)
-            if s.kind == PLAIN:  # the down projection alone is swapped: its input is the sparse activation
-                if s.up is None or id(s.down) not in names:
+                return [(s.name, SparseMoE(s, s.module, mode, backend, decode_tokens))]
+            if s.kind == PLAIN:  # the down projection is swapped: its input is the sparse activation
+                if s.up is None or id(s.down) not in names or id(s.up) not in names:
                     raise WorkbenchError(f"{s.name}: missing projection; accelerate needs up and down")
-                return names[id(s.down)], SparseDown(s, s.down, mode, backend, dense_fraction, decode_tokens)
-            return s.name, SparseFFN(s, s.module, mode, backend, None if pred is None else pred[s.name],
-                                     dense_fraction, decode_tokens)
+                out = [(names[id(s.down)], SparseDown(s, s.down, mode, backend, dense_fraction, decode_tokens))]
+                if mode == "predictor":  # and the up projection, computed on the predicted rows only
+                    out.insert(0, (names[id(s.up)], SparsePredictedUp(s, s.up, backend, pred[s.name])))
+                return out
+            return [(s.name, SparseFFN(s, s.module, mode, backend, None if pred is None else pred[s.name],
+                                       dense_fraction, decode_tokens))]
 
-        self.sparse = dict(swap(s) for s in sites)
+        self.sparse = dict(pair for s in sites for pair in swap(s))
         for sp in self.sparse.values():
             sp.call_graphs.enabled = bool(call_graphs)
         self.active = False
@@ -249,7 +256,8 @@ class Accelerator:
             row = {"layer": sp.site.layer, "name": name, "d_ff": sp.site.d_ff,
                    "true_sparsity": 1 - st.get("active", 0) / pairs,
                    "realised_sparsity": 1 - st.get("used", 0) / pairs, **layer_t[name]}
-            if self.mode == "predictor":
+            if self.mode == "predictor" and not isinstance(sp, SparseDown):
+                # (a plain FFN's down projection: its row holds the zeros reaching it, no recall)
                 row["predictor_recall"] = st.get("hit", 0) / max(st.get("active", 0), 1)
             rows.append(row)
         layers = pd.DataFrame(rows)

@@ -51,7 +51,7 @@ def _call_module(module: nn.Module, *args, **kwargs):
     return module._call_impl(*args, **kwargs)
 
 
-def non_ffn_modules(model: nn.Module, layout=None) -> dict[str, nn.Module]:
+def non_ffn_modules(model: nn.Module, layout=None, keep_out: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """The modules `compiled_non_ffn` compiles, by name: each block's direct children except the
     one that is (or holds) its FFN or router, and the direct children of the module holding the
     block list except that list and the embeddings (Llama: model.layers.i.{self_attn,
@@ -60,13 +60,15 @@ def non_ffn_modules(model: nn.Module, layout=None) -> dict[str, nn.Module]:
     For a plain (non-gated) FFN, what `wb.accelerate` swaps is its down projection, so that
     module alone is kept out: the up projection and the activation compile with the rest (OPT:
     model.decoder.layers.i.{self_attn, self_attn_layer_norm, fc1, activation_fn, final_layer_norm};
-    GPT-2: transformer.h.i.{ln_1, attn, ln_2} and transformer.h.i.mlp.{c_fc, act, dropout})."""
+    GPT-2: transformer.h.i.{ln_1, attn, ln_2} and transformer.h.i.mlp.{c_fc, act, dropout}).
+    `keep_out`: more module names to leave alone (decode_benchmark passes every module its handle
+    swaps, e.g. OPT's fc1 in predictor mode)."""
     from workbench.adapters import PLAIN, locate
 
     layout = layout or locate(model)
     names = {id(m): n for n, m in model.named_modules()}
-    keep_out = [names.get(id(s.down), s.name) if s.kind == PLAIN else s.name for s in layout.ffns]
-    keep_out += [r.name for r in layout.routers]
+    sites = [names.get(id(s.down), s.name) if s.kind == PLAIN else s.name for s in layout.ffns]
+    keep_out = sites + [r.name for r in layout.routers] + [n for n in keep_out if n not in sites]
     if not keep_out:
         raise WorkbenchError(f"no FFN found in {type(model).__name__}: nothing to keep out of the compile")
 
@@ -82,7 +84,7 @@ def non_ffn_modules(model: nn.Module, layout=None) -> dict[str, nn.Module]:
         raise WorkbenchError(f"{name}: compile_non_ffn needs FFNs inside the model's list of layers")
 
     blocks: list[str] = []
-    for name in keep_out[:len(layout.ffns)]:
+    for name in sites:
         block = block_of(name)
         if block == name:
             raise WorkbenchError(f"{name}: compile_non_ffn needs FFNs that are children of their blocks")
@@ -127,7 +129,8 @@ def _dynamo_limits(entries: int) -> dict:
 
 
 @contextlib.contextmanager
-def compiled_non_ffn(model: nn.Module, *, layout=None, mode: str | None = None, compiler=None):
+def compiled_non_ffn(model: nn.Module, *, layout=None, mode: str | None = None, compiler=None,
+                     keep_out: list[str] | tuple[str, ...] = ()):
     """Inside the block, the modules of `non_ffn_modules(model)` run compiled; on exit (also on
     exceptions) each is back to exactly what it was.
 
@@ -149,7 +152,7 @@ def compiled_non_ffn(model: nn.Module, *, layout=None, mode: str | None = None, 
     if model in _COMPILED:  # an enclosing block compiled them already
         yield _COMPILED[model]
         return
-    mods = non_ffn_modules(model, layout)
+    mods = non_ffn_modules(model, layout, keep_out)
     fn = types.FunctionType(_call_module.__code__.replace(), _call_module.__globals__, "_call_module")
     if compiler is None:
         compiled = torch.compile(fn, dynamic=False, **({"mode": mode} if mode else {}))
@@ -328,7 +331,8 @@ def decode_benchmark(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
     runs: list[dict] = []
     tokens: dict[str, list[int]] = {}
     compiled = bool(compile_non_ffn)
-    ctx = (compiled_non_ffn(model, layout=handle.layout if handle is not None else None, mode=compile_mode)
+    ctx = (compiled_non_ffn(model, layout=handle.layout if handle is not None else None, mode=compile_mode,
+                            keep_out=list(handle.sparse) if handle is not None else ())
            if compiled else contextlib.nullcontext({}))
     with ctx as compiled_mods, call_graphs_disabled():  # the harness captures whole steps itself
         try:

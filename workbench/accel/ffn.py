@@ -192,11 +192,8 @@ class SparseDown(_DownRelayout, nn.Module):
     def __init__(self, site: FFNSite, original: nn.Module, mode: str, backend: str | None,
                  dense_fraction: float = 0.6, decode_tokens: int = 8):
         super().__init__()
-        if mode not in ("exact", "chunk"):
-            raise WorkbenchError(
-                f"{site.name}: mode {mode!r} on a plain (non-gated) FFN: the predictor kernels skip gate and up "
-                "rows of gated FFNs only; use mode='exact' or 'chunk', which skip the down rows of inactive "
-                "neurons exactly (the up projection stays dense)")
+        if mode not in MODES:
+            raise WorkbenchError(f"mode {mode!r}: use one of {MODES}")
         if site.activation not in ("relu", "fatrelu"):
             raise WorkbenchError(
                 f"{site.name}: activation {site.activation!r} has no exact zeros for the kernels to skip; "
@@ -249,7 +246,7 @@ class SparseDown(_DownRelayout, nn.Module):
             self._track(a2)
         if a2.shape[0] > self._limit():
             return self.down_module(a)
-        cfg = {"dense_fraction": self.dense_fraction} if self.mode == "chunk" and a2.shape[0] > 1 else None
+        cfg = {"dense_fraction": self.dense_fraction} if self.mode != "exact" and a2.shape[0] > 1 else None
         w, b = self.w_down_t, getattr(self.down_module, "bias", None)
 
         def call(a_):
@@ -278,6 +275,89 @@ class SparseDown(_DownRelayout, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.site.name} (down projection), mode={self.mode}, activation={self.site.activation}"
+
+
+class SparsePredictedUp(nn.Module):
+    """Predictor mode on a plain ReLU FFN: drop-in replacement of its up projection (OPT's fc1)
+    that computes only the rows a Deja Vu predictor turns on; see `accelerate`.
+
+    Output: the pre-activation x W_up^T + b on predicted rows and 0 elsewhere, so that the model's
+    own activation (ReLU/FATReLU: 0 stays 0) and the down projection swapped for `SparseDown`
+    (whose kernel skips the zeros) follow. Calls of up to 64 tokens: the predictor's two layers
+    through `kernels.gemv`, then `kernels.gated_up` with a 0/1 gate (only predicted up rows are
+    read), the bias added on predicted rows; longer calls take the same function in torch.
+    """
+
+    def __init__(self, site: FFNSite, original: nn.Module, backend: str | None, predictor: dict[str, torch.Tensor]):
+        super().__init__()
+        if not isinstance(original, nn.Linear):
+            raise WorkbenchError(f"{site.name}: predictor mode on a plain FFN needs an nn.Linear up projection; "
+                                 f"this one is a {type(original).__name__} (use mode='exact' or 'chunk')")
+        w = original.weight
+        if w.shape[0] % 16 or w.shape[1] % 16:
+            raise WorkbenchError(f"{site.name}: d_model={w.shape[1]}, d_ff={w.shape[0]}: the kernels need multiples of 16")
+        if predictor["w2"].shape[0] != w.shape[0] or predictor["w1"].shape[1] != w.shape[1]:
+            raise WorkbenchError(
+                f"{site.name}: the predictor maps {predictor['w1'].shape[1]} -> {predictor['w2'].shape[0]} but the up "
+                f"projection is {w.shape[1]} -> {w.shape[0]}: train the predictors on this model")
+        self.site = site
+        self.up_module = original
+        self.original = [original]
+        self.mode = "predictor"
+        self.backend = None if backend == "auto" else backend
+        self.predictor = predictor
+        self.threshold = float(site.threshold or 0.0)
+        self.track = False
+        self.stats: dict[str, torch.Tensor] = {}
+        self.call_graphs = CallGraphs()
+
+    @property
+    def w_down_t(self) -> torch.Tensor:  # the tensor the backend is picked by (as for the other modules)
+        return self.up_module.weight
+
+    def relayout(self) -> None:  # the up weight [d_ff, d_model] is already the kernels' row layout
+        pass
+
+    def restore_layout(self) -> None:
+        pass
+
+    def _call(self, x2: torch.Tensor, backend: str | None) -> torch.Tensor:
+        p, w, b = self.predictor, self.up_module.weight, self.up_module.bias
+        h = kernels.gemv(x2, p["w1"], p["b1"], relu=True, backend=backend)
+        gate = (kernels.gemv(h, p["w2"], p["b2"], backend=backend) > 0).to(x2.dtype)
+        u = kernels.gated_up(x2, gate, w, activation="relu", backend=backend)
+        return u if b is None else torch.addcmul(u, gate, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.track:
+            self._track(x2)
+        if x2.shape[0] > 64:
+            y = torch.cat([self._call(x2[i:i + 64], "torch") for i in range(0, x2.shape[0], 64)])
+        else:
+            p = self.predictor
+            y = _launch(self, "pred_up", x2, lambda x_: self._call(x_, self.backend), self.up_module.weight,
+                        p["w1"], p["w2"])
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @torch.no_grad()
+    def _track(self, x2: torch.Tensor) -> None:
+        """True active neurons (act(up(x)) != 0), predicted ones, and the predictor's hits."""
+        true = self.up_module(x2).float() > self.threshold
+        p = self.predictor
+        pred = kernels.predictor_logits(x2.float(), p["w1"].float(), p["w2"].float(), p["b1"].float(),
+                                        p["b2"].float()) > 0
+        st = self.stats
+        if not st:
+            st.update({k: torch.zeros((), dtype=torch.int64, device=x2.device) for k in ("tokens", "active", "used", "hit")})
+        st["tokens"] += x2.shape[0]
+        st["active"] += true.sum()
+        st["used"] += pred.sum()
+        st["hit"] += (pred & true).sum()
+
+    def extra_repr(self) -> str:
+        return f"{self.site.name} (up projection), mode=predictor, width={self.predictor['w1'].shape[0]}"
 
 
 class SparseFFN(_DownRelayout, nn.Module):
