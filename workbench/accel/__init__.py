@@ -30,6 +30,7 @@ _ensure_kernels()
 
 from workbench.accel.core import Accelerator, Measurement, accelerate  # noqa: E402
 from workbench.accel.decode import decode_benchmark  # noqa: E402
-from workbench.accel.ffn import SparseFFN  # noqa: E402
+from workbench.accel.ffn import SparseDown, SparseFFN, SparseMoE, SparsePredictedUp  # noqa: E402
 
-__all__ = ["Accelerator", "Measurement", "SparseFFN", "accelerate", "decode_benchmark"]
+__all__ = ["Accelerator", "Measurement", "SparseDown", "SparseFFN", "SparseMoE", "SparsePredictedUp", "accelerate",
+           "decode_benchmark"]

@@ -1,13 +1,16 @@
-"""SparseFFN / SparseDown / SparseMoE: FFN layers computed by the sparse kernels, swapped in by
-accelerate().
+"""SparseFFN / SparseDown / SparsePredictedUp / SparseMoE: FFN layers computed by the sparse
+kernels, swapped in by accelerate().
 
 SparseFFN replaces a gated ReLU/FATReLU FFN (Llama style); SparseDown replaces the down projection
 of a plain (non-gated) ReLU FFN (OPT, GPT-2 or BERT style, biases allowed), whose input, the
-activation, is already sparse: `kernels.sparse_down` reads only the rows of active neurons;
-SparseMoE replaces a ReLU-routed MoE block layer (BlockFFN, workbench.models.blockffn) and runs
-`kernels.moe_blocks`, which reads only the experts the router turned on for the call's tokens.
+activation, is already sparse: `kernels.sparse_down` reads only the rows of active neurons; in
+predictor mode SparsePredictedUp replaces that FFN's up projection and computes only the rows a
+Deja Vu predictor turns on; SparseMoE replaces a ReLU-routed MoE block layer (BlockFFN,
+workbench.models.blockffn) and runs `kernels.moe_blocks`, which reads only the experts the router
+turned on for the call's tokens. On a GPU their eager calls replay per-call CUDA graphs
+(`CallGraphs`).
 
-It holds no weights of its own: gate and up are the original modules' weights ([d_ff, d_model],
+None holds weights of its own: gate and up are the original modules' weights ([d_ff, d_model],
 rows = neurons, already the kernels' layout); the down projection's weight is re-laid out once,
 in place, so that its storage is [d_ff, d_model] (W_down^T contiguous) while the original
 nn.Linear keeps a transposed *view* of it: no second copy stays on the device.
