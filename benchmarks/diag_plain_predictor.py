@@ -2,8 +2,9 @@
 
     PYTHONPATH=$PWD python3 benchmarks/diag_plain_predictor.py
 
-One FFN of the OPT-6.7B shape (4096x16384, bf16, fc1 bias lowered for 90 % zeros), a random
-width-1024 predictor with 90 % predicted off, one token. Each piece is timed with
+One FFN of the OPT-6.7B shape (4096x16384, bf16; fc1 biases set as for bench_decode_plain's
+predictor rows: nearly every unit active, so fc2 reads the predicted rows), a random width-1024
+predictor with 90 % predicted off, one token. Each piece is timed with
 triton.testing.do_bench_cudagraph over 4 layers' weights in turn (more than the 50 MB L2 between
 two uses of one layer), per layer: the dense FFN (fc1, ReLU, fc2: cuBLAS), the predictor's two
 GEMVs, the predicted up rows (gated_up with the 0/1 gate), the bias, ReLU, the sparse down
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
 import workbench as wb  # noqa: E402
-from benchmarks.bench_decode_plain import SHAPE, build, sparsify  # noqa: E402
+from benchmarks.bench_decode_plain import SHAPE, all_active, build, sparsify  # noqa: E402
 
 K = wb.kernels
 
@@ -34,7 +35,9 @@ def main():
     n = 4
     gen = torch.Generator().manual_seed(2)
     model = build(n, "cuda")
-    _, preds = sparsify(model, torch.randint(0, SHAPE["vocab"], (1, 128), generator=gen).cuda(), 0.9, 1024)
+    calib = torch.randint(0, SHAPE["vocab"], (1, 128), generator=gen).cuda()
+    _, preds = sparsify(model, calib, 0.9, 1024)
+    all_active(model, calib)  # as bench_decode_plain's predictor rows: fc2 reads the predicted rows
     layers = model.model.decoder.layers
     xs = [torch.randn(1, SHAPE["hidden"], device="cuda", dtype=torch.bfloat16) for _ in range(n)]
     ps = [{k: v.to(torch.bfloat16) for k, v in preds[f"model.decoder.layers.{i}"].items()} for i in range(n)]
