@@ -66,6 +66,17 @@ def build(layers: int, dev: str, seed: int = 0, dtype: torch.dtype = torch.bfloa
     return model.eval()
 
 
+def _calibrate_fc1(model, calib_ids, hook) -> None:
+    """One forward over `calib_ids` with `hook(fc1, args, out, layer_index)` on every fc1 (removed after)."""
+    hs = [layer.fc1.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+          for i, layer in enumerate(model.model.decoder.layers)]
+    try:
+        model(input_ids=calib_ids)
+    finally:
+        for h in hs:
+            h.remove()
+
+
 @torch.no_grad()
 def sparsify(model, calib_ids, sparsity: float, width: int = 0) -> tuple[list[float], dict]:
     """Lower each fc1 bias by the `sparsity` quantile of that layer's pre-activation (in order).
@@ -90,17 +101,10 @@ def sparsify(model, calib_ids, sparsity: float, width: int = 0) -> tuple[list[fl
                                                   "b2": b2}
         return out - q
 
-    hs = [layer.fc1.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
-          for i, layer in enumerate(model.model.decoder.layers)]
-    try:
-        model(input_ids=calib_ids)
-    finally:
-        for h in hs:
-            h.remove()
+    _calibrate_fc1(model, calib_ids, hook)
     return shifts, preds
 
 
-@torch.no_grad()
 @torch.no_grad()
 def all_active(model, calib_ids, q: float = 0.001) -> list[float]:
     """Raise each fc1 bias so that its pre-activation's `q` quantile is positive (in order): nearly
@@ -109,18 +113,13 @@ def all_active(model, calib_ids, q: float = 0.001) -> list[float]:
     90 %-sparse model only ~1 % of units would reach fc2, which would flatter its time)."""
     raised = []
 
-    def hook(fc1, args, out):
+    def hook(fc1, args, out, i):
         lift = max(0.0, -float(torch.quantile(out.float().flatten()[:4_000_000], q)))
         fc1.bias += lift
         raised.append(lift)
         return out + lift
 
-    hs = [layer.fc1.register_forward_hook(hook) for layer in model.model.decoder.layers]
-    try:
-        model(input_ids=calib_ids)
-    finally:
-        for h in hs:
-            h.remove()
+    _calibrate_fc1(model, calib_ids, hook)
     return raised
 
 

@@ -157,6 +157,13 @@ def _launch(module: nn.Module, route: str, x2: torch.Tensor, fn, *weights: torch
     return g.run(key, fn, x2)
 
 
+def _counters(stats: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The module's device-side counters (tokens, active, used, hit), created zero on first use."""
+    if not stats:
+        stats.update({k: torch.zeros((), dtype=torch.int64, device=device) for k in ("tokens", "active", "used", "hit")})
+    return stats
+
+
 class _DownRelayout:
     """Down weight stored [d_ff, d_model] in place while swapped in (no lasting second copy)."""
 
@@ -178,7 +185,7 @@ class _DownRelayout:
             w.data = w.data.contiguous()
 
 
-class SparseDown(_DownRelayout, nn.Module):
+class SparseDown(nn.Module):
     """Drop-in replacement of the down projection of a plain ReLU FFN (down(act(up(x)))); see
     `accelerate`.
 
@@ -262,9 +269,7 @@ class SparseDown(_DownRelayout, nn.Module):
     def _track(self, a2: torch.Tensor) -> None:
         """Active neurons and the down rows the kernel reads (the union, for a chunk)."""
         on = a2 != 0
-        st = self.stats
-        if not st:
-            st.update({k: torch.zeros((), dtype=torch.int64, device=a2.device) for k in ("tokens", "active", "used", "hit")})
+        st = _counters(self.stats, a2.device)
         n = a2.shape[0]
         st["tokens"] += n
         st["active"] += on.sum()
@@ -351,9 +356,7 @@ class SparsePredictedUp(nn.Module):
         p = self.predictor
         pred = kernels.predictor_logits(x2.float(), p["w1"].float(), p["w2"].float(), p["b1"].float(),
                                         p["b2"].float()) > 0
-        st = self.stats
-        if not st:
-            st.update({k: torch.zeros((), dtype=torch.int64, device=x2.device) for k in ("tokens", "active", "used", "hit")})
+        st = _counters(self.stats, x2.device)
         st["tokens"] += x2.shape[0]
         st["active"] += true.sum()
         st["used"] += pred.sum()
@@ -447,12 +450,7 @@ class SparseFFN(_DownRelayout, nn.Module):
         """Realised sparsity (and predictor recall) of this call, accumulated on the device."""
         g = torch.nn.functional.linear(x2, self.w_gate).float()
         true = g > self.threshold
-        st = self.stats
-        if not st:
-            st.update(tokens=torch.zeros((), dtype=torch.int64, device=x2.device),
-                      active=torch.zeros((), dtype=torch.int64, device=x2.device),
-                      used=torch.zeros((), dtype=torch.int64, device=x2.device),
-                      hit=torch.zeros((), dtype=torch.int64, device=x2.device))
+        st = _counters(self.stats, x2.device)
         st["tokens"] += x2.shape[0]
         st["active"] += true.sum()
         if self.mode == "predictor":
@@ -549,9 +547,7 @@ class SparseMoE(_DownRelayout, nn.Module):
         """Active neurons (expert_size per active expert) and the rows the kernel reads."""
         r = self.original[0].router
         on = kernels.router_scores(x2, r.proj.weight, r.norm.weight, eps=self.eps) != 0  # [T, E]
-        st = self.stats
-        if not st:
-            st.update({k: torch.zeros((), dtype=torch.int64, device=x2.device) for k in ("tokens", "active", "used", "hit")})
+        st = _counters(self.stats, x2.device)
         n = x2.shape[0]
         st["tokens"] += n
         st["active"] += on.sum() * self.expert_size
