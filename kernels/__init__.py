@@ -7,6 +7,7 @@ Public functions (all take ``backend=None | "triton" | "torch"`` and ``config=No
 - gate_up_predicted(x, logits, w_gate, w_up, ...)        P3: gate+up rows where logit > 0
 - sparse_ffn(x, w_gate, w_up, w_down_t, ...)             P2: whole FFN, gate dense
 - sparse_ffn_predicted(x, w_gate, w_up, w_down_t, w_pred1, w_pred2, ...)   P3
+- plain_ffn_predicted(x, w_up, w_down_t, w_pred1, w_pred2, b_up, b_down, ...)   P3, plain FFN (OPT)
 - chunk_ffn(x, w_gate, w_up, w_down_t, ..., dense_fraction)   P4: union over a chunk of tokens
 - moe_blocks(x, w_router, norm_weight, w_up, w_down_t, eps)   P4: ReLU-routed MoE blocks
 - predictor_logits(x, w1, w2, b1, b2), router_scores(x, w_router, norm_weight, eps)
@@ -44,6 +45,7 @@ _OPS = {
     "gate_up_predicted": "sparse_ffn",
     "sparse_ffn": "sparse_ffn",
     "sparse_ffn_predicted": "sparse_ffn",
+    "plain_ffn_predicted": "sparse_ffn",
     "chunk_ffn": "chunk_ffn",
     "moe_blocks": "moe_blocks",
     "gemv": "dense_gemv",
@@ -119,6 +121,30 @@ def sparse_ffn_predicted(
     )
 
 
+def plain_ffn_predicted(
+    x,
+    w_up,
+    w_down_t,
+    w_pred1,
+    w_pred2,
+    *,
+    b_up=None,
+    b_down=None,
+    b_pred1=None,
+    b_pred2=None,
+    activation="relu",
+    threshold=0.0,
+    backend=None,
+    config=None,
+):
+    """Plain (non-gated) FFN sparse on a Deja Vu predictor's mask (predictor included), OPT style:
+    y [T, d_model] = act(x W_up^T + b_up) * [logits > 0] @ W_down^T + b_down."""
+    ts = [x, w_up, w_down_t, w_pred1, w_pred2] + [b for b in (b_up, b_down, b_pred1, b_pred2) if b is not None]
+    f = _dispatch("plain_ffn_predicted", backend, ts)
+    return f(x, w_up, w_down_t, w_pred1, w_pred2, b_up=b_up, b_down=b_down, b_pred1=b_pred1,
+             b_pred2=b_pred2, activation=activation, threshold=threshold, config=config)  # fmt: skip
+
+
 def chunk_ffn(
     x,
     w_gate,
@@ -167,6 +193,7 @@ __all__ = [
     "layout",
     "moe_blocks",
     "pick_backend",
+    "plain_ffn_predicted",
     "predictor_logits",
     "router_scores",
     "sparse_down",

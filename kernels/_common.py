@@ -178,6 +178,21 @@ def check_activation(activation: str, threshold: float) -> float:
     return float(threshold)
 
 
+def check_bias(name: str, bias: torch.Tensor | None, n: int, like: torch.Tensor, what: str) -> None:
+    """A bias of `n` values in `like`'s dtype and on its device, or None."""
+    from workbench.errors import KernelError
+
+    if bias is None:
+        return
+    if tuple(bias.shape) != (n,):
+        raise KernelError(f"{name} has shape {tuple(bias.shape)}; {what} is [{n}]")
+    if bias.dtype != like.dtype or bias.device != like.device:
+        raise KernelError(
+            f"{name} is {bias.dtype} on {bias.device}; give it the activations' dtype ({like.dtype}) "
+            f"on their device ({like.device})"
+        )
+
+
 def check_ffn(
     x: torch.Tensor,
     w_up: torch.Tensor,

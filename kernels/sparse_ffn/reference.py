@@ -1,4 +1,5 @@
-"""Torch references of the output-sparse gate/up and the sparse gated FFN (CPU fallback).
+"""Torch references of the output-sparse gate/up, the sparse gated FFN and the predicted plain
+FFN (CPU fallback).
 
 Same signatures as sparse_ffn.triton; fp32 dot products, rounded like the dense HF FFN: gate and
 up to the model dtype, the product act(g) * u to the model dtype (the down projection's input
@@ -90,4 +91,43 @@ def sparse_ffn_predicted(
     logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
     a = gate_up_predicted(x2, logits, w_gate, w_up, activation=activation, threshold=threshold)
     y = sparse_down(a, w_down_t)
+    return y[0] if was_1d else y
+
+
+def plain_ffn_predicted(
+    x,
+    w_up,
+    w_down_t,
+    w_pred1,
+    w_pred2,
+    *,
+    b_up=None,
+    b_down=None,
+    b_pred1=None,
+    b_pred2=None,
+    activation="relu",
+    threshold=0.0,
+    config=None,
+):
+    """Plain (non-gated) FFN with a Deja Vu predictor (OPT's fc1 -> ReLU -> fc2):
+    y = act(x W_up^T + b_up) * [logits > 0] @ W_down^T + b_down.
+
+    x [T, d_model]; w_up, w_down_t [d_ff, d_model]; b_up [d_ff], b_down [d_model] or None.
+    The up projection with its bias is rounded once to the model dtype (as F.linear), the output
+    once after the down bias (as `sparse_down`).
+    """
+    from .._common import check_bias
+    from ..predictor.reference import predictor_logits
+
+    thr = check_activation(activation, threshold)
+    x2, was_1d = check_ffn(x, w_up, w_down_t)
+    check_bias("b_up", b_up, w_up.shape[0], x2, "the up projection's bias [d_ff]")
+    check_bias("b_down", b_down, w_up.shape[1], x2, "the down projection's bias [d_model]")
+    logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
+    u = x2.float() @ w_up.float().t()
+    if b_up is not None:
+        u = u + b_up.float()
+    u = u.to(x2.dtype).float()
+    a = torch.where((u > thr) & (logits > 0), u, torch.zeros_like(u)).to(x2.dtype)
+    y = sparse_down(a, w_down_t, bias=b_down)
     return y[0] if was_1d else y

@@ -723,6 +723,57 @@ def sparse_ffn_predicted(
     return y[0] if was_1d else y
 
 
+def plain_ffn_predicted(
+    x,
+    w_up,
+    w_down_t,
+    w_pred1,
+    w_pred2,
+    *,
+    b_up=None,
+    b_down=None,
+    b_pred1=None,
+    b_pred2=None,
+    activation="relu",
+    threshold=0.0,
+    config=None,
+):
+    """Plain (non-gated) FFN with a Deja Vu predictor (OPT): up and down rows only where the
+    predictor's logit is > 0; same function as the reference. One token (d_model <= 4096): the
+    predictor's first layer through the Triton GEMV, then one launch for its second layer, the
+    up rows with their bias and activation and the down rows with the down bias (updown MODE 2,
+    PLAIN; config {"fuse_pred2": False}: the second layer as a GEMV, then MODE 1). More tokens:
+    the predictor densely, the predicted up rows through the row kernel (`gated_up` with a 0/1
+    gate; the bias added after its rounding), the activation, then `sparse_down` with the bias."""
+    from .._common import check_activation, check_bias, check_ffn
+    from ..predictor.reference import check_predictor
+    from ..sparse_gemv.triton import sparse_down
+
+    thr = check_activation(activation, threshold)
+    x2, was_1d = check_ffn(x, w_up, w_down_t)
+    check_bias("b_up", b_up, w_up.shape[0], x2, "the up projection's bias [d_ff]")
+    check_bias("b_down", b_down, w_up.shape[1], x2, "the down projection's bias [d_model]")
+    check_predictor(x2, w_pred1, w_pred2)
+    crow, cdown = _split(config)
+    hid = _dense(x2, w_pred1, config, b_pred1, relu=True)
+    if _use_updown(x2, config):
+        from .updown import updown
+
+        kw = dict(threshold=thr, config=(config or {}).get("updown"), plain=True, b_up=b_up, b_down=b_down)
+        if _fuse_pred2(w_pred2, config):
+            y = updown(x2, hid, None, w_up, w_down_t, mode=2, w_pred2=w_pred2, b_pred2=b_pred2, **kw)
+        else:
+            y = updown(x2, _dense(hid, w_pred2, config, b_pred2), None, w_up, w_down_t, mode=1, **kw)
+        return y[0] if was_1d else y
+    gate = (_dense(hid, w_pred2, config, b_pred2) > 0).to(x2.dtype)
+    u = gated_up(x2, gate, w_up, activation="relu", config=crow)
+    if b_up is not None:
+        u = torch.addcmul(u, gate, b_up)
+    a = torch.where(u > thr, u, torch.zeros_like(u))
+    y = sparse_down(a, w_down_t, bias=b_down, config=cdown)
+    return y[0] if was_1d else y
+
+
 @triton.jit
 def _fused_gate_up_kernel(
     X,

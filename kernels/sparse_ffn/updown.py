@@ -17,6 +17,10 @@ read for the active neurons only.
 MODE 2 (predicted, second predictor layer fused): SRC is the predictor's hidden vector [width];
 each program first computes its chunk's logits from W2 (one launch and the logits' round trip
 less than MODE 1 after a separate GEMV), then proceeds as MODE 1.
+PLAIN (with MODE 1 or 2): a plain (non-gated) FFN, y = down(act(up(x) + b_up)) + b_down (OPT's
+fc1 -> ReLU -> fc2): no gate rows; the up row's sum plus its bias is rounded to the model dtype
+(as F.linear with a bias rounds), then the activation; the down bias is added in fp32 by the
+program that casts y, before the one rounding (as `sparse_down`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ def _updown_kernel(
     WP: tl.constexpr,
     HAS_B2: tl.constexpr,
     PDL: tl.constexpr = False,
+    BU=None,
+    BD=None,
+    PLAIN: tl.constexpr = False,
+    HAS_BU: tl.constexpr = False,
+    HAS_BD: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     DT = X.dtype.element_ty
@@ -105,29 +114,41 @@ def _updown_kernel(
         rows = pid * CHUNK + local
         m = r_ok[:, None] & n_ok[None, :]
         wu = tl.load(WU + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
-        # EARLY_GATE: the gate (its values in MODE 0, its row tile in MODE 1) is loaded before the
-        # up reduction, so that all loads of an iteration are in flight at once
-        if EARLY_GATE:
-            if MODE == 0:
-                g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
-            else:
-                wg = tl.load(WG + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
-        wd = tl.load(WD + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
-        u = _rnd(tl.sum(wu.to(tl.float32) * x[None, :], axis=1), DT)
-        if MODE == 0:
-            if not EARLY_GATE:
-                g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
-            a = _rnd(_rnd(tl.where(g > thr, g, 0.0), DT) * u, DT)
+        if PLAIN:  # a = act(round(x . up row + b_up)); no gate
+            if HAS_BU:
+                bu = tl.load(BU + rows, mask=r_ok, other=0.0).to(tl.float32)
+            wd = tl.load(WD + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+            u = tl.sum(wu.to(tl.float32) * x[None, :], axis=1)
+            if HAS_BU:
+                u += bu
+            u = _rnd(u, DT)
+            a = tl.where(u > thr, u, 0.0)
         else:
-            if not EARLY_GATE:  # after the up reduction: one more serial round trip
-                wg = tl.load(WG + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
-            g = _rnd(tl.sum(wg.to(tl.float32) * x[None, :], axis=1), DT)
-            a = _rnd(tl.where(g > thr, g, 0.0) * u, DT)
+            # EARLY_GATE: the gate (its values in MODE 0, its row tile in MODE 1) is loaded before
+            # the up reduction, so that all loads of an iteration are in flight at once
+            if EARLY_GATE:
+                if MODE == 0:
+                    g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
+                else:
+                    wg = tl.load(WG + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+            wd = tl.load(WD + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+            u = _rnd(tl.sum(wu.to(tl.float32) * x[None, :], axis=1), DT)
+            if MODE == 0:
+                if not EARLY_GATE:
+                    g = tl.load(SRC + rows, mask=r_ok, other=0.0).to(tl.float32)
+                a = _rnd(_rnd(tl.where(g > thr, g, 0.0), DT) * u, DT)
+            else:
+                if not EARLY_GATE:  # after the up reduction: one more serial round trip
+                    wg = tl.load(WG + rows[:, None] * stride_w + offs_n[None, :], mask=m, other=0.0)
+                g = _rnd(tl.sum(wg.to(tl.float32) * x[None, :], axis=1), DT)
+                a = _rnd(tl.where(g > thr, g, 0.0) * u, DT)
         a = tl.where(r_ok, a, 0.0)
         yacc += tl.sum(a[:, None] * wd.to(tl.float32), axis=0)
     pdl_release(PDL)
     last, total = split_reduce(ACC + offs_n, n_ok, yacc, CNT, NUM_CHUNKS, cnt > 0)
     if last:
+        if HAS_BD:
+            total += tl.load(BD + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(Y + offs_n, _rnd(total, DT).to(DT), mask=n_ok)
 
 
@@ -145,22 +166,29 @@ DEFAULT_UPDOWN = {
     2: dict(CHUNK=16, BK=2, num_warps=8, num_stages=1, early_gate=True),
 }
 DEFAULT_UPDOWN_BF16 = {2: dict(num_warps=4)}  # overrides of the above for bfloat16
+# plain FFNs (OPT), predicted: two row tiles an iteration (up, down) instead of three
+DEFAULT_PLAIN = {1: dict(CHUNK=32, BK=2, num_warps=8, num_stages=1), 2: dict(CHUNK=16, BK=2, num_warps=8, num_stages=1)}
+DEFAULT_PLAIN_BF16 = {2: dict(num_warps=4)}
 
 
 def updown(
-    x, src, w_gate, w_up, w_down_t, *, mode, threshold=0.0, config=None, w_pred2=None, b_pred2=None
+    x, src, w_gate, w_up, w_down_t, *, mode, threshold=0.0, config=None, w_pred2=None, b_pred2=None,
+    plain=False, b_up=None, b_down=None,
 ) -> torch.Tensor:
     """y [1, d_model] for one token x [1, d_model]; inputs checked by the public wrappers.
 
     mode 0: src = gate pre-activation [1, d_ff]; mode 1: src = predictor logits [1, d_ff];
     mode 2: src = predictor hidden [1, width], with w_pred2 [d_ff, width] (and b_pred2 [d_ff]).
+    plain (modes 1 and 2): no gate (w_gate None), y = down(act(up(x) + b_up)) + b_down.
     """
-    cfg = dict(DEFAULT_UPDOWN[mode])
+    if plain and mode == 0:
+        raise ValueError("updown: a plain FFN in exact mode is sparse_down after a dense up projection")
+    cfg = dict((DEFAULT_PLAIN if plain else DEFAULT_UPDOWN)[mode])
     if x.dtype == torch.bfloat16:
-        cfg.update(DEFAULT_UPDOWN_BF16.get(mode, {}))
+        cfg.update((DEFAULT_PLAIN_BF16 if plain else DEFAULT_UPDOWN_BF16).get(mode, {}))
     cfg.update(config or {})
     k, n = w_up.shape
-    if not (w_up.stride(0) == w_down_t.stride(0) and (mode == 0 or w_gate.stride(0) == w_up.stride(0))):
+    if not (w_up.stride(0) == w_down_t.stride(0) and (mode == 0 or plain or w_gate.stride(0) == w_up.stride(0))):
         w_up, w_down_t = w_up.contiguous(), w_down_t.contiguous()
         w_gate = w_gate.contiguous() if w_gate is not None else None
     chunks = triton.cdiv(k, cfg["CHUNK"])
@@ -182,7 +210,9 @@ def updown(
         width, s2,
         MODE=mode, CHUNK=cfg["CHUNK"], BK=cfg["BK"], BN=triton.next_power_of_2(n),
         EARLY_GATE=bool(cfg.get("early_gate", False)), WP=triton.next_power_of_2(width),
-        HAS_B2=b_pred2 is not None, PDL=pdl, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
+        HAS_B2=b_pred2 is not None, PDL=pdl,
+        BU=b_up if b_up is not None else w_up, BD=b_down if b_down is not None else w_up,
+        PLAIN=bool(plain), HAS_BU=b_up is not None, HAS_BD=b_down is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     return y

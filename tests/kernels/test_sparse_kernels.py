@@ -399,6 +399,96 @@ def test_predicted_ffn(device, dtype, tokens, kind):
         assert _rel(y.cpu(), y_ref.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "tokens,kind,act,cfg",
+    [(1, "rand", "relu", None), (1, "rand", "fatrelu", {"fuse_pred2": False}), (3, "rand", "relu", None),
+     (1, "zero", "relu", None), (1, "full", "relu", None), (5, "full", "fatrelu", None),
+     (1, "rand", "relu", {"bias": False})],
+)
+def test_plain_ffn_predicted(device, dtype, tokens, kind, act, cfg):
+    """OPT-style FFN on a predictor's mask: act(x W_up^T + b_up) on predicted rows, then the down
+    rows and b_down, against float64 on the same mask; one token takes the one-launch kernel
+    (second predictor layer fused, or not), more tokens the row kernel and sparse_down; an
+    all-off mask gives exactly b_down."""
+    (d, f), cdown, crows = _setup(device)
+    width = d // 4
+    cfg = dict(cfg or {})
+    bias = cfg.pop("bias", True)
+    g = _gen("plain_pred", device, dtype, tokens, kind, act, bias, repr(cfg))
+    x = torch.randn(tokens, d, generator=g).to(dtype)
+    wu, wdt = _weights(g, f, d, dtype, "cpu", n=2)
+    (w1,) = _weights(g, width, d, dtype, "cpu")
+    b1 = (torch.rand(width, generator=g) * 0.2).to(dtype)
+    h = torch.relu(F.linear(x, w1, b1)).to(dtype)
+    if kind == "zero":
+        w2 = (-torch.ones(f, width)).to(dtype)  # logits < 0 wherever h > 0
+    else:
+        w2 = _controlled_gate(g, h.float() + 1e-3, f, _mask(kind, (tokens, f), g, 0.25), dtype)
+    bu = (torch.randn(f, generator=g) * 0.3).to(dtype) if bias else None
+    bd = (torch.randn(d, generator=g) * 0.3).to(dtype) if bias else None
+    x, wu, wdt, w1, b1, w2 = (t.to(device) for t in (x, wu, wdt, w1, b1, w2))
+    bu, bd = (t.to(device) if t is not None else None for t in (bu, bd))
+    thr = 0.05 if act == "fatrelu" else 0.0
+    on = (K.predictor_logits(x, w1, w2, b1).cpu() > 0)
+    u = x.double().cpu() @ wu.double().cpu().t() + (bu.double().cpu() if bias else 0.0)
+    a_ref = torch.where((u > thr) & on, u, 0.0)
+    y_ref = a_ref @ wdt.double().cpu() + (bd.double().cpu() if bias else 0.0)
+    if cdown is not None:
+        cfg.update({"updown": dict(CHUNK=64, BK=4)} if tokens == 1 else {"rows": crows, "down": cdown})
+    for _ in range(2):  # the second call checks the workspace was left zeroed
+        y = K.plain_ffn_predicted(x, wu, wdt, w1, w2, b_up=bu, b_down=bd, b_pred1=b1, activation=act,
+                                  threshold=thr, backend="triton", config=cfg or None)  # fmt: skip
+        assert y.shape == (tokens, d) and y.dtype == dtype
+        if not on.any():
+            assert torch.equal(y, bd.expand(tokens, d)) if bias else (y == 0).all()
+        else:
+            assert _rel(y.cpu(), y_ref) < TOL[dtype]
+    y_t = K.plain_ffn_predicted(x, wu, wdt, w1, w2, b_up=bu, b_down=bd, b_pred1=b1, activation=act,
+                                threshold=thr, backend="torch")  # fmt: skip
+    assert _rel(y_t.cpu(), y_ref) < TOL[dtype] or not on.any()
+    y1 = K.plain_ffn_predicted(x[0], wu, wdt, w1, w2, b_up=bu, b_down=bd, b_pred1=b1, activation=act,
+                               threshold=thr, backend="triton", config=cfg or None)  # fmt: skip
+    assert y1.shape == (d,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_ffn_predicted_default_blocks_at_opt_width(dtype):
+    """d_model 4096 (OPT-6.7B's; d_ff cut to 2768 to keep the test small), one token, the library's
+    blocks for the one-launch kernel (fp16 and bf16 defaults), biases and a width-1024 predictor."""
+    d, f, width = 4096, 2768, 1024
+    g = _gen("plain-4096", dtype)
+    x = torch.randn(1, d, generator=g).to(dtype)
+    wu, wdt = _weights(g, f, d, dtype, "cpu", n=2)
+    (w1,) = _weights(g, width, d, dtype, "cpu")
+    (w2,) = _weights(g, f, width, dtype, "cpu")
+    b1 = (torch.rand(width, generator=g) * 0.1).to(dtype)
+    b2 = (torch.randn(f, generator=g) * 0.5 - 0.6).to(dtype)
+    bu, bd = (torch.randn(n, generator=g).mul(0.3).to(dtype) for n in (f, d))
+    t = [v.cuda() for v in (x, wu, wdt, w1, w2, b1, b2, bu, bd)]
+    on = (K.predictor_logits(t[0], t[3], t[4], t[5], t[6]).cpu() > 0)
+    assert 0.05 < on.float().mean() < 0.6
+    u = x.double() @ wu.double().t() + bu.double()
+    y_ref = torch.where((u > 0) & on, u, 0.0) @ wdt.double() + bd.double()
+    for _ in range(2):
+        y = K.plain_ffn_predicted(t[0], t[1], t[2], t[3], t[4], b_pred1=t[5], b_pred2=t[6], b_up=t[7], b_down=t[8],
+                                  backend="triton")  # fmt: skip
+        assert _rel(y.cpu(), y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_plain_ffn_predicted_bad_bias_refused(backend):
+    x = torch.zeros(1, 32, dtype=torch.float16)
+    wu = torch.zeros(64, 32, dtype=torch.float16)
+    w1, w2 = torch.zeros(8, 32, dtype=torch.float16), torch.zeros(64, 8, dtype=torch.float16)
+    with pytest.raises(KernelError, match=r"b_up has shape \(32,\).*\[64\]"):
+        K.plain_ffn_predicted(x, wu, wu, w1, w2, b_up=torch.zeros(32, dtype=torch.float16), backend=backend)
+    with pytest.raises(KernelError, match="b_down is torch.float32.*float16"):
+        K.plain_ffn_predicted(x, wu, wu, w1, w2, b_down=torch.zeros(32), backend=backend)
+
+
 def _union_mask(g, tokens, f, cls):
     """Controlled union: (1 - cls) * f neurons form the union, each token inside it, every union
     neuron used by at least one token."""
