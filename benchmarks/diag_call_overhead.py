@@ -3,7 +3,9 @@
     PYTHONPATH=$PWD python3 benchmarks/diag_call_overhead.py
 
 One decoder layer's FFN of each 7B shape (the P5 Llama's gated FFN, bf16, FATReLU at 90 % sparsity;
-OPT-6.7B's fc2, 90 % zero activations), one token: host microseconds to issue a call (no
+OPT-6.7B's FFN, fc1 -> activation_fn -> fc2 as the decoder layer calls them, 90 % zero
+activations; accelerated, fc1 is the SparsePlainFFN and the other two pass through), one token:
+host microseconds to issue a call (no
 synchronisation in the loop) and wall microseconds including the GPU, and the time a call's graph
 capture takes (the first call after a switch).
 """
@@ -33,9 +35,13 @@ def main():
     opt = build(2, "cuda")
     sparsify(opt, torch.randint(0, SHAPE["vocab"], (1, 128), generator=gen).cuda(), 0.9)
     x = xs[0][:1][None]
-    a = torch.relu(opt.model.decoder.layers[0].fc1(torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)))
+    layer = opt.model.decoder.layers[0]
+
+    def opt_ffn():  # the decoder layer's own sequence, whatever is swapped in
+        return lambda h: layer.fc2(layer.activation_fn(layer.fc1(h)))
+
     cases = [("llama mlp", llama, lambda: llama.model.layers[0].mlp, x),
-             ("opt fc2", opt, lambda: opt.model.decoder.layers[0].fc2, a)]
+             ("opt ffn", opt, opt_ffn, torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16))]
     with torch.no_grad():
         for name, model, get, inp in cases:
             host, wall = per_call_us(lambda: get()(inp))  # noqa: B023

@@ -179,7 +179,7 @@ def test_zoo_exact_and_chunk_match_dense(name, sparsity):
         assert m.layers[sparsity].mean() > 0.5
 
 
-# -- plain (non-gated) ReLU FFNs: the down projection is swapped ---------------------------------
+# -- plain (non-gated) ReLU FFNs: OPT whole (SparsePlainFFN), GPT-2 its down projection -----------
 
 def _tiny_opt(seed=0, dtype=torch.bfloat16):
     torch.manual_seed(seed)
@@ -196,30 +196,65 @@ def _tiny_gpt2(seed=0, act="relu", dtype=torch.bfloat16):
     return tf.GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
-def _downs(model):
+def _ffn_modules(model):
+    """(up, act, down) of each layer, as the model holds them now."""
     if isinstance(model, tf.OPTForCausalLM):
-        return [layer.fc2 for layer in model.model.decoder.layers]
-    return [block.mlp.c_proj for block in model.transformer.h]
+        return [(layer.fc1, layer.activation_fn, layer.fc2) for layer in model.model.decoder.layers]
+    return [(b.mlp.c_fc, b.mlp.act, b.mlp.c_proj) for b in model.transformer.h]
+
+
+def _downs(model):
+    return [m[2] for m in _ffn_modules(model)]
 
 
 @pytest.mark.parametrize("arch", ["opt", "gpt2"])
-def test_plain_ffn_on_off_swaps_only_the_down_projection_and_restores_it(arch):
+def test_plain_ffn_on_off_swaps_and_restores(arch):
+    """OPT (nn.Linear fc1, its own activation module): the whole FFN becomes one SparsePlainFFN at
+    fc1, activation_fn and fc2 pass its output through. GPT-2 (Conv1D c_fc): only c_proj is
+    swapped. Either way the down weight is re-laid out in place and off() puts the very same
+    modules back with the same weights."""
     model = _tiny_opt() if arch == "opt" else _tiny_gpt2()
-    downs = _downs(model)
+    before = _ffn_modules(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ids = _ids()
     dense = model(ids).logits
     h = accelerate(model, mode="exact", backend="torch")
-    swapped = _downs(model)
-    assert [type(m).__name__ for m in swapped] == ["SparseDown"] * 2
-    assert all(sp.w_down_t.is_contiguous() and sp.w_down_t.data_ptr() == d.weight.data_ptr()
-               for sp, d in zip(swapped, downs, strict=True))  # re-laid out in place (Conv1D: as it is)
-    assert list(h.sparse) == [n for n, m in model.named_modules() if type(m).__name__ == "SparseDown"]
+    now = _ffn_modules(model)
+    kinds = [tuple(type(m).__name__ for m in ms) for ms in now]
+    if arch == "opt":
+        assert kinds == [("SparsePlainFFN", "FusedAway", "FusedAway")] * 2
+        assert list(h.sparse) == [f"model.decoder.layers.{i}.fc1" for i in range(2)]
+        assert "computed by model.decoder.layers.0.fc1" in repr(now[0][2])
+    else:
+        assert kinds == [("Conv1D", type(before[0][1]).__name__, "SparseDown")] * 2
+        assert list(h.sparse) == [f"transformer.h.{i}.mlp.c_proj" for i in range(2)]
+    assert all(h.sparse[n].w_down_t.is_contiguous() and h.sparse[n].w_down_t.data_ptr() == ms[2].weight.data_ptr()
+               for n, ms in zip(h.sparse, before, strict=True))  # re-laid out in place (Conv1D: as it is)
+    with torch.no_grad():
+        assert float((model(ids).logits.float() - dense.float()).norm() / dense.float().norm()) < 1e-2
     h.off()
-    assert _downs(model) == downs  # the very same objects
+    assert _ffn_modules(model) == before  # the very same objects
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]) and v.is_contiguous(), k
     assert torch.equal(model(ids).logits, dense)
+
+
+def test_plain_ffn_with_a_shared_activation_module_swaps_the_projections_only():
+    """An activation module held in two places cannot be replaced by a pass-through for one FFN
+    alone: such a model keeps its activation, fc2 becomes SparseDown (and fc1 SparsePredictedUp in
+    predictor mode)."""
+    model = _tiny_opt(seed=2)
+    layers = model.model.decoder.layers
+    layers[1].activation_fn = layers[0].activation_fn
+    h = accelerate(model, mode="exact", backend="torch")
+    assert [type(layer.fc2).__name__ for layer in layers] == ["SparseDown"] * 2
+    assert [type(layer.fc1).__name__ for layer in layers] == ["Linear"] * 2
+    h.off()
+    preds = {f"model.decoder.layers.{i}": _random_predictor(32, 128, 16, seed=i) for i in range(2)}
+    h = accelerate(model, mode="predictor", predictors=preds, backend="torch")
+    assert [type(layer.fc1).__name__ for layer in layers] == ["SparsePredictedUp"] * 2
+    h.off()
+    assert layers[1].activation_fn is layers[0].activation_fn
 
 
 @pytest.mark.parametrize("arch", ["opt", "gpt2"])
@@ -233,7 +268,7 @@ def test_plain_ffn_exact_and_chunk_match_dense(arch, mode, backend):
     assert m.summary["logits_rel_rms"] <= 1e-2
     assert m.summary["top1_agreement"] >= 0.99
     assert m.summary["backend"] == backend
-    assert m.layers["name"].str.endswith(".fc2" if arch == "opt" else ".c_proj").all()
+    assert m.layers["name"].str.endswith(".fc1" if arch == "opt" else ".c_proj").all()
     assert (m.layers["true_sparsity"] > 0.2).all()
     if mode == "exact":  # one token a step: the kernel reads exactly the active rows
         assert (m.layers["realised_sparsity"] - m.layers["true_sparsity"]).abs().max() < 1e-9
@@ -245,18 +280,72 @@ def test_plain_ffn_exact_and_chunk_match_dense(arch, mode, backend):
 def test_sparse_down_module_computes_the_dense_projection(tokens):
     from workbench.accel.ffn import SparseDown
 
-    model = _tiny_opt(seed=5)
+    model = _tiny_gpt2(seed=5)
     h = accelerate(model, mode="chunk", backend="torch")
-    sp = model.model.decoder.layers[0].fc2
+    sp = model.transformer.h[0].mlp.c_proj
     assert isinstance(sp, SparseDown)
     a = torch.relu(torch.randn(1, tokens, 128, generator=torch.Generator().manual_seed(tokens))).to(torch.bfloat16)
     a[..., ::3] = 0
     with torch.no_grad():
-        want = a.double() @ sp.down_module.weight.double().t() + sp.down_module.bias.double()
+        want = a.double() @ sp.down_module.weight.double() + sp.down_module.bias.double()  # Conv1D: W [in, out]
         got = sp(a)
     h.off()
     assert got.shape == (1, tokens, 32) and got.dtype == torch.bfloat16
     assert float((got.double() - want).norm() / want.norm()) < 4e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode,tokens", [("exact", 1), ("exact", 5), ("exact", 21), ("chunk", 1), ("chunk", 13),
+                                         ("chunk", 70)])
+def test_sparse_plain_ffn_computes_the_dense_ffn(backend, mode, tokens):
+    """SparsePlainFFN (OPT) against fc2(relu(fc1(x))) in float64: the kernel path up to
+    decode_tokens (exact) or 64 tokens (chunk), the original modules above."""
+    from workbench.accel.ffn import SparsePlainFFN
+
+    model = _tiny_opt(seed=6)
+    layer = model.model.decoder.layers[0]
+    up, down = layer.fc1, layer.fc2
+    h = accelerate(model, mode=mode, backend=backend)
+    sp = layer.fc1
+    assert isinstance(sp, SparsePlainFFN)
+    x = torch.randn(1, tokens, 32, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    with torch.no_grad():
+        xd = x.double()
+        a = torch.relu(xd @ up.weight.double().t() + up.bias.double())
+        want = a @ down.weight.double().t() + down.bias.double()
+        got = layer.fc2(layer.activation_fn(sp(x)))  # the model's own sequence: act and fc2 pass through
+    h.off()
+    assert got.shape == (1, tokens, 32) and got.dtype == torch.bfloat16
+    assert float((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("tokens", [1, 3, 70])
+def test_sparse_plain_ffn_predictor_mode_reads_the_predicted_rows(backend, tokens):
+    """Predictor mode on OPT: act(fc1(x)) on the predicted rows only, then fc2, against float64."""
+    from workbench.accel.ffn import SparsePlainFFN
+
+    model = _tiny_opt(seed=8)
+    layer = model.model.decoder.layers[0]
+    up, down = layer.fc1, layer.fc2
+    preds = {f"model.decoder.layers.{i}": _random_predictor(32, 128, 16, seed=i, margin=True) for i in range(2)}
+    h = accelerate(model, mode="predictor", predictors=preds, backend=backend)
+    sp = layer.fc1
+    assert isinstance(sp, SparsePlainFFN) and "width=16" in repr(sp)
+    x = torch.randn(1, tokens, 32, generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    p = {k: v.double() for k, v in sp.predictor.items()}
+    with torch.no_grad():
+        xd = x[0].double()
+        on = (torch.relu(xd @ p["w1"].t() + p["b1"]) @ p["w2"].t() + p["b2"]) > 0
+        a = torch.relu(xd @ up.weight.double().t() + up.bias.double()) * on
+        want = a @ down.weight.double().t() + down.bias.double()
+        dense = torch.relu(xd @ up.weight.double().t() + up.bias.double()) @ down.weight.double().t()
+        dense = dense + down.bias.double()
+        got = sp(x)[0]
+    h.off()
+    assert 0.1 < on.double().mean() < 0.9
+    assert float((got.double() - want).norm() / want.norm()) < 1e-2
+    assert float((dense - want).norm() / want.norm()) > 0.05  # the mask matters here
 
 
 def test_plain_ffn_refusals_name_the_cause():
@@ -319,6 +408,8 @@ def test_sparse_predicted_up_computes_the_up_rows_the_predictor_turns_on(backend
     from workbench.accel.ffn import SparsePredictedUp
 
     model = _tiny_opt(seed=8)
+    layers = model.model.decoder.layers
+    layers[1].activation_fn = layers[0].activation_fn  # shared: the projections are swapped one by one
     preds = {f"model.decoder.layers.{i}": _random_predictor(32, 128, 16, seed=i, margin=True) for i in range(2)}
     h = accelerate(model, mode="predictor", predictors=preds, backend=backend)
     sp = model.model.decoder.layers[0].fc1
@@ -345,10 +436,9 @@ def test_plain_ffn_predictor_mode_reports_error_and_restores(tmp_path):
     data = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(6))
     path = save_predictors(train_predictors(model, data, width=16, epochs=3), tmp_path / "pred")
     h = accelerate(model, mode="predictor", predictors=path, backend="torch")
-    assert list(h.sparse) == [f"model.decoder.layers.{i}.{n}" for i in range(2) for n in ("fc1", "fc2")]
+    assert list(h.sparse) == [f"model.decoder.layers.{i}.fc1" for i in range(2)]
     m = h.measure(_ids(9, seed=7), reps=1, warmup=0)
     h.off()
     assert [layer.fc1 for layer in model.model.decoder.layers] == ups and _downs(model) == downs
     assert 0.0 < m.summary["predictor_recall"] <= 1.0 and 0.0 <= m.summary["top1_agreement"] <= 1.0
-    rec = m.layers.set_index("name")["predictor_recall"]
-    assert rec.filter(like=".fc1").notna().all() and rec.filter(like=".fc2").isna().all()
+    assert m.layers["predictor_recall"].notna().all() and (m.layers["dense_ms"] > 0).all()

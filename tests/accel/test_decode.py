@@ -249,7 +249,7 @@ def test_cpu_reference_decode_of_plain_ffn_models(arch, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: _counting_compiler(calls)(fn))
     c = wb.decode_benchmark(model, ids, new_tokens=6, handle=h, reps=1, warmup=1, compile_non_ffn=True)
-    assert c["tokens"] == r["tokens"] and calls and "SparseDown" not in calls
+    assert c["tokens"] == r["tokens"] and calls and not {"SparseDown", "SparsePlainFFN"} & set(calls)
     assert not _compiled_impls(model) and h.active
     h.off()
 
@@ -275,7 +275,7 @@ def test_gpu_graph_decode_of_plain_ffn_models_equals_eager(arch, compiled):
     h.off()
 
 
-def test_plain_ffn_predictor_mode_in_the_harness_keeps_both_swapped_projections_uncompiled(monkeypatch):
+def test_plain_ffn_predictor_mode_in_the_harness_keeps_the_swapped_ffn_uncompiled(monkeypatch):
     from tests.accel.test_accelerate import _random_predictor
 
     model = _tiny_plain("opt")
@@ -285,6 +285,13 @@ def test_plain_ffn_predictor_mode_in_the_harness_keeps_both_swapped_projections_
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: _counting_compiler(calls)(fn))
     r = wb.decode_benchmark(model, _prompt(), new_tokens=5, handle=h, reps=1, warmup=1, compile_non_ffn=True)
     assert r["summary"]["mode"] == "predictor" and r["summary"]["compiled_modules"] == 2 * 4 + 1
-    assert calls and not {"SparsePredictedUp", "SparseDown", "Linear"} & set(calls)  # fc1, fc2 stay out
+    assert type(model.model.decoder.layers[0].fc1).__name__ == "SparsePlainFFN"
+    from workbench.accel.decode import non_ffn_modules
+
+    on = non_ffn_modules(model, h.layout, list(h.sparse))
+    h.off()
+    assert on == non_ffn_modules(model, h.layout, list(h.sparse))  # the originals, not the pass-throughs
+    h.on()
+    assert calls and not {"SparsePlainFFN", "SparsePredictedUp", "SparseDown", "Linear"} & set(calls)  # fc1, fc2 out
     assert not _compiled_impls(model) and h.active
     h.off()

@@ -30,7 +30,14 @@ _ensure_kernels()
 
 from workbench.accel.core import Accelerator, Measurement, accelerate  # noqa: E402
 from workbench.accel.decode import decode_benchmark  # noqa: E402
-from workbench.accel.ffn import SparseDown, SparseFFN, SparseMoE, SparsePredictedUp  # noqa: E402
+from workbench.accel.ffn import (  # noqa: E402
+    FusedAway,
+    SparseDown,
+    SparseFFN,
+    SparseMoE,
+    SparsePlainFFN,
+    SparsePredictedUp,
+)
 
-__all__ = ["Accelerator", "Measurement", "SparseDown", "SparseFFN", "SparseMoE", "SparsePredictedUp", "accelerate",
-           "decode_benchmark"]
+__all__ = ["Accelerator", "FusedAway", "Measurement", "SparseDown", "SparseFFN", "SparseMoE", "SparsePlainFFN",
+           "SparsePredictedUp", "accelerate", "decode_benchmark"]

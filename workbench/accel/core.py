@@ -15,11 +15,16 @@ Modes:
   (BlockFFN's scheme, dense fallback when the union is too large), 1 token the exact kernel.
 - Routed MoE layers (BlockFFN, zoo:blockffn) take `kernels.moe_blocks` in exact and chunk modes:
   only the experts the router turned on (union over the call's tokens) are read.
-- Plain (non-gated) ReLU FFNs (OPT, GPT-2/BERT style with a ReLU, biases allowed): their down
-  projection is swapped for `kernels.sparse_down` (`SparseDown`: the activation's zeros decide
-  which down rows are read); in exact and chunk modes the up projection stays dense, in predictor
-  mode it is swapped too (`SparsePredictedUp`: only the predicted up rows are computed, zeros
-  elsewhere, Deja Vu on OPT).
+- Plain (non-gated) ReLU FFNs (OPT, GPT-2/BERT style with a ReLU, biases allowed): where the up
+  projection is an nn.Linear and the activation a module of its own (OPT, GPT-NeoX, BERT), the
+  whole FFN becomes one `SparsePlainFFN` installed at the up projection, the activation and the
+  down projection handing its output through (`FusedAway`) while the handle is on: in exact and
+  chunk modes the up projection runs densely (bias and ReLU fused into the GEMV) and
+  `kernels.sparse_down` reads only the active neurons' down rows; in predictor mode (Deja Vu on
+  OPT) `kernels.plain_ffn_predicted` reads up and down rows of the predicted neurons only, in one
+  launch for one token. Otherwise (GPT-2's Conv1D up projection, an activation that is not its
+  own module) only the down projection is swapped (`SparseDown`), and in predictor mode the up
+  projection too (`SparsePredictedUp`).
 - "predictor": gate and up both sparse on a Deja Vu predictor's mask (predictor included), for
   every call: this changes the function, and measure() reports the error instead of bounding it.
   `predictors` is a directory written by `workbench.metrics.save_predictors`, a Predictors, or a
@@ -42,9 +47,11 @@ from torch import nn
 from workbench._compat import cache_kwargs
 from workbench.accel.ffn import (
     MODES,
+    FusedAway,
     SparseDown,
     SparseFFN,
     SparseMoE,
+    SparsePlainFFN,
     SparsePredictedUp,
     is_moe_blocks,
 )
@@ -103,7 +110,8 @@ class Accelerator:
         if backend not in ("auto", "triton", "torch"):
             raise WorkbenchError(f"backend {backend!r}: use 'auto', 'triton' or 'torch'")
         swapped = next((n for n, m in model.named_modules()
-                        if isinstance(m, (SparseFFN, SparseDown, SparseMoE, SparsePredictedUp))), None)
+                        if isinstance(m, (SparseFFN, SparseDown, SparseMoE, SparsePredictedUp, SparsePlainFFN,
+                                          FusedAway))), None)
         if swapped is not None:
             raise WorkbenchError(f"{swapped} is already swapped by an active accelerate handle: call that handle's "
                                  ".off() (or leave its `with` block) before accelerating the model again")
@@ -145,13 +153,25 @@ class Accelerator:
                                      "save_predictors) or a Predictors object")
             pred = _load_predictor_tensors(predictors, [s.name for s in sites], p0.device, p0.dtype)
         names = {id(m): n for n, m in model.named_modules()}
+        uses: dict[int, int] = {}  # how many places of the model hold each module
+        for _, m in model.named_modules(remove_duplicate=False):
+            uses[id(m)] = uses.get(id(m), 0) + 1
 
         def swap(s: FFNSite) -> list[tuple[str, nn.Module]]:
             if is_moe_blocks(s.module):
                 return [(s.name, SparseMoE(s, s.module, mode, backend, decode_tokens))]
-            if s.kind == PLAIN:  # the down projection is swapped: its input is the sparse activation
+            if s.kind == PLAIN:
                 if s.up is None or id(s.down) not in names or id(s.up) not in names:
                     raise WorkbenchError(f"{s.name}: missing projection; accelerate needs up and down")
+                if (isinstance(s.up, nn.Linear) and s.act is not None
+                        and all(uses.get(id(m)) == 1 for m in (s.up, s.act, s.down))):
+                    # the whole FFN in one module at the up projection; act and down pass through
+                    sp = SparsePlainFFN(s, mode, backend, None if pred is None else pred[s.name], dense_fraction,
+                                        decode_tokens)
+                    up = names[id(s.up)]
+                    sp.companions = [(names[id(m)], FusedAway(names[id(m)], up, m), m) for m in (s.act, s.down)]
+                    return [(up, sp)]
+                # else the down projection is swapped: its input is the sparse activation
                 out = [(names[id(s.down)], SparseDown(s, s.down, mode, backend, dense_fraction, decode_tokens))]
                 if mode == "predictor":  # and the up projection, computed on the predicted rows only
                     out.insert(0, (names[id(s.up)], SparsePredictedUp(s, s.up, backend, pred[s.name])))
@@ -173,9 +193,11 @@ class Accelerator:
             for name, sp in self.sparse.items():
                 sp.call_graphs.clear()  # captured with the previous layout's storage
                 sp.relayout()
+                done.append(name)
+                for cname, stand_in, _ in getattr(sp, "companions", ()):
+                    setattr(*_parent(self.model, cname), stand_in)
                 parent, child = _parent(self.model, name)
                 setattr(parent, child, sp)
-                done.append(name)
         except BaseException:
             self._restore(done)
             raise
@@ -195,6 +217,10 @@ class Accelerator:
             parent, child = _parent(self.model, name)
             if getattr(parent, child) is sp:
                 setattr(parent, child, sp.original[0])
+            for cname, stand_in, original in getattr(sp, "companions", ()):
+                cparent, cchild = _parent(self.model, cname)
+                if getattr(cparent, cchild) is stand_in:
+                    setattr(cparent, cchild, original)
             sp.restore_layout()
 
     def __enter__(self) -> Accelerator:
@@ -327,7 +353,8 @@ class Accelerator:
         for name, sp in self.sparse.items():
             x = ffn_inputs[name]
             run = self._timer(x.device)
-            dense_ms = run(lambda: sp.original[0](x), reps, warmup)  # noqa: B023
+            dense = getattr(sp, "dense", sp.original[0])  # a SparsePlainFFN stands for up, act and down
+            dense_ms = run(lambda: dense(x), reps, warmup)  # noqa: B023
             sparse_ms = run(lambda: sp(x), reps, warmup)  # noqa: B023
             out[name] = {"dense_ms": dense_ms, "ms": sparse_ms, "speedup": dense_ms / sparse_ms}
         return out

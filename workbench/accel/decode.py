@@ -57,16 +57,22 @@ def non_ffn_modules(model: nn.Module, layout=None, keep_out: list[str] | tuple[s
     block list except that list and the embeddings (Llama: model.layers.i.{self_attn,
     input_layernorm, post_attention_layernorm}, model.norm, model.rotary_emb).
 
-    For a plain (non-gated) FFN, what `wb.accelerate` swaps is its down projection, so that
-    module alone is kept out: the up projection and the activation compile with the rest (OPT:
+    For a plain (non-gated) FFN the down projection is kept out (with no handle, the up projection
+    and the activation compile with the rest; OPT:
     model.decoder.layers.i.{self_attn, self_attn_layer_norm, fc1, activation_fn, final_layer_norm};
     GPT-2: transformer.h.i.{ln_1, attn, ln_2} and transformer.h.i.mlp.{c_fc, act, dropout}).
     `keep_out`: more module names to leave alone (decode_benchmark passes every module its handle
-    swaps, e.g. OPT's fc1 in predictor mode)."""
+    swaps, e.g. OPT's SparsePlainFFN at fc1). A `FusedAway` pass-through (an accelerated OPT's
+    activation_fn and fc2) counts as the module it stands in for, so the same modules compile
+    whether the handle is on or off."""
+    from workbench.accel.ffn import FusedAway
     from workbench.adapters import PLAIN, locate
 
+    def current(mod: nn.Module) -> nn.Module:
+        return mod.original[0] if isinstance(mod, FusedAway) else mod
+
     layout = layout or locate(model)
-    names = {id(m): n for n, m in model.named_modules()}
+    names = {id(current(m)): n for n, m in model.named_modules()}
     sites = [names.get(id(s.down), s.name) if s.kind == PLAIN else s.name for s in layout.ffns]
     keep_out = sites + [r.name for r in layout.routers] + [n for n in keep_out if n not in sites]
     if not keep_out:
@@ -96,7 +102,7 @@ def non_ffn_modules(model: nn.Module, layout=None, keep_out: list[str] | tuple[s
         for child, mod in model.get_submodule(owner).named_children():
             name = f"{owner}.{child}"
             if not holds_ffn(name):
-                out[name] = mod
+                out[name] = current(mod)
             elif name not in keep_out:
                 add_children(name)  # e.g. GPT-2's mlp, which holds the swapped c_proj
 

@@ -366,6 +366,168 @@ class SparsePredictedUp(nn.Module):
         return f"{self.site.name} (up projection), mode=predictor, width={self.predictor['w1'].shape[0]}"
 
 
+class SparsePlainFFN(nn.Module):
+    """A whole plain ReLU FFN (OPT's fc1 -> ReLU -> fc2, nn.Linear up projection, biases allowed)
+    computed by the kernels from one module; see `accelerate`.
+
+    It is installed in place of the up projection; the activation and the down projection are
+    replaced by `FusedAway` pass-throughs while the handle is on (`companions`), so the model's
+    own forward (up, act, down in sequence) hands this module's output through unchanged. One
+    module per FFN means one per-call graph replay per FFN in eager decoding (instead of the
+    model's three module calls) and lets predictor mode fuse its second layer, the up rows and the
+    down rows into one launch:
+
+    - exact: the up projection densely through `kernels.gemv` with its bias and the ReLU fused
+      (FATReLU's threshold applied after), then `kernels.sparse_down` with the down bias, for
+      calls of up to `decode_tokens` tokens; longer calls run the original modules.
+    - chunk: the same for 2..64 tokens, the down rows read over the union of the chunk's active
+      neurons (dense fallback past `dense_fraction`).
+    - predictor: `kernels.plain_ffn_predicted` (Deja Vu): up and down rows only where the
+      predictor's logit is > 0; more than 64 tokens the same function in torch, 64 a call.
+    """
+
+    def __init__(self, site: FFNSite, mode: str, backend: str | None, predictor: dict[str, torch.Tensor] | None = None,
+                 dense_fraction: float = 0.6, decode_tokens: int = 8):
+        super().__init__()
+        if mode not in MODES:
+            raise WorkbenchError(f"mode {mode!r}: use one of {MODES}")
+        if site.activation not in ("relu", "fatrelu"):
+            raise WorkbenchError(
+                f"{site.name}: activation {site.activation!r} has no exact zeros for the kernels to skip; "
+                "accelerate needs ReLU or FATReLU FFNs (e.g. OPT, or a ReLU-fied model)")
+        if not isinstance(site.up, nn.Linear):
+            raise WorkbenchError(f"{site.name}: SparsePlainFFN needs an nn.Linear up projection, not "
+                                 f"{type(site.up).__name__}")
+        self.conv1d = type(site.down).__name__ == "Conv1D"
+        if not self.conv1d and not isinstance(site.down, nn.Linear):
+            raise WorkbenchError(f"{site.name}: the down projection is a {type(site.down).__name__}; "
+                                 "accelerate takes nn.Linear or transformers' Conv1D")
+        d_ff, d_model = site.up.weight.shape
+        if d_ff % 16 or d_model % 16:
+            raise WorkbenchError(f"{site.name}: d_model={d_model}, d_ff={d_ff}: the kernels need multiples of 16")
+        if predictor is not None and (predictor["w2"].shape[0] != d_ff or predictor["w1"].shape[1] != d_model):
+            raise WorkbenchError(
+                f"{site.name}: the predictor maps {predictor['w1'].shape[1]} -> {predictor['w2'].shape[0]} but the "
+                f"FFN is {d_model} -> {d_ff}: train the predictors on this model")
+        self.site = site
+        self.up_module, self.act_module, self.down_module = site.up, site.act, site.down
+        self.original = [site.up]  # what this module replaces (a list: not a child)
+        self.companions: list[tuple[str, nn.Module, nn.Module]] = []  # (name, pass-through, original), set by accelerate
+        self.mode = mode
+        self.backend = None if backend == "auto" else backend
+        self.activation = "fatrelu" if site.activation == "fatrelu" else "relu"
+        # the dense FATReLU compares model-dtype values with a Python float, which torch rounds to
+        # the model dtype first: the same threshold here
+        self.threshold = float(torch.tensor(float(site.threshold or 0.0), dtype=site.up.weight.dtype))
+        self.dense_fraction = dense_fraction
+        self.decode_tokens = decode_tokens
+        self.d_ff = d_ff
+        self.predictor = predictor
+        self.track = False
+        self.stats: dict[str, torch.Tensor] = {}
+        self.call_graphs = CallGraphs()
+
+    @property
+    def w_down_t(self) -> torch.Tensor:
+        w = self.down_module.weight
+        return w if self.conv1d else w.t()
+
+    def relayout(self) -> None:
+        if not self.conv1d:
+            w = self.down_module.weight
+            if not w.t().is_contiguous():
+                w.data = w.data.t().contiguous().t()
+
+    def restore_layout(self) -> None:
+        if not self.conv1d:
+            w = self.down_module.weight
+            if not w.is_contiguous():
+                w.data = w.data.contiguous()
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN through the model's own modules (what this module computes sparsely)."""
+        return self.down_module(self.act_module(self.up_module(x)))
+
+    def _route(self, n: int) -> str:
+        if self.mode == "predictor":
+            return "predicted" if n <= 64 else "predicted_ref"
+        return "sparse" if n <= (self.decode_tokens if self.mode == "exact" else 64) else "dense"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        route = self._route(x2.shape[0])
+        if self.track:
+            self._track(x2, route)
+        if route == "dense":
+            return self.dense(x)
+        if route == "predicted_ref":  # more than 64 tokens: the reference, 64 tokens a call
+            y = torch.cat([self._call(x2[i:i + 64], "torch") for i in range(0, x2.shape[0], 64)])
+        else:
+            ws = [self.up_module.weight, self.w_down_t]
+            if self.predictor is not None:
+                ws += [self.predictor["w1"], self.predictor["w2"]]
+            y = _launch(self, route, x2, lambda x_: self._call(x_, self.backend), *ws)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _call(self, x2: torch.Tensor, backend: str | None) -> torch.Tensor:
+        bu, bd = self.up_module.bias, getattr(self.down_module, "bias", None)
+        if self.predictor is not None:
+            p = self.predictor
+            return kernels.plain_ffn_predicted(
+                x2, self.up_module.weight, self.w_down_t, p["w1"], p["w2"], b_up=bu, b_down=bd, b_pred1=p["b1"],
+                b_pred2=p["b2"], activation=self.activation, threshold=self.threshold, backend=backend)
+        a = kernels.gemv(x2, self.up_module.weight, bu, relu=True, backend=backend)
+        if self.threshold > 0:
+            a = torch.where(a > self.threshold, a, torch.zeros((), dtype=a.dtype, device=a.device))
+        cfg = {"dense_fraction": self.dense_fraction} if self.mode == "chunk" and x2.shape[0] > 1 else None
+        return kernels.sparse_down(a, self.w_down_t, bias=bd, backend=backend, config=cfg)
+
+    @torch.no_grad()
+    def _track(self, x2: torch.Tensor, route: str) -> None:
+        """True active neurons (act(up(x)) != 0), the up/down rows read, and predictor hits."""
+        true = self.up_module(x2).float() > self.threshold
+        st = _counters(self.stats, x2.device)
+        n = x2.shape[0]
+        st["tokens"] += n
+        st["active"] += true.sum()
+        if self.predictor is not None:
+            p = self.predictor
+            pred = kernels.predictor_logits(x2.float(), p["w1"].float(), p["w2"].float(), p["b1"].float(),
+                                            p["b2"].float()) > 0
+            st["used"] += pred.sum()
+            st["hit"] += (pred & true).sum()
+            return
+        st["hit"] += true.sum()
+        if route == "dense":
+            st["used"] += n * self.d_ff
+        elif n == 1:
+            st["used"] += true.sum()
+        else:
+            st["used"] += true.any(0).sum() * n  # sparse_down reads the union for every token of the call
+
+    def extra_repr(self) -> str:
+        extra = f", width={self.predictor['w1'].shape[0]}" if self.predictor is not None else ""
+        return (f"{self.site.name} (up, activation and down), mode={self.mode}, activation={self.activation}, "
+                f"threshold={self.threshold}{extra}")
+
+
+class FusedAway(nn.Module):
+    """Stands in for a module whose work a SparsePlainFFN does (the activation, the down
+    projection) while the handle is on: hands its input through."""
+
+    def __init__(self, name: str, by: str, original: nn.Module):
+        super().__init__()
+        self.name, self.by = name, by
+        self.original = [original]  # the module it stands in for (a list: not a child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: computed by {self.by}"
+
+
 class SparseFFN(_DownRelayout, nn.Module):
     """Drop-in replacement of one gated FFN module; see `accelerate`."""
 
