@@ -4,8 +4,8 @@
 
 The issue's P5 is a gated Llama; this is the same measurement for the other family of ReLU models,
 the plain FFN down(relu(up(x) + b)) of OPT (Deja Vu's and PowerInfer's models). wb.accelerate
-makes each FFN one SparsePlainFFN: in exact mode fc1 runs densely (Triton GEMV, bias and ReLU
-fused) and fc2 through `kernels.sparse_down`, so at FFN sparsity s the FFN reads (1 + (1 - s)) / 2
+makes each FFN one SparsePlainFFN: in exact mode fc1 and its ReLU run densely (the model's own
+modules) and fc2 through `kernels.sparse_down`, so at FFN sparsity s the FFN reads (1 + (1 - s)) / 2
 of its bytes, and the whole model's bytes ideal is reported per row ("bytes_ideal": dense bytes
 over accelerated bytes, attention, fc1 and lm_head read whole). There is no issue target for it
 ("target": null).

@@ -166,9 +166,13 @@ DEFAULT_UPDOWN = {
     2: dict(CHUNK=16, BK=2, num_warps=8, num_stages=1, early_gate=True),
 }
 DEFAULT_UPDOWN_BF16 = {2: dict(num_warps=4)}  # overrides of the above for bfloat16
-# plain FFNs (OPT), predicted: two row tiles an iteration (up, down) instead of three
-DEFAULT_PLAIN = {1: dict(CHUNK=32, BK=2, num_warps=8, num_stages=1), 2: dict(CHUNK=16, BK=2, num_warps=8, num_stages=1)}
-DEFAULT_PLAIN_BF16 = {2: dict(num_warps=4)}
+# plain FFNs (OPT), predicted: two row tiles an iteration (up, down) instead of three, so more rows
+# a pass pay. H100 sweep, OPT-6.7B FFN (4096x16384, bf16, biases, width-1024 predictor, 90 %
+# predicted off; diag_plain_predictor.py --sweep, KERNEL_NOTES v21): MODE 2 CHUNK 32 / BK 4 / 8
+# warps 33.8 us for the whole FFN with the predictor, CHUNK 16 / BK 2 / 8 warps 36.1, CHUNK 16 /
+# BK 2 / 4 warps (the gated bf16 default) 36.7, CHUNK 8 39-45. fp16 not swept: the same blocks.
+DEFAULT_PLAIN = {1: dict(CHUNK=32, BK=4, num_warps=8, num_stages=1), 2: dict(CHUNK=32, BK=4, num_warps=8, num_stages=1)}
+DEFAULT_PLAIN_BF16: dict = {}
 
 
 def updown(

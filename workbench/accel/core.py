@@ -19,7 +19,7 @@ Modes:
   projection is an nn.Linear and the activation a module of its own (OPT, GPT-NeoX, BERT), the
   whole FFN becomes one `SparsePlainFFN` installed at the up projection, the activation and the
   down projection handing its output through (`FusedAway`) while the handle is on: in exact and
-  chunk modes the up projection runs densely (bias and ReLU fused into the GEMV) and
+  chunk modes the up projection and activation run densely (the model's own modules) and
   `kernels.sparse_down` reads only the active neurons' down rows; in predictor mode (Deja Vu on
   OPT) `kernels.plain_ffn_predicted` reads up and down rows of the predicted neurons only, in one
   launch for one token. Otherwise (GPT-2's Conv1D up projection, an activation that is not its
