@@ -75,7 +75,7 @@ def main():
             h.on()
         elif side == "accel_direct":
             hd.on()
-        parts = {"fc1": lambda: layer.fc1(x2), "act": lambda: layer.activation_fn(a), "fc2": lambda: layer.fc2(a),
+        parts = {"fc1 (whole FFN when on)": lambda: layer.fc1(x2), "act": lambda: layer.activation_fn(a), "fc2": lambda: layer.fc2(a),
                  "self_attn_layer_norm": lambda: layer.self_attn_layer_norm(h0)}
         print(f"{side:12s} one layer (no cache) host {host_ms(one_layer) * 1e3:7.1f} us, "
               f"one step host+wait {host_ms(step):7.2f} ms; parts (host us): "

@@ -52,24 +52,38 @@ def main():
                 m = h.measure(ids, reps=1, warmup=0)
             print(mode, f"call_graphs={cg}", {k: m.summary[k] for k in ("logits_rel_rms", "top1_agreement",
                                                                         "top1_agreement_model_dtype_logits")})
+    # the same measure with the v20 composition (a shared activation module keeps fc2 -> SparseDown)
+    for cg in (True, False):
+        model = tiny()
+        layers = model.model.decoder.layers
+        for layer in layers[1:]:
+            layer.activation_fn = layers[0].activation_fn
+        with wb.accelerate(model, mode="chunk", backend="triton", call_graphs=cg) as h:
+            kinds = sorted({type(layer.fc2).__name__ for layer in layers})
+            m = h.measure(ids, reps=1, warmup=0)
+        print("chunk, composed", kinds, f"call_graphs={cg}", {k: m.summary[k] for k in ("logits_rel_rms",
+                                                                                        "top1_agreement")})
+    # one layer, 8 tokens: the new module against the composition, bit for bit
     model = tiny()
     layer = model.model.decoder.layers[0]
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
-    for name, fn in (("fc1", layer.fc1), ("relu(fc1)", lambda v: layer.activation_fn(layer.fc1(v))),
-                     ("fc2(relu(fc1))", lambda v: layer.fc2(layer.activation_fn(layer.fc1(v))))):
+    for name, fn in (("fc1", layer.fc1), ("relu(fc1)", lambda v: layer.activation_fn(layer.fc1(v)))):
         e, g = fn(x), graphed(fn, x)
-        print(f"{name:16s} eager vs graph replay: max |diff| {float((e.float() - g.float()).abs().max()):.3e}, "
-              f"equal {torch.equal(e, g)}")
+        print(f"{name:16s} eager vs graph replay equal {torch.equal(e, g)}")
+    fc2 = layer.fc2
+    a = layer.activation_fn(layer.fc1(x))
+    y_d = fc2(a)
     with wb.accelerate(model, mode="chunk", backend="triton", call_graphs=False):
         sp = layer.fc1
-        a = layer.activation_fn(layer.fc1.up_module(x)) if hasattr(sp, "up_module") else None
-        y_k = sp(x)
-    with torch.no_grad():
-        y_d = layer.fc2(layer.activation_fn(layer.fc1(x)))
-        y64 = (a.double() @ layer.fc2.weight.double().t() + layer.fc2.bias.double())
-    print(f"8 tokens: kernel vs cuBLAS max |diff| {float((y_k.float() - y_d.float()).abs().max()):.3e}; vs fp64 rel "
-          f"kernel {float((y_k.double() - y64).norm() / y64.norm()):.2e}, cuBLAS {float((y_d.double() - y64).norm() / y64.norm()):.2e}")
-
+        y_new = layer.fc2(layer.activation_fn(sp(x)))
+        y_comp = wb.kernels.sparse_down(a, fc2.weight.t(), bias=fc2.bias, config={"dense_fraction": 0.6})
+        a_in = sp.act_module(sp.up_module(x))
+    y64 = a.double() @ fc2.weight.double().t() + fc2.bias.double()
+    print(f"8 tokens: a equal {torch.equal(a, a_in)}; new vs composed equal {torch.equal(y_new, y_comp)}, "
+          f"max |diff| {float((y_new.float() - y_comp.float()).abs().max()):.3e}; rel to fp64: new "
+          f"{float((y_new.double() - y64).norm() / y64.norm()):.2e}, composed {float((y_comp.double() - y64).norm() / y64.norm()):.2e}, "
+          f"cuBLAS {float((y_d.double() - y64).norm() / y64.norm()):.2e}; union active "
+          f"{float((a != 0).any(0).float().mean()):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -57,7 +57,11 @@ def test_plain_ffn_triton_matches_dense(arch, mode):
                             activation_function="relu", bos_token_id=0, eos_token_id=1)
         model = tf.GPT2LMHeadModel(cfg)
     model = model.to("cuda", torch.bfloat16).eval()
-    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(8)).cuda()
+    # 120 tokens: one top-1 flip is 0.8 %, not 2.5 % as with 40. This random model has near-ties, and
+    # the chunk path's fp32 atomics sum in a varying order: the same run gave 3.7e-3 / 100 % and
+    # 5.6e-3 / 97.5 % on 40 tokens by turns, with the v20 modules as with the current ones
+    # (benchmarks/diag_plain_chunk.py, KERNEL_NOTES v21)
+    ids = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(8)).cuda()
     with wb.accelerate(model, mode=mode, backend="triton") as h:
         m = h.measure(ids, reps=3, warmup=1)
     print(arch, mode, {k: m.summary[k] for k in ("logits_rel_rms", "top1_agreement", "tokens")})
