@@ -165,7 +165,11 @@ DEFAULT_UPDOWN = {
     1: dict(CHUNK=32, BK=2, num_warps=8, num_stages=1, early_gate=True),
     2: dict(CHUNK=16, BK=2, num_warps=8, num_stages=1, early_gate=True),
 }
-DEFAULT_UPDOWN_BF16 = {2: dict(num_warps=4)}  # overrides of the above for bfloat16
+# overrides of the above for bfloat16: MODE 2 with CHUNK 32 and 8 warps (v21): P3 layer with the
+# predictor biases 31.1 / 40.3 / 69.0 us at s = 0.9 / 0.8 / 0.5 against CHUNK 16 with 4 warps
+# 33.1-33.4 / 41.4-41.5 / 67.2; P5 predictor decode (compiled) 3.939-3.944 against 3.991-3.998 ms
+# a token in two alternated pairs (benchmarks/ab_decode_updown_blocks.py, KERNEL_NOTES v21)
+DEFAULT_UPDOWN_BF16 = {2: dict(CHUNK=32, num_warps=8)}
 # plain FFNs (OPT), predicted: two row tiles an iteration (up, down) instead of three, so more rows
 # a pass pay. H100 sweep, OPT-6.7B FFN (4096x16384, bf16, biases, width-1024 predictor, 90 %
 # predicted off; diag_plain_predictor.py --sweep, KERNEL_NOTES v21): MODE 2 CHUNK 32 / BK 4 / 8
