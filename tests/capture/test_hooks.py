@@ -129,3 +129,23 @@ def test_model_without_ffn_gives_clear_error():
     with pytest.raises(CaptureError, match="no dense or shared FFN"):
         with wb.capture(model):
             pass
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_capture_refuses_a_model_an_active_accelerate_handle_swapped(arch):
+    """An accelerated model's activations are not where the adapters look (OPT: fc2 and its
+    activation hand the fused FFN's output through): capture names the handle and the fix, and
+    works again once the handle is off."""
+    from tests.accel.test_accelerate import _tiny, _tiny_opt
+
+    model = _tiny() if arch == "llama" else _tiny_opt()
+    h = wb.accelerate(model, backend="torch")
+    ids = torch.randint(2, 100, (1, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(CaptureError, match=r"swapped by an active wb\.accelerate handle.*\.off\(\)"):
+        with wb.capture(model):
+            model(input_ids=ids)
+    assert active_hooks(model) == 0
+    h.off()
+    with wb.capture(model) as run:
+        model(input_ids=ids)
+    assert run.summary() is not None

@@ -199,6 +199,8 @@ class SparseDown(nn.Module):
     weight is [d_ff, d_model] already).
     """
 
+    _wb_accelerated = True  # wb.capture refuses a model holding one (the activations are not where it looks)
+
     def __init__(self, site: FFNSite, original: nn.Module, mode: str, backend: str | None,
                  dense_fraction: float = 0.6, decode_tokens: int = 8):
         super().__init__()
@@ -296,6 +298,8 @@ class SparsePredictedUp(nn.Module):
     read), the bias added on predicted rows; longer calls take the same function in torch.
     """
 
+    _wb_accelerated = True  # wb.capture refuses a model holding one (the activations are not where it looks)
+
     def __init__(self, site: FFNSite, original: nn.Module, backend: str | None, predictor: dict[str, torch.Tensor]):
         super().__init__()
         if not isinstance(original, nn.Linear):
@@ -385,6 +389,8 @@ class SparsePlainFFN(nn.Module):
     - predictor: `kernels.plain_ffn_predicted` (Deja Vu): up and down rows only where the
       predictor's logit is > 0; more than 64 tokens the same function in torch, 64 a call.
     """
+
+    _wb_accelerated = True  # wb.capture refuses a model holding one (the activations are not where it looks)
 
     def __init__(self, site: FFNSite, mode: str, backend: str | None, predictor: dict[str, torch.Tensor] | None = None,
                  dense_fraction: float = 0.6, decode_tokens: int = 8):
@@ -516,6 +522,8 @@ class FusedAway(nn.Module):
     """Stands in for a module whose work a SparsePlainFFN does (the activation, the down
     projection) while the handle is on: hands its input through."""
 
+    _wb_accelerated = True  # wb.capture refuses a model holding one (the activations are not where it looks)
+
     def __init__(self, name: str, by: str, original: nn.Module):
         super().__init__()
         self.name, self.by = name, by
@@ -530,6 +538,8 @@ class FusedAway(nn.Module):
 
 class SparseFFN(_DownRelayout, nn.Module):
     """Drop-in replacement of one gated FFN module; see `accelerate`."""
+
+    _wb_accelerated = True  # wb.capture refuses a model holding one (the activations are not where it looks)
 
     def __init__(self, site: FFNSite, original: nn.Module, mode: str, backend: str | None,
                  predictor: dict[str, torch.Tensor] | None = None, dense_fraction: float = 0.6,
@@ -649,6 +659,8 @@ class SparseMoE(_DownRelayout, nn.Module):
     longer calls (prefill) run the original module. The router's scores decide which experts are
     active, so exact and chunk modes compute the dense layer's function.
     """
+
+    _wb_accelerated = True  # wb.capture refuses a model holding one (the activations are not where it looks)
 
     def __init__(self, site: FFNSite, original: nn.Module, mode: str, backend: str | None,
                  decode_tokens: int = 8):

@@ -69,6 +69,12 @@ class Capture:
 
     def __init__(self, model: nn.Module, probes=None, rule="zero", layout: Layout | None = None,
                  fused: bool | str = "auto", data: dict | None = None, roles=("dense", "shared_expert")):
+        swapped = next((n for n, m in model.named_modules() if getattr(m, "_wb_accelerated", False)), None)
+        if swapped is not None:
+            raise CaptureError(
+                f"{swapped} is swapped by an active wb.accelerate handle, so the FFN activations are not where the "
+                "adapters look for them: capture the dense model (call the handle's .off(), or capture outside its "
+                "`with` block); handle.measure(ids) reports the accelerated model's realised sparsity")
         self.model = model
         self.rule = Rule.parse(rule)
         self.layout = layout or locate(model)
