@@ -4,7 +4,7 @@ path (SparsePlainFFN) and its one-launch predictor kernel, plus that kernel's bl
 
     PYTHONPATH=$PWD python3 benchmarks/diag_plain_predictor.py [--sweep]
 
-One FFN of the OPT-6.7B shape (4096x16384, bf16), one token, 4 layers' weights timed in turn with
+One FFN of the OPT-6.7B shape (4096x16384, bf16; --fp16 for float16), one token, 4 layers' weights timed in turn with
 triton.testing.do_bench_cudagraph (more than the 50 MB L2 between two uses of one layer), per
 layer. Exact mode on the model sparsified as bench_decode_plain does (~90 % zeros after fc1's
 ReLU). Predictor mode after `all_active` (as bench_decode_plain's predictor rows: nearly every
@@ -35,6 +35,7 @@ K = wb.kernels
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="block shapes of the one-launch predictor kernel")
+    ap.add_argument("--fp16", action="store_true", help="float16 weights (default bfloat16)")
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny shape on the CPU (interpreter), timings meaningless")
     args = ap.parse_args()
     n, dev, width = 4, "cuda", 1024
@@ -49,12 +50,13 @@ def main():
             t0 = time.perf_counter()
             run()
             return (time.perf_counter() - t0) * 1e3
+    dt = torch.float16 if args.fp16 else torch.bfloat16
     gen = torch.Generator().manual_seed(2)
-    model = build(n, dev)
+    model = build(n, dev, dtype=dt)
     calib = torch.randint(0, SHAPE["vocab"], (1, 128), generator=gen).to(dev)
     _, preds = sparsify(model, calib, 0.9, width)
     layers = model.model.decoder.layers
-    xs = [torch.randn(1, SHAPE["hidden"], device=dev, dtype=torch.bfloat16) for _ in range(n)]
+    xs = [torch.randn(1, SHAPE["hidden"], device=dev, dtype=dt) for _ in range(n)]
     wd = [layer.fc2.weight.t().contiguous() for layer in layers]  # the kernels' layout (a copy, for timing)
     d, f, w = SHAPE["hidden"], SHAPE["ff"], width
     mb = 1e-6 * 2
@@ -93,16 +95,16 @@ def main():
 
     # -- predictor mode --------------------------------------------------------------------------
     all_active(model, calib)
-    ps = [{k: v.to(torch.bfloat16) for k, v in preds[f"model.decoder.layers.{i}"].items()} for i in range(n)]
+    ps = [{k: v.to(dt) for k, v in preds[f"model.decoder.layers.{i}"].items()} for i in range(n)]
     hs = [torch.relu(xs[i] @ ps[i]["w1"].t() + ps[i]["b1"]) for i in range(n)]
-    gates = [((hs[i] @ ps[i]["w2"].t() + ps[i]["b2"]) > 0).to(torch.bfloat16) for i in range(n)]
+    gates = [((hs[i] @ ps[i]["w2"].t() + ps[i]["b2"]) > 0).to(dt) for i in range(n)]
     us = [K.gated_up(xs[i], gates[i], layers[i].fc1.weight, activation="relu") for i in range(n)]
     acts = [torch.relu(torch.addcmul(us[i], gates[i], layers[i].fc1.bias)) for i in range(n)]
     on = float(torch.stack(gates).mean())
     print(f"predictor mode: predicted on {on:.3f}; zeros reaching fc2 {1 - float((torch.stack(acts) != 0).float().mean()):.3f}")
     show("dense FFN (cuBLAS fc1, ReLU, fc2)", lambda i: layers[i].fc2(torch.relu(layers[i].fc1(xs[i]))), 2 * d * f * mb)
     show("predictor layer 1 (gemv, ReLU)", lambda i: K.gemv(xs[i], ps[i]["w1"], ps[i]["b1"], relu=True), w * d * mb)
-    show("predictor layer 2 (gemv) + mask", lambda i: (K.gemv(hs[i], ps[i]["w2"], ps[i]["b2"]) > 0).to(torch.bfloat16),
+    show("predictor layer 2 (gemv) + mask", lambda i: (K.gemv(hs[i], ps[i]["w2"], ps[i]["b2"]) > 0).to(dt),
          f * w * mb)
     show("gated_up, predicted rows", lambda i: K.gated_up(xs[i], gates[i], layers[i].fc1.weight, activation="relu"),
          on * d * f * mb)
