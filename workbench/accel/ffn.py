@@ -164,6 +164,23 @@ def _counters(stats: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return stats
 
 
+def _init_ffn_state(m: nn.Module, site: FFNSite, mode: str, backend: str | None, predictor, dense_fraction: float,
+                    decode_tokens: int, dtype: torch.dtype) -> None:
+    """The settings and counters SparseFFN and SparsePlainFFN share."""
+    m.mode = mode
+    m.backend = None if backend == "auto" else backend
+    m.activation = "fatrelu" if site.activation == "fatrelu" else "relu"
+    # the dense FATReLU compares model-dtype values with a Python float, which torch rounds to the
+    # model dtype first: use that same threshold so the masks agree on every value
+    m.threshold = float(torch.tensor(float(site.threshold or 0.0), dtype=dtype))
+    m.dense_fraction = dense_fraction
+    m.decode_tokens = decode_tokens
+    m.predictor = predictor
+    m.track = False
+    m.stats = {}
+    m.call_graphs = CallGraphs()
+
+
 class _DownRelayout:
     """Down weight stored [d_ff, d_model] in place while swapped in (no lasting second copy)."""
 
@@ -185,7 +202,32 @@ class _DownRelayout:
             w.data = w.data.contiguous()
 
 
-class SparseDown(nn.Module):
+class _PlainDownLayout:
+    """A plain FFN's down projection as the kernels read it, [d_ff, d_model]: an nn.Linear's weight
+    re-laid out in place while swapped in (as _DownRelayout), transformers' Conv1D's as it is."""
+
+    down_module: nn.Module
+    conv1d: bool
+
+    @property
+    def w_down_t(self) -> torch.Tensor:
+        w = self.down_module.weight
+        return w if self.conv1d else w.t()
+
+    def relayout(self) -> None:
+        if not self.conv1d:
+            w = self.down_module.weight
+            if not w.t().is_contiguous():
+                w.data = w.data.t().contiguous().t()
+
+    def restore_layout(self) -> None:
+        if not self.conv1d:
+            w = self.down_module.weight
+            if not w.is_contiguous():
+                w.data = w.data.contiguous()
+
+
+class SparseDown(_PlainDownLayout, nn.Module):
     """Drop-in replacement of the down projection of a plain ReLU FFN (down(act(up(x)))); see
     `accelerate`.
 
@@ -230,23 +272,6 @@ class SparseDown(nn.Module):
         self.track = False
         self.stats: dict[str, torch.Tensor] = {}
         self.call_graphs = CallGraphs()
-
-    @property
-    def w_down_t(self) -> torch.Tensor:
-        w = self.down_module.weight
-        return w if self.conv1d else w.t()
-
-    def relayout(self) -> None:
-        if not self.conv1d:
-            w = self.down_module.weight
-            if not w.t().is_contiguous():
-                w.data = w.data.t().contiguous().t()
-
-    def restore_layout(self) -> None:
-        if not self.conv1d:
-            w = self.down_module.weight
-            if not w.is_contiguous():
-                w.data = w.data.contiguous()
 
     def _limit(self) -> int:
         return self.decode_tokens if self.mode == "exact" else 64
@@ -370,7 +395,7 @@ class SparsePredictedUp(nn.Module):
         return f"{self.site.name} (up projection), mode=predictor, width={self.predictor['w1'].shape[0]}"
 
 
-class SparsePlainFFN(nn.Module):
+class SparsePlainFFN(_PlainDownLayout, nn.Module):
     """A whole plain ReLU FFN (OPT's fc1 -> ReLU -> fc2, nn.Linear up projection, biases allowed)
     computed by the kernels from one module; see `accelerate`.
 
@@ -419,36 +444,8 @@ class SparsePlainFFN(nn.Module):
         self.up_module, self.act_module, self.down_module = site.up, site.act, site.down
         self.original = [site.up]  # what this module replaces (a list: not a child)
         self.companions: list[tuple[str, nn.Module, nn.Module]] = []  # (name, pass-through, original), set by accelerate
-        self.mode = mode
-        self.backend = None if backend == "auto" else backend
-        self.activation = "fatrelu" if site.activation == "fatrelu" else "relu"
-        # the dense FATReLU compares model-dtype values with a Python float, which torch rounds to
-        # the model dtype first: the same threshold here
-        self.threshold = float(torch.tensor(float(site.threshold or 0.0), dtype=site.up.weight.dtype))
-        self.dense_fraction = dense_fraction
-        self.decode_tokens = decode_tokens
+        _init_ffn_state(self, site, mode, backend, predictor, dense_fraction, decode_tokens, site.up.weight.dtype)
         self.d_ff = d_ff
-        self.predictor = predictor
-        self.track = False
-        self.stats: dict[str, torch.Tensor] = {}
-        self.call_graphs = CallGraphs()
-
-    @property
-    def w_down_t(self) -> torch.Tensor:
-        w = self.down_module.weight
-        return w if self.conv1d else w.t()
-
-    def relayout(self) -> None:
-        if not self.conv1d:
-            w = self.down_module.weight
-            if not w.t().is_contiguous():
-                w.data = w.data.t().contiguous().t()
-
-    def restore_layout(self) -> None:
-        if not self.conv1d:
-            w = self.down_module.weight
-            if not w.is_contiguous():
-                w.data = w.data.contiguous()
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """The FFN through the model's own modules (what this module computes sparsely)."""
@@ -561,18 +558,7 @@ class SparseFFN(_DownRelayout, nn.Module):
                 raise WorkbenchError(f"{site.name}: projections with a bias are not supported by the kernels")
         self.site = site
         self.original = [original]  # a list keeps it out of this module's children / state_dict
-        self.mode = mode
-        self.backend = None if backend == "auto" else backend
-        self.activation = "fatrelu" if site.activation == "fatrelu" else "relu"
-        # the dense FATReLU compares model-dtype values with a Python float, which torch rounds to
-        # the model dtype first: use that same threshold so the masks agree on every value
-        self.threshold = float(torch.tensor(float(site.threshold or 0.0), dtype=site.down.weight.dtype))
-        self.dense_fraction = dense_fraction
-        self.decode_tokens = decode_tokens
-        self.predictor = predictor
-        self.track = False
-        self.stats: dict[str, torch.Tensor] = {}
-        self.call_graphs = CallGraphs()
+        _init_ffn_state(self, site, mode, backend, predictor, dense_fraction, decode_tokens, site.down.weight.dtype)
 
     # weights, always the live ones of the original modules
     @property
