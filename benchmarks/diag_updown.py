@@ -15,7 +15,7 @@ NORELOAD: take the ranked rows' gate values from the chunk in registers instead 
 
     PYTHONPATH=$PWD python3 benchmarks/diag_updown.py [--floors | --quick]
     PYTHONPATH=$PWD python3 benchmarks/diag_updown.py --predicted [--predicted2]   # MODE 1 blocks
-    PYTHONPATH=$PWD python3 benchmarks/diag_updown.py --p3 [--bf16 --bias] [--cfgs JSON]   # whole P3 layer
+    PYTHONPATH=$PWD python3 benchmarks/diag_updown.py --p3 [--bf16 --bias] [--cfgs JSON] [--ff 14336]   # whole P3 layer
 """
 
 from __future__ import annotations
@@ -247,8 +247,11 @@ def _cfgs_arg():
 
 def p3():
     """The whole P3 layer (predictor + predicted updown), the predictor's second layer as a
-    separate GEMV (default) or fused into the updown kernel (fuse_pred2), 4096x11008, width 1024."""
+    separate GEMV (default) or fused into the updown kernel (fuse_pred2), 4096x11008 (--ff: another
+    d_ff), width 1024."""
     d, f, wd_, nw = 4096, 11008, 1024, 6
+    if "--ff" in sys.argv:  # another d_ff (e.g. 14336, P3's second shape)
+        f = int(sys.argv[sys.argv.index("--ff") + 1])
     dt = torch.bfloat16 if "--bf16" in sys.argv else torch.float16
     wg, wu, wdt = ([rand_w(f, d, dt) for _ in range(nw)] for _ in range(3))
     w1 = [rand_w(wd_, d, dt) for _ in range(nw)]
