@@ -13,7 +13,7 @@ Public functions (all take ``backend=None | "triton" | "torch"`` and ``config=No
 - predictor_logits(x, w1, w2, b1, b2), router_scores(x, w_router, norm_weight, eps)
 - gemv(x, w, bias, relu)                                  dense one-token GEMV (the dense parts)
 
-Dispatch (one place, ``_dispatch``): Triton when every tensor is on CUDA (or TRITON_INTERPRET=1)
+Dispatch (one place, ``_api._dispatch``): Triton when every tensor is on CUDA (or TRITON_INTERPRET=1)
 and triton imports, else the torch reference; backend="triton" that cannot run raises KernelError.
 Weight layouts: see ``workbench.kernels.layout``.
 Launches: on sm_90+ the decode kernels use programmatic dependent launch (``_common.use_pdl``;
