@@ -1,9 +1,11 @@
-"""`capture(model, ...)`: hooks on every FFN that feed streaming probes, removed on exit.
+"""`capture(model, ...)`: the one hook mechanism of the workbench, feeding streaming probes.
 
 Hooks (a handle per hook, all removed in `finally`, also on exceptions and KeyboardInterrupt):
 - a forward pre-hook on the model itself records attention_mask (and input_ids) of each call;
-- a forward pre-hook on each FFN's down projection sees a = its input;
-- a forward hook on the activation module sees act(gate) where the rule needs it.
+- a forward pre-hook on each FFN's down projection sees a = its input (FFN probes);
+- a forward hook on the activation module sees act(gate) where the rule needs it;
+- the hooks that site probes (routers, SSM mixers, the model call) ask for through
+  `SiteProbe.points`, each call handed to `SiteProbe.observe` with the call's mask and ids.
 
 Nothing here reads a device value back to the host during the capture; the NaN/Inf check runs
 once, when the block exits, and names the layer.
@@ -20,7 +22,15 @@ import torch
 from torch import nn
 
 from workbench.adapters import GATED, FFNSite, Layout, locate
-from workbench.capture.probes import AbsSketch, Batch, NeuronStats, ProbeContext, make_probes
+from workbench.capture.probes import (
+    AbsSketch,
+    Batch,
+    NeuronStats,
+    ProbeContext,
+    SiteCall,
+    SiteProbe,
+    make_probes,
+)
 from workbench.capture.rules import Rule
 from workbench.capture.run import Run, new_meta
 from workbench.errors import CaptureError
@@ -45,6 +55,7 @@ class _CallState:
     valid_cache: dict = field(default_factory=dict)
     pending_g: dict = field(default_factory=dict)
     calls: int = 0
+    tokens: torch.Tensor | int = 0  # valid tokens over all calls (a device tensor: no host sync)
 
 
 def _mask_and_ids(fn_sig: inspect.Signature | None, args, kwargs):
@@ -78,14 +89,28 @@ class Capture:
         self.model = model
         self.rule = Rule.parse(rule)
         self.layout = layout or locate(model)
-        self.sites = [s for s in self.layout.ffns if s.role in roles]
-        if not self.sites:
+        self.probes = make_probes(probes)
+        self.ffn_probes = [p for p in self.probes if not isinstance(p, SiteProbe)]
+        self.site_probes = [p for p in self.probes if isinstance(p, SiteProbe)]
+        self.sites = [s for s in self.layout.ffns if s.role in roles] if self.ffn_probes else []
+        if self.ffn_probes and not self.sites:
             raise CaptureError(
                 f"{type(model).__name__} has no dense or shared FFN the adapters know "
                 f"(adapter {self.layout.adapter!r} found {len(self.layout.routers)} routers, "
                 f"{len(self.layout.mixers)} mixers); activation probes need an FFN. "
                 "Register an adapter with wb.register_adapter if the model has FFNs under other names.")
-        self.probes = make_probes(probes)
+        self.probe_sites = {}
+        for p in self.site_probes:
+            found = p.sites(self.layout, model)
+            if not found:
+                what = {"router": "router", "mixer": "SSM mixer"}.get(p.site_kind, p.site_kind)
+                raise CaptureError(
+                    f"{type(model).__name__} has no {what} the adapters know (adapter "
+                    f"{self.layout.adapter!r}: {len(self.layout.ffns)} FFNs, {len(self.layout.routers)} "
+                    f"routers, {len(self.layout.mixers)} mixers), so the {p.name!r} probe has nothing to "
+                    f"watch. Use it on a model with {what}s, or register an adapter naming them "
+                    "(wb.register_adapter).")
+            self.probe_sites[id(p)] = found
         self.fused = fused
         self.handles: list[HookHandle] = []
         self.call = _CallState()
@@ -95,8 +120,8 @@ class Capture:
                 norms[s.name] = s.down_column_norms()
         self.ctx = ProbeContext(rule=self.rule, down_norms=norms)
         self.run = Run(new_meta(model, self.layout, self.rule, data), probes=self.probes)
-        self._stats = next((p for p in self.probes if isinstance(p, NeuronStats)), None)
-        self._sketch = next((p for p in self.probes if isinstance(p, AbsSketch)), None)
+        self._stats = next((p for p in self.ffn_probes if isinstance(p, NeuronStats)), None)
+        self._sketch = next((p for p in self.ffn_probes if isinstance(p, AbsSketch)), None)
 
     # -- hooks ---------------------------------------------------------------------------
     def _on_model_call(self, module, args, kwargs):
@@ -106,6 +131,10 @@ class Capture:
         self.call.valid_cache = {}
         self.call.pending_g = {}
         self.call.calls += 1
+        if mask is not None:
+            self.call.tokens = self.call.tokens + (mask != 0).sum()
+        elif ids is not None:
+            self.call.tokens = self.call.tokens + ids.numel()
 
     def _valid(self, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         key = (n, str(device))
@@ -156,9 +185,20 @@ class Capture:
 
             fused.update(site, batch, self.ctx, self._stats, self._sketch)
             done = {id(self._stats), id(self._sketch)}
-        for p in self.probes:
+        for p in self.ffn_probes:
             if id(p) not in done:
                 p.update(site, batch, self.ctx)
+
+    def _make_site_hook(self, probe: SiteProbe, site, role: str, when: str):
+        def observe(args, kwargs, output):
+            call = SiteCall(role=role, args=args, kwargs=kwargs, output=output, mask=self.call.mask,
+                            input_ids=self.call.input_ids, call_index=self.call.calls, _rows=self._valid)
+            with torch.no_grad():
+                probe.observe(site, call)
+
+        if when == "pre":
+            return lambda module, args, kwargs: observe(args, kwargs, None)
+        return lambda module, args, kwargs, output: observe(args, kwargs, output)
 
     def _use_fused(self, a: torch.Tensor, site: FFNSite) -> bool:
         if self.fused is False or a.device.type != "cuda" or self._stats is None:
@@ -187,6 +227,18 @@ class Capture:
                 self.handles.append(HookHandle(site.name, "act", h))
             h = site.down.register_forward_pre_hook(self._make_down_hook(site, needs_g))
             self.handles.append(HookHandle(site.name, "down_input", h))
+        for p in self.site_probes:
+            for site in self.probe_sites[id(p)]:
+                for pt in p.points(site):
+                    if pt.when not in ("pre", "post"):
+                        raise CaptureError(f"{p.name}: hook point {pt.role!r} has when={pt.when!r}; "
+                                           "use 'pre' or 'post'")
+                    fn = self._make_site_hook(p, site, pt.role, pt.when)
+                    if pt.when == "pre":
+                        h = pt.module.register_forward_pre_hook(fn, with_kwargs=True)
+                    else:
+                        h = pt.module.register_forward_hook(fn, with_kwargs=True)
+                    self.handles.append(HookHandle(getattr(site, "name", ""), f"{p.name}:{pt.role}", h))
 
     def remove(self) -> None:
         while self.handles:
@@ -217,7 +269,8 @@ def capture(model: nn.Module, probes=None, rule="zero", *, layout: Layout | None
         run.summary()
 
     probes: Probe instances or names (default: NeuronStats; add "abs_sketch" for |a| quantiles,
-    "activation_sample" for raw rows). rule: "zero",
+    "activation_sample" for raw rows; SiteProbe instances watch routers, SSM mixers or the model
+    call instead of FFNs, and a capture of site probes alone needs no FFN). rule: "zero",
     "fat(T)", "topk(k)", "magnitude(t)" or a Rule. Hooks are removed when the block exits, also
     on exceptions and KeyboardInterrupt. On exit the statistics move to the host and are checked
     for NaN/Inf (CaptureError names the layer; the partial run is on the error as `.run`).
@@ -228,7 +281,11 @@ def capture(model: nn.Module, probes=None, rule="zero", *, layout: Layout | None
         yield cap.run
     finally:
         cap.remove()
-    cap.run.meta.setdefault("data", {})["forward_calls"] = cap.call.calls
+    data_meta = cap.run.meta.setdefault("data", {})
+    data_meta["forward_calls"] = cap.call.calls
+    data_meta.setdefault("n_tokens", int(cap.call.tokens))
+    for p in cap.site_probes:
+        p.finish(cap.run)
     try:
         cap.check_finite()
     except CaptureError as exc:

@@ -1,4 +1,9 @@
-"""Probes: streaming reducers over FFN activations, one state per FFN site.
+"""Probes: streaming reducers over what a capture sees, one state per site.
+
+FFN probes (`Probe`, site_kind "ffn") see the down projection's input of every FFN. Site probes
+(`SiteProbe`) watch other sites the adapters locate: routers ("router"), SSM mixers ("mixer") or
+the model's own call ("model"); each names the modules it needs hooked (`points`) and the
+capture registers those hooks with every other hook, so they are removed together.
 
 Each probe has `update(site, batch)` and `merge(other)`; its state lives on the device of the
 activations it sees, and its size does not depend on the number of tokens. Updates never read a
@@ -11,9 +16,11 @@ token_ids [N] or None.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 from workbench.adapters.base import GATED, FFNSite
 from workbench.capture.rules import Rule
@@ -33,6 +40,7 @@ class Probe:
     """Base class: per-site tensors in `self.state[site_name][field]`."""
 
     name = "probe"
+    site_kind = "ffn"
 
     def __init__(self):
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -221,6 +229,78 @@ class ActivationSample(Probe):
         """The sampled rows [n <= budget, d_ff] (slots never filled are dropped)."""
         st = self.state[site_name]
         return st["acts"][st["keys"] >= 0]
+
+
+@dataclass
+class HookPoint:
+    """A module a site probe wants hooked: `when` "pre" (inputs only) or "post" (with output)."""
+
+    module: nn.Module
+    role: str = "output"
+    when: str = "post"
+
+
+@dataclass
+class ModelSite:
+    """The model itself as a site (site_kind "model"): its own forward call."""
+
+    module: nn.Module
+    layer: int = -1
+    name: str = "model"
+
+
+@dataclass
+class SiteCall:
+    """What a site probe sees at one hook call.
+
+    args / kwargs: the hooked module's inputs; output: its output (None for "pre" points).
+    mask / input_ids: the current model call's attention_mask [B, S] and input_ids (or None).
+    `rows(n, device)` gives (valid [n] bool or None, token_ids [n] or None) for a tensor of n
+    token rows of this call (the last n // B positions of each sequence, as the FFN probes get).
+    """
+
+    role: str
+    args: tuple
+    kwargs: dict
+    output: Any
+    mask: torch.Tensor | None
+    input_ids: torch.Tensor | None
+    call_index: int
+    _rows: Any = field(default=None, repr=False)
+
+    def rows(self, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self._rows(n, device)
+
+
+class SiteProbe(Probe):
+    """Base class of probes on routers, SSM mixers or the model call (not FFN activations).
+
+    Subclasses set `site_kind` ("router" | "mixer" | "model"), may override `sites(layout,
+    model)` and `points(site)`, and implement `observe(site, call)`. The capture owns the hooks.
+    """
+
+    site_kind = "router"
+
+    def sites(self, layout, model) -> list:
+        if self.site_kind == "router":
+            return list(layout.routers)
+        if self.site_kind == "mixer":
+            return list(layout.mixers)
+        if self.site_kind == "model":
+            return [ModelSite(model)]
+        raise CaptureError(f"{type(self).__name__}: unknown site_kind {self.site_kind!r}")
+
+    def points(self, site) -> list[HookPoint]:
+        return [HookPoint(site.module)]
+
+    def observe(self, site, call: SiteCall) -> None:
+        raise NotImplementedError
+
+    def update(self, site, batch, ctx):  # FFN batches never reach a site probe
+        raise CaptureError(f"{type(self).__name__} is a {self.site_kind} probe, not an FFN probe")
+
+    def finish(self, run) -> None:
+        """Called once when the capture ends (before the state moves to the host)."""
 
 
 PROBES = {"neuron_stats": NeuronStats, "abs_sketch": AbsSketch, "activation_sample": ActivationSample}

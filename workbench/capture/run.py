@@ -111,6 +111,8 @@ class Run:
         (token, neuron) pairs inactive under the run's rule), and more."""
         rows = []
         have_sketch = any(k.startswith("abs_sketch/") for k in self.tensors)
+        if not any(k.startswith("neuron_stats/") for k in self.tensors):
+            return pd.DataFrame([], columns=SUMMARY_COLUMNS[:-3])  # a capture of site probes only
         for s in self.sites:
             st = self.neuron_stats(s["name"])
             tokens = int(st["tokens"])
