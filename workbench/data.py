@@ -30,15 +30,19 @@ def _texts(data) -> list[str] | None:
 
 def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None = None,
                   batch_size: int = 8, max_length: int | None = 256, padding_side: str = "right",
-                  max_sequences: int | None = None) -> Batches:
+                  max_sequences: int | None = None, kept: list | None = None) -> Batches:
     """[(input_ids [B, S], attention_mask [B, S])] from texts, corpus Documents, a LongTensor of
     ids [batch, tokens] (with an optional mask) or an existing list of (ids, mask) pairs.
 
+    kept: a list that receives, in batch-row order, the index in `data` of every sequence kept
+    (texts that tokenize to nothing are dropped), so per-text labels can follow their rows.
     Raises CaptureError when there is no valid (non-padding) token at all.
     """
+    kept = kept if kept is not None else []
     if isinstance(data, (list, tuple)) and data and all(isinstance(b, tuple) and len(b) == 2
                                                          and isinstance(b[0], torch.Tensor) for b in data):
         batches = [(ids, m) for ids, m in data]
+        kept.extend(range(sum(ids.shape[0] for ids, _ in batches)))
     elif isinstance(data, torch.Tensor):
         ids = data[None] if data.dim() == 1 else data
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
@@ -48,6 +52,7 @@ def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None =
             raise CaptureError(f"attention_mask shape {tuple(mask.shape)} != token ids shape {tuple(ids.shape)}")
         if max_sequences is not None:
             ids, mask = ids[:max_sequences], mask[:max_sequences]
+        kept.extend(range(ids.shape[0]))
         batches = [(ids[i:i + batch_size].long(), mask[i:i + batch_size].long())
                    for i in range(0, ids.shape[0], batch_size)]
     else:
@@ -61,11 +66,12 @@ def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None =
             raise CaptureError("got texts but no tokenizer: load the model with wb.load_model (it "
                                "attaches one) or pass tokenizer=...")
         rows = []
-        for t in texts:
+        for i, t in enumerate(texts):
             ids = tokenizer(t, add_special_tokens=True, truncation=max_length is not None,
                             max_length=max_length)["input_ids"]
             if ids:
                 rows.append(list(ids))
+                kept.append(i)
             if max_sequences is not None and len(rows) >= max_sequences:
                 break
         pad_id = getattr(tokenizer, "pad_token_id", None)

@@ -104,3 +104,49 @@ def test_router_probe_on_a_model_without_router_names_the_fix():
     with pytest.raises(CaptureError, match="no router the adapters know.*register_adapter"):
         with wb.capture(model, probes=[RouterRows()]):
             pass
+
+
+class LabelRows(SiteProbe):
+    """Test probe: valid router rows per data label."""
+
+    name = "label_rows"
+
+    def observe(self, site, call):
+        x = call.args[0]
+        n = x.reshape(-1, x.shape[-1]).shape[0]
+        valid, _ = call.rows(n, x.device)
+        lab = call.row_labels(n, x.device)
+        st = self.state.setdefault(site.name, {"per_label": torch.zeros(3, dtype=torch.int64)})
+        keep = lab[valid] if valid is not None else lab
+        st["per_label"] += torch.bincount(keep, minlength=3)
+
+
+class _Tok:
+    """A whitespace tokenizer over ints: text '3 5 7' -> [3, 5, 7] (empty text -> no tokens)."""
+
+    pad_token_id = 0
+    padding_side = "right"
+
+    def __call__(self, t, **kw):
+        return {"input_ids": [int(w) for w in t.split()]}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_profile_labels_follow_their_rows_through_batches_and_dropped_texts(side):
+    model = tiny.build("mixtral")
+    texts = ["3 4 5", "", "6 7", "8 9 10 11 12", "13", "14 15 16"]
+    labels = ["code", "math", "prose", "code", "prose", "math"]
+    probe = LabelRows()
+    run = wb.profile(model, texts, tokenizer=_Tok(), labels=labels, probes=[probe],
+                     batch_size=2, padding_side=side, progress=False)
+    assert run.meta["labels"]["names"] == ["code", "math", "prose"]
+    want = torch.tensor([3 + 5, 3, 2 + 1])  # tokens per label; the empty "math" text is dropped
+    for r in run.meta["routers"]:
+        assert run.tensors[f"label_rows/{r['name']}/per_label"].tolist() == want.tolist()
+    assert run.meta["data"]["n_tokens"] == 14
+
+
+def test_profile_labels_count_mismatch_names_the_fix():
+    model = tiny.build("mixtral")
+    with pytest.raises(CaptureError, match="2 labels for 3 sequences"):
+        wb.profile(model, ["3 4", "5", "6"], tokenizer=_Tok(), labels=["a", "b"], progress=False)

@@ -56,6 +56,8 @@ class _CallState:
     pending_g: dict = field(default_factory=dict)
     calls: int = 0
     tokens: torch.Tensor | int = 0  # valid tokens over all calls (a device tensor: no host sync)
+    labels: torch.Tensor | None = None  # [B] label id per sequence of the coming calls (set_labels)
+    label_cache: dict = field(default_factory=dict)
 
 
 def _mask_and_ids(fn_sig: inspect.Signature | None, args, kwargs):
@@ -129,6 +131,7 @@ class Capture:
         self.call.mask = mask
         self.call.input_ids = ids
         self.call.valid_cache = {}
+        self.call.label_cache = {}
         self.call.pending_g = {}
         self.call.calls += 1
         if mask is not None:
@@ -156,6 +159,33 @@ class Capture:
         self.call.valid_cache[key] = (valid, tok)
         return valid, tok
 
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Label ids [B] (one per sequence, -1 = unlabelled) of the forward calls that follow,
+        until changed; probes get them per token row (`Batch.labels`, `SiteCall.row_labels`)."""
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.int64)
+            if labels.dim() != 1:
+                raise CaptureError(f"labels must be one id per sequence, shape [batch]; got {tuple(labels.shape)}")
+        self.call.labels = labels
+        self.call.label_cache = {}
+
+    def _row_labels(self, n: int, device) -> torch.Tensor | None:
+        """The label id of each of n token rows of this call ([n] int64), or None."""
+        lab = self.call.labels
+        if lab is None:
+            return None
+        key = (n, str(device))
+        hit = self.call.label_cache.get(key)
+        if hit is not None:
+            return hit
+        b = lab.shape[0]
+        if n % b:
+            raise CaptureError(f"a site saw {n} token rows but {b} sequence labels were set; "
+                               "set one label per sequence of the call")
+        out = lab.to(device, non_blocking=True).repeat_interleave(n // b)
+        self.call.label_cache[key] = out
+        return out
+
     def _make_act_hook(self, site: FFNSite):
         def hook(module, args, output):
             self.call.pending_g[site.name] = output
@@ -173,7 +203,8 @@ class Capture:
                                        "activation module was not called before the down projection")
                 g = g.reshape(-1, g.shape[-1])
             valid, tok = self._valid(a2.shape[0], a2.device)
-            batch = Batch(a=a2.detach(), g=None if g is None else g.detach(), valid=valid, token_ids=tok)
+            batch = Batch(a=a2.detach(), g=None if g is None else g.detach(), valid=valid, token_ids=tok,
+                          labels=self._row_labels(a2.shape[0], a2.device))
             with torch.no_grad():
                 self._update(site, batch)
         return hook
@@ -192,7 +223,8 @@ class Capture:
     def _make_site_hook(self, probe: SiteProbe, site, role: str, when: str):
         def observe(args, kwargs, output):
             call = SiteCall(role=role, args=args, kwargs=kwargs, output=output, mask=self.call.mask,
-                            input_ids=self.call.input_ids, call_index=self.call.calls, _rows=self._valid)
+                            input_ids=self.call.input_ids, call_index=self.call.calls, _rows=self._valid,
+                            _labels=self._row_labels, labels=self.call.labels)
             with torch.no_grad():
                 probe.observe(site, call)
 
@@ -244,6 +276,27 @@ class Capture:
         while self.handles:
             self.handles.pop().remove()
 
+    def __enter__(self) -> Capture:
+        self.install()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove()
+        if exc_type is not None:
+            return
+        data_meta = self.run.meta.setdefault("data", {})
+        data_meta["forward_calls"] = self.call.calls
+        data_meta.setdefault("n_tokens", int(self.call.tokens))
+        for p in self.site_probes:
+            p.finish(self.run)
+        try:
+            self.check_finite()
+        except CaptureError as err:
+            self.run.finalize()
+            err.run = self.run
+            raise
+        self.run.finalize()
+
     def check_finite(self) -> None:
         """Deferred NaN/Inf check (one host sync per capture)."""
         if self._stats is None:
@@ -275,24 +328,8 @@ def capture(model: nn.Module, probes=None, rule="zero", *, layout: Layout | None
     on exceptions and KeyboardInterrupt. On exit the statistics move to the host and are checked
     for NaN/Inf (CaptureError names the layer; the partial run is on the error as `.run`).
     """
-    cap = Capture(model, probes=probes, rule=rule, layout=layout, fused=fused, data=data)
-    cap.install()
-    try:
+    with Capture(model, probes=probes, rule=rule, layout=layout, fused=fused, data=data) as cap:
         yield cap.run
-    finally:
-        cap.remove()
-    data_meta = cap.run.meta.setdefault("data", {})
-    data_meta["forward_calls"] = cap.call.calls
-    data_meta.setdefault("n_tokens", int(cap.call.tokens))
-    for p in cap.site_probes:
-        p.finish(cap.run)
-    try:
-        cap.check_finite()
-    except CaptureError as exc:
-        cap.run.finalize()
-        exc.run = cap.run
-        raise
-    cap.run.finalize()
 
 
 def active_hooks(model: nn.Module) -> int:

@@ -11,7 +11,8 @@ value back to the host, so a capture adds no synchronisation to a forward pass.
 
 A `Batch` holds, for one FFN call: a [N, d_ff] (the down projection's input), g [N, d_ff] or
 None (act(gate), when the rule needs it), valid [N] bool or None (attention_mask != 0) and
-token_ids [N] or None.
+token_ids [N] or None, labels [N] int64 or None (the data label of each row's sequence, when
+the data carries labels: `wb.profile(..., labels=...)`, names in run.meta["labels"]).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Batch:
     g: torch.Tensor | None
     valid: torch.Tensor | None
     token_ids: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # [N] label id per row (profile(labels=...)), else None
 
 
 class Probe:
@@ -267,9 +269,15 @@ class SiteCall:
     input_ids: torch.Tensor | None
     call_index: int
     _rows: Any = field(default=None, repr=False)
+    _labels: Any = field(default=None, repr=False)
+    labels: torch.Tensor | None = None  # [B] label id per sequence of this call, or None
 
     def rows(self, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return self._rows(n, device)
+
+    def row_labels(self, n: int, device) -> torch.Tensor | None:
+        """The data label id of each of n token rows ([n] int64; -1 unlabelled), or None."""
+        return self._labels(n, device)
 
 
 class SiteProbe(Probe):
