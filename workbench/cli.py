@@ -32,7 +32,6 @@ def _fresh_dir(base: Path, stem: str) -> Path:
 
 
 def cmd_profile(args) -> int:
-    import pandas as pd
     import torch
 
     import workbench as wb
@@ -44,6 +43,14 @@ def cmd_profile(args) -> int:
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
+    from workbench.capture import distributed
+
+    if distributed.scale_requested(args):
+        out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
+        run = distributed.cli_profile(args, source, out, probes=["neuron_stats", "abs_sketch"])
+        if run is None:  # ranks > 0
+            return 0
+        return _print_profile(run, source, out, t0)
     model = wb.load_model(source, device=args.device, dtype=args.dtype)
     torch.manual_seed(0)
     if args.text:
@@ -58,6 +65,12 @@ def cmd_profile(args) -> int:
                      data_info=info)
     out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
     run.save(out, overwrite=args.overwrite)
+    return _print_profile(run, source, out, t0)
+
+
+def _print_profile(run, source: str, out: Path, t0: float) -> int:
+    import pandas as pd
+
     summary = run.summary()
     summary.to_csv(out / "summary.csv", index=False)
     cols = ["layer", "name", "d_ff", "tokens", "token_sparsity", "dead_neurons", "mean_abs", "abs_p50", "abs_p99"]
@@ -88,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None)
     pr.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc = pr.add_argument_group("scale (docs/scaling.md)")
+    sc.add_argument("--corpus", help="a corpus streamed from disk: text file, .jsonl, .arrow or a datasets save_to_disk folder")
+    sc.add_argument("--text-field", default="text", help="JSONL key / dataset column of the text (default text)")
+    sc.add_argument("--split", help="split of a saved DatasetDict")
+    sc.add_argument("--max-tokens", type=int, help="stop after this many tokens of --corpus / --text")
+    sc.add_argument("--distributed", action="store_true", help="under torchrun: each rank profiles its shard, rank 0 writes the Run")
+    sc.add_argument("--save-every", type=int, help="checkpoint the merged state every N tokens into --out")
+    sc.add_argument("--resume", action="store_true", help="continue the checkpointed profile in --out")
+    sc.add_argument("--device-map", help="accelerate device_map for models larger than one GPU (e.g. auto)")
     pr.set_defaults(func=cmd_profile)
     try:
         from workbench.models.zoo_cli import add_zoo_parser

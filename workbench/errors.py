@@ -28,3 +28,7 @@ class RunError(WorkbenchError):
 
 class KernelError(WorkbenchError):
     """A kernel was called with inputs it does not support."""
+
+
+class DistributedError(WorkbenchError):
+    """A distributed or resumable profile cannot start or continue (environment, ranks, checkpoint)."""
