@@ -20,7 +20,6 @@ from tests.capture.test_device_map import RouterCounts
 from workbench.capture import Capture
 from workbench.capture.distributed import (
     CHECKPOINT,
-    World,
     compare_runs,
     fold,
     init_distributed,
