@@ -128,7 +128,7 @@ def shutdown(world: World) -> None:
 
 
 def _all_gather(world: World, obj) -> list:
-    if not world.distributed or world.size == 1:
+    if not world.distributed:
         return [obj]
     import torch.distributed as dist
 
@@ -137,11 +137,12 @@ def _all_gather(world: World, obj) -> list:
     return out
 
 
-def _agree(world: World, what: str, payload: dict) -> list[dict]:
+def _agree(world: World, what: str, payload: dict, extra=None) -> list:
     """All-gather `payload` (JSON-able) and raise DistributedError on every rank if any rank's
     differs from rank 0's (every collective of the profile goes through here, so ranks that got
-    out of step meet a clear error, not a hang)."""
-    got = _all_gather(world, {"what": what, **payload})
+    out of step meet a clear error, not a hang). Returns every rank's `extra` (not compared)."""
+    both = _all_gather(world, ({"what": what, **payload}, extra))
+    got = [b[0] for b in both]
     ref = got[0]
     for r, g in enumerate(got[1:], 1):
         bad = sorted(k for k in set(ref) | set(g) if ref.get(k) != g.get(k))
@@ -152,7 +153,7 @@ def _agree(world: World, what: str, payload: dict) -> list[dict]:
                 f"{_short(ref.get(field))}, rank {r} has {_short(g.get(field))}. Every rank must load the "
                 "same model and read the same data with the same options; start them with one "
                 "torchrun command line")
-    return got
+    return [b[1] for b in both]
 
 
 def _short(v) -> str:
@@ -207,7 +208,7 @@ def gather_merge(probes: list[Probe], world: World, base: list[dict] | None = No
     `base` (earlier, already merged state). Returns the merged host state dicts on rank 0,
     None elsewhere. Works for any Probe (see the module docstring for what a probe needs)."""
     local = _host_state(probes)
-    if world.distributed and world.size > 1:
+    if world.distributed:
         import torch.distributed as dist
 
         got = [None] * world.size if world.main else None
@@ -468,10 +469,8 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
                 n_seq += int((m.sum(1) > 0).sum())
                 bar.update(n)
                 if save_every and used - last_save >= save_every and used < budget:
-                    calls = _agree(world, "checkpoint", {"batches": i + 1, "tokens": used,
-                                                         "sha256_state": sha.hexdigest()})
-                    del calls
-                    calls = sum(_all_gather(world, cap.call.calls))
+                    calls = sum(_agree(world, "checkpoint", {"batches": i + 1, "tokens": used,
+                                                             "sha256_state": sha.hexdigest()}, cap.call.calls))
                     merged = gather_merge(probes, world, base)
                     for p in probes:  # the next partial sums start afresh on every rank
                         p.state = {}
@@ -485,11 +484,11 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
             if i < skip - 1:
                 raise DistributedError(f"the data end after {i + 1} batches, but the checkpoint was written "
                                        f"after {skip}: resume with the same corpus, or profile anew")
-            _agree(world, "end of data", {"batches": i + 1, "tokens": used, "sequences": n_seq,
-                                          "sha256": sha.hexdigest()})
-            forward_calls = start["forward_calls"] + sum(_all_gather(world, cap.call.calls))
+            calls = _agree(world, "end of data", {"batches": i + 1, "tokens": used, "sequences": n_seq,
+                                                  "sha256": sha.hexdigest()}, cap.call.calls)
+            forward_calls = start["forward_calls"] + sum(calls)
             merged = gather_merge(probes, world, base)
-            if world.main and (world.size > 1 or base is not None):
+            if world.main and (world.distributed or base is not None):
                 for p, flat in zip(probes, merged):
                     _set_state(p, flat)
     finally:
