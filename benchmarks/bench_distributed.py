@@ -158,7 +158,12 @@ def _build(shape: dict, device: str, dtype):
 
 def world1_worker(args) -> None:
     import workbench as wb
-    from workbench.capture.distributed import compare_runs, init_distributed, profile_corpus, shutdown
+    from workbench.capture.distributed import (
+        compare_runs,
+        init_distributed,
+        profile_corpus,
+        shutdown,
+    )
 
     device = "cpu" if args.smoke_cpu else args.device
     world = init_distributed("gloo" if device == "cpu" else "nccl")
