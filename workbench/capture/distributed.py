@@ -91,11 +91,12 @@ class World:
         return self.backend is not None
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> World:
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, gpu: int | None = None) -> World:
     """Join the process group torchrun set up (env:// rendezvous).
 
     backend: "nccl" when CUDA is available, else "gloo" (default); under NCCL each rank uses
-    cuda:LOCAL_RANK. Raises DistributedError when torchrun's environment is missing.
+    cuda:LOCAL_RANK (or cuda:`gpu`, the first GPU of a rank whose model spans several).
+    Raises DistributedError when torchrun's environment is missing.
     """
     import torch.distributed as dist
 
@@ -108,14 +109,15 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> W
             "(or drop --distributed to profile in this one process)")
     rank, size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    gpu = local if gpu is None else gpu
     if backend == "nccl":
-        if not torch.cuda.is_available() or local >= torch.cuda.device_count():
+        if not torch.cuda.is_available() or gpu >= torch.cuda.device_count():
             raise DistributedError(f"NCCL needs a GPU per local rank; rank {rank} has LOCAL_RANK {local} "
                                    f"but {torch.cuda.device_count()} GPUs are visible. Use "
                                    "--nproc_per_node <= the GPU count, or the gloo backend on CPU")
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(gpu)
     if not dist.is_initialized():
-        kw = {"device_id": torch.device("cuda", local)} if backend == "nccl" else {}
+        kw = {"device_id": torch.device("cuda", gpu)} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
     return World(rank=rank, size=size, local_rank=local, backend=backend)
 
@@ -541,20 +543,27 @@ def compare_runs(a: Run, b: Run, rtol: float = 1e-12) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the CLI
-def rank_max_memory(world: World) -> dict | None:
-    """accelerate `max_memory` giving this rank its own share of the visible GPUs (with
-    `device_map="auto"` under torchrun: local rank r of L uses GPUs r*k .. r*k+k-1, k = n // L),
-    plus host memory for offload; None on CPU-only machines."""
+def rank_gpus(distributed: bool) -> list[int]:
+    """The GPUs of this rank when its model spans several (`--device-map auto` under torchrun):
+    local rank r of L uses GPUs r*k .. r*k+k-1, k = n_gpus // L (all GPUs for one process)."""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
-        return None
-    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world.size)) if world.distributed else 1
+        return []
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))) if distributed else 1
+    local = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
     k = n // local_size
     if k < 1:
         raise DistributedError(f"{local_size} ranks on this machine but {n} GPUs: with --device-map each "
                                "rank needs at least one GPU; lower --nproc_per_node")
-    mine = range(world.local_rank * k, world.local_rank * k + k)
-    mem = {g: torch.cuda.get_device_properties(g).total_memory for g in mine}
+    return list(range(local * k, local * k + k))
+
+
+def rank_max_memory(gpus: list[int], fraction: float = 0.9) -> dict | None:
+    """accelerate `max_memory` with this rank's GPUs only (`fraction` of each, the rest left for
+    activations) plus the host's free memory for offload; None on CPU-only machines."""
+    if not gpus:
+        return None
+    mem = {g: int(fraction * torch.cuda.get_device_properties(g).total_memory) for g in gpus}
     mem["cpu"] = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return mem
 
@@ -575,12 +584,13 @@ def cli_profile(args, source: str, out: Path, probes=None) -> Run | None:
 
     if args.resume and not args.out:
         raise DistributedError("--resume needs --out DIR: the directory of the interrupted profile")
-    world = init_distributed() if args.distributed else World()
+    gpus = rank_gpus(args.distributed) if args.device_map == "auto" else []
+    world = init_distributed(gpu=gpus[0] if gpus else None) if args.distributed else World()
     try:
         load_kw = {"device": args.device, "dtype": args.dtype}
         if args.device_map:
             load_kw = {"dtype": args.dtype, "device_map": args.device_map}
-            mm = rank_max_memory(world) if args.device_map == "auto" else None
+            mm = rank_max_memory(gpus)
             if mm is not None:
                 load_kw["max_memory"] = mm
         elif world.backend == "nccl":
