@@ -230,8 +230,10 @@ def test_output_directory_guards(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         profile_corpus(model, ids, attention_mask=mask, batch_size=1, out=out, save_every=5, progress=False)
     kill.h.remove()
+    (out / ".checkpoint-abc.tmp").write_bytes(b"half-written")  # a kill during a checkpoint write
     with pytest.raises(DistributedError, match="unfinished profile .* continue it with --resume"):
         profile_corpus(model, ids, attention_mask=mask, batch_size=1, out=out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT]
     with pytest.raises(DistributedError, match="nothing to resume"):
         profile_corpus(model, ids, attention_mask=mask, out=tmp_path / "empty", resume=True, progress=False)
     done = tmp_path / "done"

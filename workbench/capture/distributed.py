@@ -316,6 +316,10 @@ def _prepare_out(out: Path | None, identity: dict, *, resume: bool, overwrite: b
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is a file; choose another directory for the run")
     files = [p.name for p in out.iterdir()] if out.is_dir() else []
+    stale = [f for f in files if f.startswith(".checkpoint-") and f.endswith(".tmp")]
+    for f in stale:  # a checkpoint write that was killed half-way (the previous checkpoint is intact)
+        (out / f).unlink(missing_ok=True)
+    files = [f for f in files if f not in stale]
     if resume:
         if "run.json" in files:
             raise DistributedError(f"{out} already holds a finished run: there is nothing to resume "
@@ -370,13 +374,13 @@ def _write_run(run: Run, out: Path, overwrite: bool) -> None:
 
 
 # --------------------------------------------------------------------------- the profile
-def _batches(model, data, *, tokenizer, attention_mask, batch_size, max_length, padding_side) -> Iterator:
+def _batches(model, data, *, tokenizer, attention_mask, batch_size, max_length, padding_side) -> Iterator | list:
     if isinstance(data, TextStream) or (not isinstance(data, (list, tuple, torch.Tensor))
                                         and isinstance(data, Iterable)):
         return stream_batches(data, tokenizer, batch_size=batch_size, max_length=max_length,
                               padding_side=padding_side)
-    return iter(token_batches(data, tokenizer=tokenizer, attention_mask=attention_mask, batch_size=batch_size,
-                              max_length=max_length, padding_side=padding_side))
+    return token_batches(data, tokenizer=tokenizer, attention_mask=attention_mask, batch_size=batch_size,
+                         max_length=max_length, padding_side=padding_side)
 
 
 def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokenizer=None,
@@ -436,15 +440,18 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
     skip = start["batches"]
     i = -1
     t0 = time.perf_counter()
-    bar = tqdm(total=None if budget == math.inf else budget, initial=used, unit="tok", unit_scale=True,
+    batches = _batches(model, data, tokenizer=tokenizer, attention_mask=attention_mask, batch_size=batch_size,
+                       max_length=max_length, padding_side=side)
+    total = None if budget == math.inf else budget
+    if isinstance(batches, list):  # in memory: the token count is known, so is the time left
+        total = min(sum(int(m.sum()) for _, m in batches), budget)
+    bar = tqdm(total=total, initial=used, unit="tok", unit_scale=True,
                desc=f"profile ({world.size} rank{'s' if world.size > 1 else ''})",
                disable=not (progress and world.main), dynamic_ncols=True)
     forward_calls = 0
     try:
         with Capture(model, probes=probes, rule=rule, data=data_info, layout=layout) as cap:
-            for i, (ids, m) in enumerate(_batches(model, data, tokenizer=tokenizer, attention_mask=attention_mask,
-                                                  batch_size=batch_size, max_length=max_length,
-                                                  padding_side=side)):
+            for i, (ids, m) in enumerate(batches):
                 if i < skip:  # done before the checkpoint: hash, do not run
                     sha.update(ids.cpu().numpy().tobytes())
                     sha.update(m.cpu().numpy().tobytes())
