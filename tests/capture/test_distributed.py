@@ -287,3 +287,38 @@ def test_torchrun_two_process_cli_profile_equals_single_process(tmp_path):
     assert compare_runs(ref, run, rtol=0) == []
     assert run.meta["data"]["n_tokens"] == 4096
     assert "mean token sparsity" in stdout
+
+
+# ------------------------------------------------------------------ data labels follow their rows
+class LabelTokens(wb.probes.Probe):
+    """Test probe: valid tokens per data label (as the routing / bricks probes count)."""
+
+    name = "label_tokens"
+
+    def update(self, site, batch, ctx):
+        st = self.state.setdefault(site.name, {"n": torch.zeros(16, dtype=torch.int64, device=batch.a.device)})
+        lab = batch.labels
+        if batch.valid is not None:
+            lab = lab[batch.valid]
+        st["n"] += torch.bincount(lab, minlength=16)[:16]
+
+
+def test_labelled_documents_on_two_ranks_equal_one_process(tmp_path):
+    from workbench.models.corpus import load_split
+
+    model = wb.load_model("zoo:relu-llama")
+    docs = load_split("validation")[:30]
+    kw = dict(batch_size=4, max_length=48, max_tokens=1000, progress=False)
+    ref = wb.profile(model, docs, probes=["neuron_stats", LabelTokens()], **kw)
+    assert ref.meta["labels"]["source"] == "domain" and len(ref.meta["labels"]["names"]) > 1
+
+    def work(world):
+        profile_corpus(model, docs, probes=["neuron_stats", LabelTokens()], world=world, out=tmp_path / "run", **kw)
+
+    got = _ranks(work)
+    assert got == {0: ("ok", None), 1: ("ok", None)}, got
+    run = wb.Run.load(tmp_path / "run")
+    assert run.meta["labels"] == ref.meta["labels"]
+    assert compare_runs(ref, run, rtol=1e-12) == []
+    with pytest.raises(DistributedError, match="labels need the data in memory"):
+        profile_corpus(model, iter(["a text"]), labels=["x"], progress=False)

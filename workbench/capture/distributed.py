@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from workbench.capture.core import Capture
 from workbench.capture.probes import Probe, make_probes
+from workbench.capture.profile import _label_names
 from workbench.capture.rules import Rule
 from workbench.capture.run import Run
 from workbench.capture.stream import TextStream, stream_batches
@@ -374,13 +375,18 @@ def _write_run(run: Run, out: Path, overwrite: bool) -> None:
 
 
 # --------------------------------------------------------------------------- the profile
-def _batches(model, data, *, tokenizer, attention_mask, batch_size, max_length, padding_side) -> Iterator | list:
-    if isinstance(data, TextStream) or (not isinstance(data, (list, tuple, torch.Tensor))
-                                        and isinstance(data, Iterable)):
+def _streamed(data) -> bool:
+    return isinstance(data, TextStream) or (not isinstance(data, (list, tuple, torch.Tensor))
+                                            and isinstance(data, Iterable))
+
+
+def _batches(model, data, *, tokenizer, attention_mask, batch_size, max_length, padding_side,
+             kept: list) -> Iterator | list:
+    if _streamed(data):
         return stream_batches(data, tokenizer, batch_size=batch_size, max_length=max_length,
                               padding_side=padding_side)
     return token_batches(data, tokenizer=tokenizer, attention_mask=attention_mask, batch_size=batch_size,
-                         max_length=max_length, padding_side=padding_side)
+                         max_length=max_length, padding_side=padding_side, kept=kept)
 
 
 def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokenizer=None,
@@ -388,7 +394,7 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
                    attention_mask: torch.Tensor | None = None, rule="zero", probes=None,
                    padding_side: str | None = None, save_every: int | None = None, resume: bool = False,
                    overwrite: bool = False, world: World | None = None, progress: bool = True,
-                   data_info: dict | None = None, layout=None) -> Run | None:
+                   data_info: dict | None = None, labels=None, layout=None) -> Run | None:
     """Profile `model` over `data` like `wb.profile`, at corpus scale.
 
     data: what `wb.profile` takes, or a `TextStream` / any iterable of texts (streamed, never
@@ -396,7 +402,8 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
     save_every: write the merged state to `out` every that many tokens; resume: continue from
     the checkpoint in `out`. Rank 0 returns the Run (saved to `out` when given); other ranks
     return None. The Run equals `wb.profile(model, data, ...)` with the same options (see the
-    module docstring for the exact sense).
+    module docstring for the exact sense). labels: as for `wb.profile` (per-text labels, zoo
+    Documents by domain), for data in memory; a streamed corpus is not labelled.
     """
     world = world or World()
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -431,6 +438,13 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
     if world.main and tensors is not None:
         base = [{k: v for k, v in tensors.items() if k.startswith(p.name + "/")} for p in probes]
 
+    names = label_source = label_ids = vocab = None
+    if not _streamed(data):
+        names, label_source = _label_names(data, labels)
+    elif labels is not None:
+        raise DistributedError("labels need the data in memory (a list of texts or Documents); a streamed "
+                               "corpus is profiled without labels")
+    kept: list[int] = []
     device = model_device(model)
     budget = max_tokens if max_tokens else math.inf
     sha = hashlib.sha256()
@@ -441,7 +455,12 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
     i = -1
     t0 = time.perf_counter()
     batches = _batches(model, data, tokenizer=tokenizer, attention_mask=attention_mask, batch_size=batch_size,
-                       max_length=max_length, padding_side=side)
+                       max_length=max_length, padding_side=side, kept=kept)
+    if names is not None:
+        vocab = sorted(set(names))
+        index = {n: k for k, n in enumerate(vocab)}
+        label_ids = torch.tensor([index[names[k]] for k in kept], dtype=torch.int64)
+    row = 0
     total = None if budget == math.inf else budget
     if isinstance(batches, list):  # in memory: the token count is known, so is the time left
         total = min(sum(int(m.sum()) for _, m in batches), budget)
@@ -452,6 +471,9 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
     try:
         with Capture(model, probes=probes, rule=rule, data=data_info, layout=layout) as cap:
             for i, (ids, m) in enumerate(batches):
+                if label_ids is not None:
+                    cap.set_labels(label_ids[row:row + ids.shape[0]])
+                row += ids.shape[0]
                 if i < skip:  # done before the checkpoint: hash, do not run
                     sha.update(ids.cpu().numpy().tobytes())
                     sha.update(m.cpu().numpy().tobytes())
@@ -513,6 +535,9 @@ def profile_corpus(model, data, *, out: str | os.PathLike | None = None, tokeniz
     info = {"kind": "token_ids" if isinstance(data, torch.Tensor) else "texts", "n_sequences": n_seq,
             "n_tokens": used, "sha256": sha.hexdigest()}
     run.meta["data"] = {**(data_info or {}), **info, "forward_calls": forward_calls}
+    if vocab is not None:
+        run.meta["labels"] = {"names": vocab, "source": label_source,
+                              "sequences": {v: int((label_ids == k).sum()) for k, v in enumerate(vocab)}}
     run.meta["scale"] = {"world_size": world.size, "backend": world.backend, "save_every": save_every,
                          "resumed_at_tokens": start["tokens"] or None, "wall_s": round(wall, 3),
                          "tokens_per_s": round((used - start["tokens"]) / wall, 1) if wall > 0 else None}
