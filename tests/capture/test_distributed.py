@@ -322,3 +322,35 @@ def test_labelled_documents_on_two_ranks_equal_one_process(tmp_path):
     assert compare_runs(ref, run, rtol=1e-12) == []
     with pytest.raises(DistributedError, match="labels need the data in memory"):
         profile_corpus(model, iter(["a text"]), labels=["x"], progress=False)
+
+
+def test_sigkilled_process_resumes_to_the_uninterrupted_run(tmp_path):
+    """A real kill (SIGKILL: no exception, no `finally`) in a forked process mid-profile; the
+    directory holds only the last checkpoint, and --resume ends with the uninterrupted Run."""
+    import signal
+
+    ids, mask = _data(6)
+    model = tiny.build("llama")
+    full = _run(model, ids, mask, tmp_path / "full")
+    out = tmp_path / "killed"
+    pid = os.fork()
+    if pid == 0:  # the child: profile, and die at the 7th forward call
+        try:
+            torch.set_num_threads(1)
+            calls = [0]
+
+            def die(module, args):
+                calls[0] += 1
+                if calls[0] == 7:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            model.register_forward_pre_hook(die)
+            _run(model, ids, mask, out)
+        finally:
+            os._exit(3)  # not reached when killed
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert sorted(p.name for p in out.iterdir()) == [CHECKPOINT]
+    resumed = _run(model, ids, mask, out, resume=True)
+    assert resumed.meta["scale"]["resumed_at_tokens"] > 0
+    assert compare_runs(full, wb.Run.load(out), rtol=0) == []
