@@ -1,0 +1,524 @@
+"""Routing probes: what every MoE router decides, as streaming state on the model's device.
+
+`RoutingProbe` hooks the router modules that the adapters locate (transformers 5 fuses the
+experts, so the router is the one place where the decision is visible) and keeps, per layer:
+
+- ``counts [E]`` int64: valid tokens that selected each expert; ``mass [E]`` float64: the
+  routing weight they gave it (the weight the MoE multiplies the expert's output by);
+- ``active_hist [E + 1]`` int64: tokens by number of selected experts (variable for ReLU routers);
+- ``entropy``, ``margin`` float64 sums: per-token entropy (nats) of the router's distribution p
+  and its top-1 margin p_(1) - p_(2) (p: see `decode_router_output`);
+- ``cosel [E, E]`` int64: tokens that selected both a and b, over all pairs (diagonal = counts);
+- ``reuse_num`` float64 / ``reuse_den`` int64: consecutive-token reuse |S_i n S_i+1| / |S_i|;
+- ``cls_num`` / ``cls_den [len(lengths)]`` int64: CLS_L window unions (BlockFFN arXiv 2507.08771;
+  per sequence, over valid tokens, tail dropped; TLS comes from ``counts``);
+- ``label_counts [labels, E]`` / ``label_tokens [labels]``: per data label (`profile(labels=...)`);
+- ``vocab_counts [V, E]`` / ``vocab_tokens [V]`` int32: per input token id (ids >= V not kept;
+  V = min(vocab size, vocab_cells // E));
+- a token sample: the first ``budget`` valid tokens in reading order, with token id, sequence,
+  position, data label and each layer's selection and weights ``[budget, E]``;
+- ``shared_gate`` float64: sum of sigmoid(shared expert gate) (Qwen2-MoE), when the model has one.
+
+Sequences are taken per forward call (a prefill); windows and consecutive pairs do not cross
+calls. Nothing here reads a device value back to the host during the capture.
+
+`ChunkProbe` keeps only the TLS / CLS_L / reuse counts, over router experts or over FFN neurons
+(under the run's rule); `workbench.metrics.chunks.chunk_table` runs on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.adapters.base import GATED
+from workbench.capture.probes import HookPoint, SiteProbe
+from workbench.capture.rules import Rule
+from workbench.errors import AdapterError, CaptureError
+
+LENGTHS = (1, 2, 4, 8, 16, 32, 64)
+ROUTER_KINDS = ("topk_softmax", "sigmoid_topk", "topk_logits", "relu")
+
+
+@dataclass
+class RouterOut:
+    """One router call, decoded: selected [N, E] bool, weights [N, E] float32 (0 where not
+    selected), probs [N, E] float32 (the router's distribution over experts)."""
+
+    selected: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+
+
+def _describe(output) -> str:
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of ({', '.join(_describe(o) for o in output)})"
+    return f"a {type(output).__name__}"
+
+
+def decode_router_output(site, output) -> RouterOut:
+    """Turn a router module's output into (selected, weights, probs) per token row.
+
+    Formats (transformers 5.17 to 5.25, and the zoo's BlockFFN):
+    - ``(logits [N, E], top-k weights [N, k], top-k indices [N, k])``: Mixtral, Qwen2/3-MoE,
+      OLMoE, DeepSeek-V3, GPT-OSS routers. The weights are the router's own (renormalised or
+      not, scaled or not, as the family does); p is softmax(logits) for "topk_softmax" and
+      "topk_logits" and sigmoid(logits) / sum for "sigmoid_topk".
+    - one tensor ``[..., E]``: "relu" routers (BlockFFN, DECO) give the scores A (an expert is
+      selected iff A != 0, weight A, p = A / sum A, all-zero rows p = 0); a softmax router
+      that is a plain Linear (older transformers) gives logits, and the probe takes the top_k
+      of softmax(logits), weights the probabilities.
+    Anything else raises AdapterError naming what was seen and what to register.
+    """
+    kind = site.kind
+    e = int(site.n_experts)
+    if kind not in ROUTER_KINDS:
+        raise AdapterError(f"router {site.name} has router_kind {kind!r}; the routing probe knows "
+                           f"{list(ROUTER_KINDS)}: register an adapter with one of them "
+                           "(wb.register_adapter(wb.Adapter(..., router_kind=...), override=True))")
+    if (isinstance(output, (tuple, list)) and len(output) >= 3 and all(isinstance(o, torch.Tensor) for o in output[:3])
+            and not output[2].is_floating_point() and output[0].shape[-1] == e):
+        logits = output[0].reshape(-1, e).float()
+        idx = output[2].reshape(logits.shape[0], -1).long()
+        w = output[1].reshape(logits.shape[0], -1).float()
+        selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
+        if w.shape == idx.shape:
+            weights = torch.zeros_like(logits).scatter_(1, idx, w)
+        elif w.shape[-1] == e:
+            weights = torch.where(selected, w, torch.zeros_like(w))
+        else:
+            raise AdapterError(f"router {site.name} returned top-k weights of shape {tuple(output[1].shape)} "
+                               f"for indices of shape {tuple(output[2].shape)}; expected [tokens, k] or "
+                               "[tokens, experts]")
+        if kind == "sigmoid_topk":
+            s = torch.sigmoid(logits)
+            probs = s / s.sum(-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits, -1)
+        return RouterOut(selected, weights, probs)
+    if isinstance(output, torch.Tensor) and output.shape[-1] == e and e > 0:
+        t = output.reshape(-1, e).float()
+        if kind == "relu":
+            selected = t != 0
+            a = t.clamp_min(0)
+            probs = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            return RouterOut(selected, torch.where(selected, t, torch.zeros_like(t)), probs)
+        if kind == "topk_softmax" and site.top_k:
+            probs = torch.softmax(t, -1)
+            idx = probs.topk(int(site.top_k), -1).indices
+            selected = torch.zeros_like(t, dtype=torch.bool).scatter_(1, idx, True)
+            return RouterOut(selected, torch.where(selected, probs, torch.zeros_like(probs)), probs)
+    raise AdapterError(
+        f"router {site.name} (router_kind {kind!r}, {e} experts) returned {_describe(output)}; the "
+        "routing probe reads either (logits [tokens, E], top-k weights [tokens, k], top-k indices "
+        "[tokens, k]) or one score tensor [..., E]. Register an adapter whose `router` path names "
+        "a module with one of these outputs (wb.register_adapter(wb.Adapter(..., router=..., "
+        "router_kind=...), override=True))")
+
+
+# -- device-side counts over [B, S, U] activity (no host sync) ---------------------------------
+
+def window_union_counts(active: torch.Tensor, valid: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS_L counts of one call: (active unions summed over windows and units, windows x units),
+    int64 [len(lengths)] each. active [B, S, U] bool; valid [B, S] bool. Windows of L valid
+    tokens per sequence, from its first valid token; the tail is dropped."""
+    b, s, u = active.shape
+    dev = active.device
+    rank = valid.long().cumsum(1) - 1
+    n_valid = valid.sum(1, keepdim=True)
+    act = active.reshape(b * s, u).to(torch.int32)
+    nums, dens = [], []
+    for L in lengths:
+        max_w = -(-s // L)
+        n_win = n_valid // L
+        win = rank // L
+        keep = valid & (win < n_win)
+        flat = torch.where(keep, torch.arange(b, device=dev)[:, None] * max_w + win, b * max_w)
+        union = torch.zeros(b * max_w + 1, u, dtype=torch.int32, device=dev)
+        union.scatter_reduce_(0, flat.reshape(-1, 1).expand(-1, u), act, "amax")
+        nums.append(union[:-1].sum(dtype=torch.int64))
+        dens.append(n_win.sum() * u)
+    return torch.stack(nums), torch.stack(dens)
+
+
+def reuse_sums(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over consecutive valid pairs with |S_i| > 0 of |S_i n S_i+1| / |S_i| (float64),
+    number of such pairs (int64)). active [B, S, U] bool; valid [B, S] bool (holes allowed)."""
+    b, s, u = active.shape
+    if s < 2:
+        z = torch.zeros((), device=active.device)
+        return z.double(), z.long()
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid tokens first, in order
+    seq = active.gather(1, order[..., None].expand(-1, -1, u))
+    prev, nxt = seq[:, :-1], seq[:, 1:]
+    n_valid = valid.sum(1, keepdim=True)
+    pair = torch.arange(s - 1, device=active.device)[None, :] < (n_valid - 1)
+    size = prev.sum(-1)
+    ok = pair & (size > 0)
+    inter = (prev & nxt).sum(-1)
+    ratio = torch.where(ok, inter.double() / size.clamp_min(1).double(), torch.zeros((), dtype=torch.float64,
+                                                                                     device=active.device))
+    return ratio.sum(), ok.sum()
+
+
+def _batch_shape(call, n: int) -> int:
+    """Sequences in this call: from the attention mask or the ids (1 when neither is known)."""
+    for t in (call.mask, call.input_ids):
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] and n % t.shape[0] == 0:
+            return int(t.shape[0])
+    return 1
+
+
+class _RouterSites(SiteProbe):
+    site_kind = "router"
+
+    def sites(self, layout, model):
+        found = super().sites(layout, model)
+        for r in found:
+            if r.kind not in ROUTER_KINDS:
+                raise AdapterError(f"router {r.name} has router_kind {r.kind!r}; the routing probe knows "
+                                   f"{list(ROUTER_KINDS)}: register an adapter naming one of them")
+            if not r.n_experts:
+                raise AdapterError(f"router {r.name}: the adapters found no expert count (no "
+                                   "num_experts attribute or weight); register an adapter for the family")
+        return found
+
+
+class RoutingProbe(_RouterSites):
+    """Streaming routing statistics of every router (see the module docstring).
+
+    budget: tokens kept in the token sample (the first valid ones, in reading order); 0 = none.
+    lengths: the CLS_L window lengths. max_labels: the largest number of data labels counted.
+    vocab_cells: bound on the per-(token id, expert) table of one layer (ids >= cells // E are
+    not counted; the bound is stated in run.meta["routing"]). Memory per layer is independent
+    of the number of tokens.
+    """
+
+    name = "routing"
+
+    def __init__(self, budget: int = 2048, lengths=LENGTHS, max_labels: int = 64, vocab_cells: int = 1 << 22):
+        super().__init__()
+        if budget < 0:
+            raise CaptureError("RoutingProbe needs a token budget >= 0")
+        self.budget = int(budget)
+        self.lengths = tuple(int(L) for L in lengths)
+        if any(L < 1 for L in self.lengths):
+            raise CaptureError(f"window lengths must be >= 1, got {self.lengths}")
+        self.max_labels = int(max_labels)
+        self.vocab_cells = int(vocab_cells)
+        self._vocab = None
+        self._tokenizer = None
+        self._sites = []
+
+    def config(self):
+        return {"budget": self.budget, "lengths": list(self.lengths), "max_labels": self.max_labels,
+                "vocab_cells": self.vocab_cells}
+
+    def sites(self, layout, model):
+        found = super().sites(layout, model)
+        self._vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        self._tokenizer = getattr(model, "tokenizer", None)
+        self._sites = found
+        return found
+
+    def points(self, site):
+        pts = [HookPoint(site.module, "router", "post")]
+        if getattr(site, "shared_gate", None) is not None:
+            pts.append(HookPoint(site.shared_gate, "shared_gate", "post"))
+        return pts
+
+    def _vocab_rows(self, e: int) -> int:
+        if not self._vocab:
+            return 0
+        return int(min(self._vocab, self.vocab_cells // e))
+
+    def _init(self, site, device) -> dict:
+        e, nl = int(site.n_experts), len(self.lengths)
+        z = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
+        v = self._vocab_rows(e)
+        st = {"tokens": z(()), "counts": z(e), "mass": z(e, dt=torch.float64), "active_hist": z(e + 1),
+              "entropy": z((), dt=torch.float64), "margin": z((), dt=torch.float64), "cosel": z(e, e),
+              "reuse_num": z((), dt=torch.float64), "reuse_den": z(()), "cls_num": z(nl), "cls_den": z(nl),
+              "nonfinite": z(()), "label_counts": z(0, e), "label_tokens": z(0),
+              "vocab_counts": z(v, e, dt=torch.int32), "vocab_tokens": z(v, dt=torch.int32),
+              "shared_gate": z((), dt=torch.float64), "shared_gate_tokens": z(())}
+        if self.budget:
+            bud = self.budget
+            st.update(sample_token=torch.full((bud,), -1, dtype=torch.int64, device=device),
+                      sample_rank=torch.full((bud,), -1, dtype=torch.int64, device=device),
+                      sample_seq=torch.full((bud,), -1, dtype=torch.int64, device=device),
+                      sample_pos=torch.full((bud,), -1, dtype=torch.int64, device=device),
+                      sample_label=torch.full((bud,), -1, dtype=torch.int64, device=device),
+                      sample_weights=z(bud, e, dt=torch.float32), sample_selected=z(bud, e, dt=torch.bool),
+                      seen=z(()), seqs=z(()))
+        return st
+
+    def _grow_labels(self, st, n: int) -> None:
+        if n > self.max_labels:
+            raise CaptureError(f"the data carries {n} labels but RoutingProbe(max_labels={self.max_labels}) "
+                               "counts at most that many: pass a larger max_labels")
+        have = st["label_tokens"].shape[0]
+        if n > have:
+            e = st["label_counts"].shape[1]
+            st["label_counts"] = torch.cat([st["label_counts"], st["label_counts"].new_zeros(n - have, e)])
+            st["label_tokens"] = torch.cat([st["label_tokens"], st["label_tokens"].new_zeros(n - have)])
+
+    def observe(self, site, call):
+        if call.role == "shared_gate":
+            g = call.output
+            g = g.reshape(-1, g.shape[-1])[:, 0]
+            valid, _ = call.rows(g.shape[0], g.device)
+            st = self.state.get(site.name)
+            if st is None:
+                st = self.state[site.name] = self._init(site, g.device)
+            s = torch.sigmoid(g.double())
+            if valid is not None:
+                s = torch.where(valid, s, torch.zeros_like(s))
+            st["shared_gate"] += s.sum()
+            st["shared_gate_tokens"] += valid.sum() if valid is not None else g.shape[0]
+            return
+        out = decode_router_output(site, call.output)
+        sel, w, p = out.selected, out.weights, out.probs
+        n, e = sel.shape
+        dev = sel.device
+        st = self.state.get(site.name)
+        if st is None:
+            st = self.state[site.name] = self._init(site, dev)
+        valid, tok = call.rows(n, dev)
+        if valid is None:
+            valid = torch.ones(n, dtype=torch.bool, device=dev)
+        vcol = valid[:, None]
+        sel = sel & vcol
+        w = torch.where(vcol, w, torch.zeros((), device=dev))
+        st["tokens"] += valid.sum()
+        st["nonfinite"] += (~torch.isfinite(p) & vcol).sum()
+        st["counts"] += sel.sum(0)
+        st["mass"] += w.sum(0, dtype=torch.float64)
+        k = sel.sum(1)
+        st["active_hist"] += torch.bincount(torch.where(valid, k, e + 1), minlength=e + 2)[: e + 1]
+        plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros((), device=dev))
+        ent = -plogp.sum(-1)
+        st["entropy"] += torch.where(valid, ent, torch.zeros((), device=dev)).sum(dtype=torch.float64)
+        top2 = p.topk(min(2, e), -1).values
+        margin = top2[:, 0] - top2[:, 1] if e > 1 else top2[:, 0]
+        st["margin"] += torch.where(valid, margin, torch.zeros((), device=dev)).sum(dtype=torch.float64)
+        self_f = sel.float()
+        # exact while one call has < 2^24 tokens; no int matmul on CUDA
+        st["cosel"] += (self_f.t() @ self_f).round().long()
+        b = _batch_shape(call, n)
+        act3, val2 = sel.reshape(b, n // b, e), valid.reshape(b, n // b)
+        num, den = window_union_counts(act3, val2, self.lengths)
+        st["cls_num"] += num
+        st["cls_den"] += den
+        rn, rd = reuse_sums(act3, val2)
+        st["reuse_num"] += rn
+        st["reuse_den"] += rd
+        if call.labels is not None and call.labels.numel():
+            self._grow_labels(st, int(call.labels.max()) + 1)  # labels live on the host: no sync
+            lab = call.row_labels(n, dev)
+            keep = valid & (lab >= 0)
+            li = lab.clamp_min(0)
+            st["label_counts"].index_add_(0, li, (sel & keep[:, None]).long())
+            st["label_tokens"].index_add_(0, li, keep.long())
+        v = st["vocab_tokens"].shape[0]
+        if tok is not None and v:
+            keep = valid & (tok >= 0) & (tok < v)
+            ti = torch.where(keep, tok, torch.zeros_like(tok))
+            st["vocab_counts"].index_add_(0, ti, (sel & keep[:, None]).to(torch.int32))
+            st["vocab_tokens"].index_add_(0, ti, keep.to(torch.int32))
+        if self.budget:
+            self._sample(st, call, sel, w, valid, tok, b)
+
+    def _sample(self, st, call, sel, w, valid, tok, b):
+        n, e = sel.shape
+        dev = sel.device
+        bud = self.budget
+        rank = st["seen"] + valid.long().cumsum(0) - 1
+        keep = valid & (rank < bud)
+        dest = torch.where(keep, rank, torch.full_like(rank, bud))
+        pos = (valid.reshape(b, -1).long().cumsum(1) - 1).reshape(-1)
+        seq = st["seqs"] + torch.arange(b, device=dev).repeat_interleave(n // b)
+        lab = call.row_labels(n, dev)
+        if lab is None:
+            lab = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        tid = tok if tok is not None else torch.full((n,), -1, dtype=torch.int64, device=dev)
+
+        def put(name, val):
+            buf = torch.cat([st[name], st[name][:1]])  # a dump slot at index bud
+            buf.index_copy_(0, dest, val.to(buf.dtype))
+            st[name] = buf[:bud]
+
+        # rows written in index order: duplicate dump writes are harmless, kept rows are unique
+        put("sample_token", tid)
+        put("sample_rank", rank)
+        put("sample_seq", seq)
+        put("sample_pos", pos)
+        put("sample_label", lab)
+        put("sample_weights", w)
+        put("sample_selected", sel)
+        st["seen"] += valid.sum()
+        st["seqs"] += b
+
+    def _merge_site(self, mine, theirs):
+        theirs = {k: v.to(mine["tokens"].device) for k, v in theirs.items()}
+        if self.budget and "sample_rank" in theirs:
+            # the other part comes after this one: offset its ranks and sequences, keep the first
+            off_r, off_s = mine["seen"], mine["seqs"]
+            ranks = torch.cat([mine["sample_rank"],
+                               torch.where(theirs["sample_rank"] >= 0, theirs["sample_rank"] + off_r, -1)])
+            top = torch.argsort(torch.where(ranks >= 0, ranks, torch.full_like(ranks, 1 << 62)))[: self.budget]
+            for f in ("sample_token", "sample_pos", "sample_label", "sample_weights", "sample_selected"):
+                mine[f] = torch.cat([mine[f], theirs[f]])[top]
+            mine["sample_seq"] = torch.cat([mine["sample_seq"],
+                                            torch.where(theirs["sample_seq"] >= 0, theirs["sample_seq"] + off_s,
+                                                        -1)])[top]
+            mine["sample_rank"] = ranks[top]
+        for k in ("label_counts", "label_tokens"):
+            n = max(mine[k].shape[0], theirs[k].shape[0])
+            for d in (mine, theirs):
+                if d[k].shape[0] < n:
+                    pad = d[k].new_zeros(n - d[k].shape[0], *d[k].shape[1:])
+                    d[k] = torch.cat([d[k], pad])
+        for k, v in theirs.items():
+            if not k.startswith("sample_"):
+                mine[k] = mine[k] + v
+
+    def finish(self, run) -> None:
+        bad = []
+        for s in self._sites:
+            st = self.state.get(s.name)
+            if st is not None and int(st["nonfinite"]) > 0:
+                bad.append(f"layer {s.layer} ({s.name}): {int(st['nonfinite'])} non-finite router scores")
+        if bad:
+            raise CaptureError("NaN/Inf in router outputs: " + "; ".join(bad) + ". Check the model's dtype "
+                               "(fp16 overflow is common: try bfloat16 or float32) and its weights.")
+        meta = {"lengths": list(self.lengths), "budget": self.budget,
+                "vocab_rows": {s.name: int(self.state[s.name]["vocab_tokens"].shape[0])
+                               for s in self._sites if s.name in self.state},
+                "vocab_size": self._vocab}
+        first = next((self.state[s.name] for s in self._sites if s.name in self.state), None)
+        if self.budget and first is not None:
+            ids = first["sample_token"].cpu().tolist()
+            meta["sample_text"] = _pieces(self._tokenizer, ids)
+        run.meta["routing"] = meta
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str] | None:
+    """The text piece of each token id (None without a tokenizer; "" for empty slots)."""
+    if tokenizer is None:
+        return None
+    out = []
+    for i in ids:
+        if i < 0:
+            out.append("")
+            continue
+        try:
+            out.append(tokenizer.decode([int(i)]))
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot decode one id: show the id
+            out.append(f"<{i}>")
+    return out
+
+
+class ChunkProbe(_RouterSites):
+    """TLS, CLS_L and reuse counts per layer over router experts (units="experts") or FFN neurons
+    (units="neurons", active under `rule`, the capture's FFN sites). State per layer: ``tls_num``
+    / ``tls_den``, ``cls_num`` / ``cls_den [len(lengths)]``, ``reuse_num`` / ``reuse_den``,
+    ``nonfinite`` (checked once at the end, naming the layer)."""
+
+    name = "chunks"
+
+    def __init__(self, units: str = "experts", lengths=LENGTHS, rule="zero"):
+        super().__init__()
+        if units not in ("experts", "neurons"):
+            raise CaptureError(f"units must be 'experts' or 'neurons', got {units!r}")
+        self.units = units
+        self.site_kind = "router" if units == "experts" else "ffn"
+        self.lengths = tuple(int(L) for L in lengths)
+        if any(L < 1 for L in self.lengths):
+            raise CaptureError(f"window lengths must be >= 1, got {self.lengths}")
+        self.rule = Rule.parse(rule)
+        self._pending: dict = {}
+        self._norms: dict = {}
+        self._sites = []
+
+    def config(self):
+        return {"units": self.units, "lengths": list(self.lengths), "rule": str(self.rule)}
+
+    def sites(self, layout, model):
+        if self.units == "experts":
+            found = super().sites(layout, model)
+        else:
+            found = [s for s in layout.ffns if s.role in ("dense", "shared_expert")]
+        self._sites = found
+        return found
+
+    def points(self, site):
+        if self.units == "experts":
+            return [HookPoint(site.module, "router", "post")]
+        pts = []
+        if self.rule.needs_gate_act(site.kind == GATED):
+            if site.act is None:
+                raise CaptureError(f"{site.name}: rule {self.rule} needs act(gate) but the adapter found no "
+                                   "activation module to hook")
+            pts.append(HookPoint(site.act, "act", "post"))
+        pts.append(HookPoint(site.down, "down_input", "pre"))
+        return pts
+
+    def observe(self, site, call):
+        if call.role == "act":
+            self._pending[site.name] = call.output
+            return
+        if self.units == "experts":
+            act = decode_router_output(site, call.output).selected
+            out = call.output[0] if isinstance(call.output, (tuple, list)) else call.output
+            fin = (~torch.isfinite(out)).sum()
+        else:
+            a = call.args[0]
+            a = a.reshape(-1, a.shape[-1])
+            g = self._pending.pop(site.name, None)
+            if g is not None:
+                g = g.reshape(-1, g.shape[-1])
+            norms = None
+            if self.rule.needs_down_norms():
+                norms = self._norms.get(site.name)
+                if norms is None:
+                    norms = self._norms[site.name] = site.down_column_norms().to(a.device)
+            act = self.rule.active(a, g, layer=site.layer, gated=site.kind == GATED, down_norms=norms)
+            fin = (~torch.isfinite(a)).sum()
+        n, u = act.shape
+        dev = act.device
+        st = self.state.get(site.name)
+        if st is None:
+            nl = len(self.lengths)
+            z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
+            st = self.state[site.name] = {"tls_num": z(()), "tls_den": z(()), "cls_num": z(nl), "cls_den": z(nl),
+                                          "reuse_num": z((), dt=torch.float64), "reuse_den": z(()),
+                                          "nonfinite": z(())}
+        valid, _ = call.rows(n, dev)
+        if valid is None:
+            valid = torch.ones(n, dtype=torch.bool, device=dev)
+        b = _batch_shape(call, n)
+        act3, val2 = (act & valid[:, None]).reshape(b, n // b, u), valid.reshape(b, n // b)
+        st["nonfinite"] += fin
+        st["tls_num"] += act3.sum()
+        st["tls_den"] += valid.sum() * u
+        num, den = window_union_counts(act3, val2, self.lengths)
+        st["cls_num"] += num
+        st["cls_den"] += den
+        rn, rd = reuse_sums(act3, val2)
+        st["reuse_num"] += rn
+        st["reuse_den"] += rd
+
+    def finish(self, run) -> None:
+        for s in self._sites:
+            st = self.state.get(s.name)
+            if st is not None and int(st["nonfinite"]) > 0:
+                what = "router outputs" if self.units == "experts" else "FFN activations"
+                raise CaptureError(f"layer {s.layer} ({s.name}): NaN/Inf {what}; check dtype and weights")
+
+
+__all__ = ["ChunkProbe", "LENGTHS", "ROUTER_KINDS", "RouterOut", "RoutingProbe", "decode_router_output",
+           "reuse_sums", "window_union_counts"]
