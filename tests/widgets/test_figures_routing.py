@@ -7,15 +7,15 @@ import pandas as pd
 import panel as pn
 import pytest
 import torch
+from workbench.widgets import figures_routing as fr
+from workbench.widgets.views import views_for
+from workbench.widgets.views.routing import RoutingView
 
 import workbench as wb
 import workbench.metrics as wm
 from tests import tiny
 from workbench.capture import Capture
 from workbench.metrics.routing import Sample, sample
-from workbench.widgets import figures_routing as fr
-from workbench.widgets.views import views_for
-from workbench.widgets.views.routing import RoutingView
 
 
 def _run(family, seed=0, labels=True):

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import panel as pn
 import param
-
-from workbench.errors import WorkbenchError
 from workbench.widgets import figures_routing as fr
 from workbench.widgets.views import View, register_view
+
+from workbench.errors import WorkbenchError
 
 FIGURES = ["heatmap", "load", "lift", "domain", "vocabulary", "layers"]
 METRICS = ["load_cv", "entropy", "entropy_norm", "margin", "reuse", "mean_active", "tls", "cls_8"]
