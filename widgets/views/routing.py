@@ -38,12 +38,12 @@ class RoutingView(View):
     max_columns = param.Integer(default=fr.MAX_COLUMNS, bounds=(8, 4096), doc="token columns before pooling")
 
     def __init__(self, **params):
+        layer = params.pop("layer", None)  # its choices come from the run: set them first
         super().__init__(**params)
         if self.run is not None and self.applies(self.run):
             layers = [int(r["layer"]) for r in self.run.meta.get("routers", [])]
             self.param.layer.objects = layers
-            if self.layer not in layers:
-                self.layer = layers[0]
+            self.layer = layers[0] if layer is None else layer
         if self.other is not None and self.mode == "single":
             self.mode = "side"
 
