@@ -178,9 +178,9 @@ def part_memory(args) -> dict:
 def part_heatmap(args) -> dict:
     import numpy as np
     import pandas as pd
+    from workbench.widgets import figures_routing as fr
 
     from workbench.metrics.routing import Sample
-    from workbench.widgets import figures_routing as fr
 
     t, e = args.heatmap_tokens, args.heatmap_experts
     rng = np.random.default_rng(0)
