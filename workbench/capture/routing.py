@@ -121,46 +121,54 @@ def decode_router_output(site, output) -> RouterOut:
 
 # -- device-side counts over [B, S, U] activity (no host sync) ---------------------------------
 
-def window_union_counts(active: torch.Tensor, valid: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq [B, S, U], n_valid [B, 1]): each sequence's valid tokens moved to the front, in order
+    (the rest zero). active [B, S, U] bool, already False at invalid positions; valid [B, S] bool
+    (left or right padding, or holes)."""
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    seq = active.gather(1, order[..., None].expand(-1, -1, active.shape[-1]))
+    return seq, valid.sum(1, keepdim=True)
+
+
+def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS_L counts of one call: (active unions summed over windows and units, windows x units),
-    int64 [len(lengths)] each. active [B, S, U] bool; valid [B, S] bool. Windows of L valid
-    tokens per sequence, from its first valid token; the tail is dropped."""
-    b, s, u = active.shape
-    dev = active.device
-    rank = valid.long().cumsum(1) - 1
-    n_valid = valid.sum(1, keepdim=True)
-    act = active.reshape(b * s, u).to(torch.int32)
-    nums, dens = [], []
-    for L in lengths:
-        max_w = -(-s // L)
-        n_win = n_valid // L
-        win = rank // L
-        keep = valid & (win < n_win)
-        flat = torch.where(keep, torch.arange(b, device=dev)[:, None] * max_w + win, b * max_w)
-        union = torch.zeros(b * max_w + 1, u, dtype=torch.int32, device=dev)
-        union.scatter_reduce_(0, flat.reshape(-1, 1).expand(-1, u), act, "amax")
-        nums.append(union[:-1].sum(dtype=torch.int64))
-        dens.append(n_win.sum() * u)
-    return torch.stack(nums), torch.stack(dens)
+    int64 [len(lengths)] each, from `compact`'s output. Windows of L valid tokens per sequence,
+    from its first valid token; the tail is dropped. A window length that is a multiple of an
+    earlier one is built from that one's unions (the default 1, 2, 4, ... costs a few kernels)."""
+    b, s, u = seq.shape
+    dev = seq.device
+    lens = torch.tensor(list(lengths), dtype=torch.int64, device=dev)
+    n_win = n_valid // lens  # [B, n_L]
+    dens = n_win.sum(0) * u
+    unions: dict[int, torch.Tensor] = {1: seq}
+    pos = torch.arange(s, device=dev)
+    nums = []
+    for j, L in enumerate(lengths):
+        if L not in unions:
+            base = max(x for x in unions if L % x == 0)
+            cur, f = unions[base], L // base
+            w = cur.shape[1]
+            if w % f:
+                cur = torch.cat([cur, cur.new_zeros(b, f - w % f, u)], 1)
+            unions[L] = cur.reshape(b, -1, f, u).any(2)
+        cur = unions[L]
+        ok = pos[: cur.shape[1]][None, :] < n_win[:, j:j + 1]
+        nums.append((cur & ok[..., None]).sum())
+    return torch.stack(nums), dens
 
 
-def reuse_sums(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over consecutive valid pairs with |S_i| > 0 of |S_i n S_i+1| / |S_i| (float64),
-    number of such pairs (int64)). active [B, S, U] bool; valid [B, S] bool (holes allowed)."""
-    b, s, u = active.shape
+    number of such pairs (int64)), from `compact`'s output."""
+    b, s, u = seq.shape
     if s < 2:
-        z = torch.zeros((), device=active.device)
+        z = torch.zeros((), device=seq.device)
         return z.double(), z.long()
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid tokens first, in order
-    seq = active.gather(1, order[..., None].expand(-1, -1, u))
     prev, nxt = seq[:, :-1], seq[:, 1:]
-    n_valid = valid.sum(1, keepdim=True)
-    pair = torch.arange(s - 1, device=active.device)[None, :] < (n_valid - 1)
+    pair = torch.arange(s - 1, device=seq.device)[None, :] < (n_valid - 1)
     size = prev.sum(-1)
     ok = pair & (size > 0)
-    inter = (prev & nxt).sum(-1)
-    ratio = torch.where(ok, inter.double() / size.clamp_min(1).double(), torch.zeros((), dtype=torch.float64,
-                                                                                     device=active.device))
+    ratio = (prev & nxt).sum(-1).double() / size.clamp_min(1) * ok
     return ratio.sum(), ok.sum()
 
 
@@ -239,22 +247,33 @@ class RoutingProbe(_RouterSites):
         e, nl = int(site.n_experts), len(self.lengths)
         z = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
         v = self._vocab_rows(e)
-        st = {"tokens": z(()), "counts": z(e), "mass": z(e, dt=torch.float64), "active_hist": z(e + 1),
+        # active_hist and the sample buffers carry one dump slot (the last row) that padding and
+        # tokens past the budget are written to: fixed shapes, no host sync; state_dict drops it
+        st = {"tokens": z(()), "counts": z(e), "mass": z(e, dt=torch.float64), "active_hist": z(e + 2),
               "entropy": z((), dt=torch.float64), "margin": z((), dt=torch.float64), "cosel": z(e, e),
               "reuse_num": z((), dt=torch.float64), "reuse_den": z(()), "cls_num": z(nl), "cls_den": z(nl),
-              "nonfinite": z(()), "label_counts": z(0, e), "label_tokens": z(0),
+              "label_counts": z(0, e), "label_tokens": z(0),
               "vocab_counts": z(v, e, dt=torch.int32), "vocab_tokens": z(v, dt=torch.int32),
               "shared_gate": z((), dt=torch.float64), "shared_gate_tokens": z(())}
         if self.budget:
             bud = self.budget
-            st.update(sample_token=torch.full((bud,), -1, dtype=torch.int64, device=device),
-                      sample_rank=torch.full((bud,), -1, dtype=torch.int64, device=device),
-                      sample_seq=torch.full((bud,), -1, dtype=torch.int64, device=device),
-                      sample_pos=torch.full((bud,), -1, dtype=torch.int64, device=device),
-                      sample_label=torch.full((bud,), -1, dtype=torch.int64, device=device),
-                      sample_weights=z(bud, e, dt=torch.float32), sample_selected=z(bud, e, dt=torch.bool),
+            st.update(sample_ids=torch.full((bud + 1, len(_SAMPLE_IDS)), -1, dtype=torch.int64, device=device),
+                      sample_weights=z(bud + 1, e, dt=torch.float32), sample_selected=z(bud + 1, e, dt=torch.bool),
                       seen=z(()), seqs=z(()))
         return st
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for site, st in self.state.items():
+            for k, v in st.items():
+                if k == "sample_ids":
+                    for j, name in enumerate(_SAMPLE_IDS):
+                        out[f"{self.name}/{site}/sample_{name}"] = v[:-1, j]
+                elif k in ("sample_weights", "sample_selected", "active_hist"):
+                    out[f"{self.name}/{site}/{k}"] = v[:-1]
+                else:
+                    out[f"{self.name}/{site}/{k}"] = v
+        return out
 
     def _grow_labels(self, st, n: int) -> None:
         if n > self.max_labels:
@@ -276,7 +295,7 @@ class RoutingProbe(_RouterSites):
                 st = self.state[site.name] = self._init(site, g.device)
             s = torch.sigmoid(g.double())
             if valid is not None:
-                s = torch.where(valid, s, torch.zeros_like(s))
+                s = s * valid
             st["shared_gate"] += s.sum()
             st["shared_gate_tokens"] += valid.sum() if valid is not None else g.shape[0]
             return
@@ -292,30 +311,32 @@ class RoutingProbe(_RouterSites):
             valid = torch.ones(n, dtype=torch.bool, device=dev)
         vcol = valid[:, None]
         sel = sel & vcol
-        w = torch.where(vcol, w, torch.zeros((), device=dev))
+        w = w * vcol
         st["tokens"] += valid.sum()
-        st["nonfinite"] += (~torch.isfinite(p) & vcol).sum()
         st["counts"] += sel.sum(0)
         st["mass"] += w.sum(0, dtype=torch.float64)
-        k = sel.sum(1)
-        st["active_hist"] += torch.bincount(torch.where(valid, k, e + 1), minlength=e + 2)[: e + 1]
-        plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros((), device=dev))
-        ent = -plogp.sum(-1)
-        st["entropy"] += torch.where(valid, ent, torch.zeros((), device=dev)).sum(dtype=torch.float64)
-        top2 = p.topk(min(2, e), -1).values
-        margin = top2[:, 0] - top2[:, 1] if e > 1 else top2[:, 0]
-        st["margin"] += torch.where(valid, margin, torch.zeros((), device=dev)).sum(dtype=torch.float64)
-        self_f = sel.float()
+        k = torch.where(valid, sel.sum(1), e + 1)  # padding goes to the dump slot
+        st["active_hist"].index_add_(0, k, torch.ones_like(k))
+        # a NaN/Inf router output makes p (and so the entropy sum) NaN: checked once, in finish
+        ent = torch.special.entr(p).sum(-1)
+        st["entropy"] += (ent * valid).sum(dtype=torch.float64)
+        if e > 1:
+            top2 = p.topk(2, -1).values
+            st["margin"] += ((top2[:, 0] - top2[:, 1]) * valid).sum(dtype=torch.float64)
+        else:
+            st["margin"] += (p[:, 0] * valid).sum(dtype=torch.float64)
+        sf = sel.float()
         # exact while one call has < 2^24 tokens; no int matmul on CUDA
-        st["cosel"] += (self_f.t() @ self_f).round().long()
+        st["cosel"] += (sf.t() @ sf).round().long()
         b = _batch_shape(call, n)
-        act3, val2 = sel.reshape(b, n // b, e), valid.reshape(b, n // b)
-        num, den = window_union_counts(act3, val2, self.lengths)
+        seq, n_valid = compact(sel.reshape(b, n // b, e), valid.reshape(b, n // b))
+        num, den = window_union_counts(seq, n_valid, self.lengths)
         st["cls_num"] += num
         st["cls_den"] += den
-        rn, rd = reuse_sums(act3, val2)
+        rn, rd = reuse_sums(seq, n_valid)
         st["reuse_num"] += rn
         st["reuse_den"] += rd
+        lab = None
         if call.labels is not None and call.labels.numel():
             self._grow_labels(st, int(call.labels.max()) + 1)  # labels live on the host: no sync
             lab = call.row_labels(n, dev)
@@ -325,57 +346,46 @@ class RoutingProbe(_RouterSites):
             st["label_tokens"].index_add_(0, li, keep.long())
         v = st["vocab_tokens"].shape[0]
         if tok is not None and v:
-            keep = valid & (tok >= 0) & (tok < v)
-            ti = torch.where(keep, tok, torch.zeros_like(tok))
+            keep = valid & (tok < v)
+            ti = torch.where(keep, tok, 0)
             st["vocab_counts"].index_add_(0, ti, (sel & keep[:, None]).to(torch.int32))
             st["vocab_tokens"].index_add_(0, ti, keep.to(torch.int32))
         if self.budget:
-            self._sample(st, call, sel, w, valid, tok, b)
+            self._sample(st, sel, w, valid, tok, lab, b)
 
-    def _sample(self, st, call, sel, w, valid, tok, b):
-        n, e = sel.shape
+    def _sample(self, st, sel, w, valid, tok, lab, b):
+        n = sel.shape[0]
         dev = sel.device
         bud = self.budget
         rank = st["seen"] + valid.long().cumsum(0) - 1
-        keep = valid & (rank < bud)
-        dest = torch.where(keep, rank, torch.full_like(rank, bud))
-        pos = (valid.reshape(b, -1).long().cumsum(1) - 1).reshape(-1)
+        dest = torch.where(valid & (rank < bud), rank, bud)  # the rest to the dump slot
+        pos = valid.reshape(b, -1).long().cumsum(1).reshape(-1) - 1
         seq = st["seqs"] + torch.arange(b, device=dev).repeat_interleave(n // b)
-        lab = call.row_labels(n, dev)
-        if lab is None:
-            lab = torch.full((n,), -1, dtype=torch.int64, device=dev)
-        tid = tok if tok is not None else torch.full((n,), -1, dtype=torch.int64, device=dev)
-
-        def put(name, val):
-            buf = torch.cat([st[name], st[name][:1]])  # a dump slot at index bud
-            buf.index_copy_(0, dest, val.to(buf.dtype))
-            st[name] = buf[:bud]
-
-        # rows written in index order: duplicate dump writes are harmless, kept rows are unique
-        put("sample_token", tid)
-        put("sample_rank", rank)
-        put("sample_seq", seq)
-        put("sample_pos", pos)
-        put("sample_label", lab)
-        put("sample_weights", w)
-        put("sample_selected", sel)
+        minus = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        ids = torch.stack([tok if tok is not None else minus, rank, seq, pos, lab if lab is not None else minus], 1)
+        st["sample_ids"].index_copy_(0, dest, ids)
+        st["sample_weights"].index_copy_(0, dest, w)
+        st["sample_selected"].index_copy_(0, dest, sel)
         st["seen"] += valid.sum()
         st["seqs"] += b
 
     def _merge_site(self, mine, theirs):
         theirs = {k: v.to(mine["tokens"].device) for k, v in theirs.items()}
-        if self.budget and "sample_rank" in theirs:
+        if self.budget and "sample_ids" in theirs:
             # the other part comes after this one: offset its ranks and sequences, keep the first
-            off_r, off_s = mine["seen"], mine["seqs"]
-            ranks = torch.cat([mine["sample_rank"],
-                               torch.where(theirs["sample_rank"] >= 0, theirs["sample_rank"] + off_r, -1)])
-            top = torch.argsort(torch.where(ranks >= 0, ranks, torch.full_like(ranks, 1 << 62)))[: self.budget]
-            for f in ("sample_token", "sample_pos", "sample_label", "sample_weights", "sample_selected"):
-                mine[f] = torch.cat([mine[f], theirs[f]])[top]
-            mine["sample_seq"] = torch.cat([mine["sample_seq"],
-                                            torch.where(theirs["sample_seq"] >= 0, theirs["sample_seq"] + off_s,
-                                                        -1)])[top]
-            mine["sample_rank"] = ranks[top]
+            bud = self.budget
+            other = theirs["sample_ids"][:-1].clone()
+            filled = other[:, 1] >= 0
+            other[:, 1] = torch.where(filled, other[:, 1] + mine["seen"], -1)
+            other[:, 2] = torch.where(filled, other[:, 2] + mine["seqs"], -1)
+            ids = torch.cat([mine["sample_ids"][:-1], other])
+            ranks = ids[:, 1]
+            top = torch.argsort(torch.where(ranks >= 0, ranks, torch.full_like(ranks, 1 << 62)))[:bud]
+            for f, both in (("sample_ids", ids),
+                            ("sample_weights", torch.cat([mine["sample_weights"][:-1], theirs["sample_weights"][:-1]])),
+                            ("sample_selected", torch.cat([mine["sample_selected"][:-1],
+                                                           theirs["sample_selected"][:-1]]))):
+                mine[f] = torch.cat([both[top], mine[f][-1:]])
         for k in ("label_counts", "label_tokens"):
             n = max(mine[k].shape[0], theirs[k].shape[0])
             for d in (mine, theirs):
@@ -387,23 +397,24 @@ class RoutingProbe(_RouterSites):
                 mine[k] = mine[k] + v
 
     def finish(self, run) -> None:
-        bad = []
-        for s in self._sites:
-            st = self.state.get(s.name)
-            if st is not None and int(st["nonfinite"]) > 0:
-                bad.append(f"layer {s.layer} ({s.name}): {int(st['nonfinite'])} non-finite router scores")
+        bad = [f"layer {s.layer} ({s.name})" for s in self._sites
+               if s.name in self.state and not bool(torch.isfinite(self.state[s.name]["entropy"]))]
         if bad:
-            raise CaptureError("NaN/Inf in router outputs: " + "; ".join(bad) + ". Check the model's dtype "
-                               "(fp16 overflow is common: try bfloat16 or float32) and its weights.")
+            raise CaptureError("NaN/Inf in router outputs: " + "; ".join(bad) + " gave non-finite router scores. "
+                               "Check the model's dtype (fp16 overflow is common: try bfloat16 or float32) and "
+                               "its weights.")
         meta = {"lengths": list(self.lengths), "budget": self.budget,
                 "vocab_rows": {s.name: int(self.state[s.name]["vocab_tokens"].shape[0])
                                for s in self._sites if s.name in self.state},
                 "vocab_size": self._vocab}
         first = next((self.state[s.name] for s in self._sites if s.name in self.state), None)
         if self.budget and first is not None:
-            ids = first["sample_token"].cpu().tolist()
+            ids = first["sample_ids"][:-1, 0].cpu().tolist()
             meta["sample_text"] = _pieces(self._tokenizer, ids)
         run.meta["routing"] = meta
+
+
+_SAMPLE_IDS = ("token", "rank", "seq", "pos", "label")
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str] | None:
@@ -501,14 +512,15 @@ class ChunkProbe(_RouterSites):
         if valid is None:
             valid = torch.ones(n, dtype=torch.bool, device=dev)
         b = _batch_shape(call, n)
-        act3, val2 = (act & valid[:, None]).reshape(b, n // b, u), valid.reshape(b, n // b)
+        act = act & valid[:, None]
         st["nonfinite"] += fin
-        st["tls_num"] += act3.sum()
+        st["tls_num"] += act.sum()
         st["tls_den"] += valid.sum() * u
-        num, den = window_union_counts(act3, val2, self.lengths)
+        seq, n_valid = compact(act.reshape(b, n // b, u), valid.reshape(b, n // b))
+        num, den = window_union_counts(seq, n_valid, self.lengths)
         st["cls_num"] += num
         st["cls_den"] += den
-        rn, rd = reuse_sums(act3, val2)
+        rn, rd = reuse_sums(seq, n_valid)
         st["reuse_num"] += rn
         st["reuse_den"] += rd
 
@@ -520,5 +532,5 @@ class ChunkProbe(_RouterSites):
                 raise CaptureError(f"layer {s.layer} ({s.name}): NaN/Inf {what}; check dtype and weights")
 
 
-__all__ = ["ChunkProbe", "LENGTHS", "ROUTER_KINDS", "RouterOut", "RoutingProbe", "decode_router_output",
-           "reuse_sums", "window_union_counts"]
+__all__ = ["ChunkProbe", "LENGTHS", "ROUTER_KINDS", "RouterOut", "RoutingProbe", "compact",
+           "decode_router_output", "reuse_sums", "window_union_counts"]
