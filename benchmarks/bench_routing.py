@@ -200,7 +200,7 @@ def part_heatmap(args) -> dict:
             "title": fig.layout.title.text, "target_build_s": 0.3, "target_bytes": 2_000_000}
 
 
-def main() -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["gpu", "cpu", "memory", "heatmap", "memory-child"], default=None)
     ap.add_argument("--smoke-cpu", action="store_true", help="toy shapes on the CPU, every part")
@@ -216,14 +216,19 @@ def main() -> None:
     ap.add_argument("--heatmap-experts", type=int, default=64)
     ap.add_argument("--heatmap-reps", type=int, default=5)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke_cpu and args.part != "memory-child":
+        args.tokens, args.rounds, args.reps, args.layers = 64, 1, 2, 2
+        args.memory_tokens, args.seq, args.batch, args.budget = [256, 1024], 32, 4, 64
+        args.heatmap_tokens, args.heatmap_experts, args.heatmap_reps = 1024, 16, 2
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.part == "memory-child":
         print(json.dumps(_child_profile(args)))
         return
-    if args.smoke_cpu:
-        args.tokens, args.rounds, args.reps, args.layers = 64, 2, 2, 2
-        args.memory_tokens, args.seq, args.batch, args.budget = [256, 1024], 32, 4, 64
-        args.heatmap_tokens, args.heatmap_experts, args.heatmap_reps = 1024, 16, 2
     parts = {"gpu": ["gpu"], "cpu": ["memory", "heatmap"], "memory": ["memory"], "heatmap": ["heatmap"],
              None: ["gpu", "memory", "heatmap"] if args.smoke_cpu else ["gpu"]}[args.part]
     result = {"date": time.strftime("%Y-%m-%d"), "commit": _commit(),
