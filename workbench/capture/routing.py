@@ -130,14 +130,16 @@ def compact(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, to
     return seq, valid.sum(1, keepdim=True)
 
 
-def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
+                        lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS_L counts of one call: (active unions summed over windows and units, windows x units),
     int64 [len(lengths)] each, from `compact`'s output. Windows of L valid tokens per sequence,
     from its first valid token; the tail is dropped. A window length that is a multiple of an
     earlier one is built from that one's unions (the default 1, 2, 4, ... costs a few kernels)."""
     b, s, u = seq.shape
     dev = seq.device
-    lens = torch.tensor(list(lengths), dtype=torch.int64, device=dev)
+    if lens is None:  # pass it cached: a host-to-device copy waits for the stream on CUDA
+        lens = torch.tensor(list(lengths), dtype=torch.int64, device=dev)
     n_win = n_valid // lens  # [B, n_L]
     dens = n_win.sum(0) * u
     unions: dict[int, torch.Tensor] = {1: seq}
@@ -170,6 +172,15 @@ def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, 
     ok = pair & (size > 0)
     ratio = (prev & nxt).sum(-1).double() / size.clamp_min(1) * ok
     return ratio.sum(), ok.sum()
+
+
+def _lens(probe, device) -> torch.Tensor:
+    """The probe's window lengths as a device tensor, made once per device."""
+    cache = probe.__dict__.setdefault("_lens_cache", {})
+    t = cache.get(str(device))
+    if t is None:
+        t = cache[str(device)] = torch.tensor(list(probe.lengths), dtype=torch.int64, device=device)
+    return t
 
 
 def _batch_shape(call, n: int) -> int:
@@ -330,7 +341,7 @@ class RoutingProbe(_RouterSites):
         st["cosel"] += (sf.t() @ sf).round().long()
         b = _batch_shape(call, n)
         seq, n_valid = compact(sel.reshape(b, n // b, e), valid.reshape(b, n // b))
-        num, den = window_union_counts(seq, n_valid, self.lengths)
+        num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev))
         st["cls_num"] += num
         st["cls_den"] += den
         rn, rd = reuse_sums(seq, n_valid)
@@ -517,7 +528,7 @@ class ChunkProbe(_RouterSites):
         st["tls_num"] += act.sum()
         st["tls_den"] += valid.sum() * u
         seq, n_valid = compact(act.reshape(b, n // b, u), valid.reshape(b, n // b))
-        num, den = window_union_counts(seq, n_valid, self.lengths)
+        num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev))
         st["cls_num"] += num
         st["cls_den"] += den
         rn, rd = reuse_sums(seq, n_valid)
