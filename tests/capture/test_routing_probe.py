@@ -284,3 +284,26 @@ def test_nonfinite_router_scores_name_the_layer():
     with pytest.raises(CaptureError, match=r"layer 1 .*non-finite router scores"):
         with wb.capture(model, probes=[RoutingProbe()]):
             model(input_ids=torch.tensor([[3, 4, 5]]))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_vocab_counts_by_next_token(side):
+    model = tiny.build_router("gpt_oss")
+    calls = _calls(side)
+    layout, rec, _ = _record(model, calls)
+    probe = RoutingProbe(budget=0, vocab="next")
+    with Capture(model, probes=[probe]) as cap:
+        for ids, mask, _ in calls:
+            model(input_ids=ids, attention_mask=mask)
+    assert cap.run.meta["routing"]["vocab"] == "next"
+    for site in layout.routers:
+        want = np.zeros((tiny.VOCAB, site.n_experts), np.int64)
+        for call in _tokens(site, rec[site.name], calls):
+            for seq in call:  # padding is contiguous here: the next position is the next valid token
+                for tok, nxt in zip(seq[:-1], seq[1:]):
+                    for a in tok[1]:
+                        want[nxt[0], a] += 1
+        got = cap.run.tensors[f"routing/{site.name}/vocab_counts"]
+        assert got.tolist() == want.tolist()
+    with pytest.raises(CaptureError, match="vocab must be 'input'"):
+        RoutingProbe(vocab="prev")

@@ -13,7 +13,7 @@ experts, so the router is the one place where the decision is visible) and keeps
 - ``cls_num`` / ``cls_den [len(lengths)]`` int64: CLS_L window unions (BlockFFN arXiv 2507.08771;
   per sequence, over valid tokens, tail dropped; TLS comes from ``counts``);
 - ``label_counts [labels, E]`` / ``label_tokens [labels]``: per data label (`profile(labels=...)`);
-- ``vocab_counts [V, E]`` / ``vocab_tokens [V]`` int32: per input token id (ids >= V not kept;
+- ``vocab_counts [V, E]`` / ``vocab_tokens [V]`` int32: per input (or next) token id (ids >= V not kept;
   V = min(vocab size, vocab_cells // E));
 - a token sample: the first ``budget`` valid tokens in reading order, with token id, sequence,
   position, data label and each layer's selection and weights ``[budget, E]``;
@@ -212,14 +212,19 @@ class RoutingProbe(_RouterSites):
     budget: tokens kept in the token sample (the first valid ones, in reading order); 0 = none.
     lengths: the CLS_L window lengths. max_labels: the largest number of data labels counted.
     vocab_cells: bound on the per-(token id, expert) table of one layer (ids >= cells // E are
-    not counted; the bound is stated in run.meta["routing"]). Memory per layer is independent
-    of the number of tokens.
+    not counted; the bound is stated in run.meta["routing"]). vocab: count per "input" token id
+    (the token routed) or per "next" token id (the true next token, OLMoE's other variant; the
+    last token of each sequence has none). Memory per layer is independent of the token count.
     """
 
     name = "routing"
 
-    def __init__(self, budget: int = 2048, lengths=LENGTHS, max_labels: int = 64, vocab_cells: int = 1 << 22):
+    def __init__(self, budget: int = 2048, lengths=LENGTHS, max_labels: int = 64, vocab_cells: int = 1 << 22,
+                 vocab: str = "input"):
         super().__init__()
+        if vocab not in ("input", "next"):
+            raise CaptureError(f"vocab must be 'input' (the token routed) or 'next' (the true next token), got {vocab!r}")
+        self.vocab = vocab
         if budget < 0:
             raise CaptureError("RoutingProbe needs a token budget >= 0")
         self.budget = int(budget)
@@ -234,7 +239,7 @@ class RoutingProbe(_RouterSites):
 
     def config(self):
         return {"budget": self.budget, "lengths": list(self.lengths), "max_labels": self.max_labels,
-                "vocab_cells": self.vocab_cells}
+                "vocab_cells": self.vocab_cells, "vocab": self.vocab}
 
     def sites(self, layout, model):
         found = super().sites(layout, model)
@@ -357,8 +362,13 @@ class RoutingProbe(_RouterSites):
             st["label_tokens"].index_add_(0, li, keep.long())
         v = st["vocab_tokens"].shape[0]
         if tok is not None and v:
-            keep = valid & (tok < v)
-            ti = torch.where(keep, tok, 0)
+            vt, keep = tok, valid
+            if self.vocab == "next":  # the token at the next position of the same sequence
+                t2, v2 = tok.reshape(b, -1), valid.reshape(b, -1)
+                vt = torch.cat([t2[:, 1:], t2[:, :1]], 1).reshape(-1)
+                keep = valid & torch.cat([v2[:, 1:], torch.zeros_like(v2[:, :1])], 1).reshape(-1)
+            keep = keep & (vt < v)
+            ti = torch.where(keep, vt, 0)
             st["vocab_counts"].index_add_(0, ti, (sel & keep[:, None]).to(torch.int32))
             st["vocab_tokens"].index_add_(0, ti, keep.to(torch.int32))
         if self.budget:
@@ -414,7 +424,7 @@ class RoutingProbe(_RouterSites):
             raise CaptureError("NaN/Inf in router outputs: " + "; ".join(bad) + " gave non-finite router scores. "
                                "Check the model's dtype (fp16 overflow is common: try bfloat16 or float32) and "
                                "its weights.")
-        meta = {"lengths": list(self.lengths), "budget": self.budget,
+        meta = {"lengths": list(self.lengths), "budget": self.budget, "vocab": self.vocab,
                 "vocab_rows": {s.name: int(self.state[s.name]["vocab_tokens"].shape[0])
                                for s in self._sites if s.name in self.state},
                 "vocab_size": self._vocab}

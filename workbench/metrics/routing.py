@@ -17,7 +17,7 @@ Definitions (a layer's E experts; N valid tokens; S_t the experts token t select
   select e (= k N(D, l, e) / sum_e' N(D, l, e') for a fixed top-k, OLMoE's form); uniform
   baseline mean_active / E; 1.0 = e is picked for every token of D.
 - vocabulary specialisation VS(v) = max_e N(v -> e) / n_v over token ids v with n_v >= min_count
-  (input tokens), on the same scale as DS (1.0 = the top expert takes every occurrence of v).
+  (input tokens, or the true next tokens with RoutingProbe(vocab="next")), on the same scale as DS (1.0 = the top expert takes every occurrence of v).
 - reuse = mean over consecutive valid pairs with S_i non-empty of |S_i n S_i+1| / |S_i|;
   TLS = 1 - sum_e count(e) / (N E); CLS_L per sequence, valid tokens, tail dropped (BlockFFN
   arXiv 2507.08771; the paper's training code windows the flattened stream instead).
