@@ -307,3 +307,12 @@ def test_vocab_counts_by_next_token(side):
         assert got.tolist() == want.tolist()
     with pytest.raises(CaptureError, match="vocab must be 'input'"):
         RoutingProbe(vocab="prev")
+
+
+def test_router_never_called_names_the_fix():
+    model = tiny.build_router("mixtral")
+    block = model.model.layers[1].mlp
+    block.forward = lambda hidden_states: hidden_states  # routing done elsewhere: the gate is never called
+    with pytest.raises(CaptureError, match=r"model.layers.1.mlp.gate'\] were never called during 1 forward"):
+        with wb.capture(model, probes=[RoutingProbe()]):
+            model(input_ids=torch.tensor([[3, 4, 5]]))

@@ -418,6 +418,14 @@ class RoutingProbe(_RouterSites):
                 mine[k] = mine[k] + v
 
     def finish(self, run) -> None:
+        calls = (run.meta.get("data") or {}).get("forward_calls") or 0
+        silent = [s.name for s in self._sites if s.name not in self.state]
+        if calls and silent:
+            raise CaptureError(
+                f"router module(s) {silent} were never called during {calls} forward call(s): the MoE block "
+                "computes its routing elsewhere (a hub kernel or a custom forward replacing the block?). Load the "
+                "model without such kernels (e.g. use_kernels=False), or register an adapter whose `router` "
+                "names the module that is called (wb.register_adapter(..., override=True))")
         bad = [f"layer {s.layer} ({s.name})" for s in self._sites
                if s.name in self.state and not bool(torch.isfinite(self.state[s.name]["entropy"]))]
         if bad:
