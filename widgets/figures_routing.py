@@ -22,7 +22,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
+_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=80, b=50))
 MAX_COLUMNS = 512  # token columns a browser receives per heatmap; more are pooled on the server
 
 
@@ -70,8 +70,8 @@ def routing_heatmap_figure(sample, *, value: str = "weights", max_columns: int =
     texts = sample.tokens["text"].astype(str).tolist()
     pooled, labels, pool = pool_tokens(x, texts, max_columns)
     what = "routing weight" if value == "weights" else "selected"
-    note = (f" — pooled: mean over {pool} consecutive tokens per column ({x.shape[0]} tokens > {max_columns})"
-            if pool > 1 else "")
+    note = (f"<br><sup>pooled: mean over {pool} consecutive tokens per column ({x.shape[0]} tokens > "
+            f"{max_columns})</sup>" if pool > 1 else "")
     fig = go.Figure(_heat(pooled, labels))
     fig.update_layout(title=title or f"Layer {sample.layer}: {what}, {x.shape[0]} tokens x {x.shape[1]} experts{note}",
                       xaxis_title="token (reading order)", yaxis_title="expert", **_LAYOUT)
@@ -171,10 +171,11 @@ def compare_heatmap_figure(xa: np.ndarray, xb: np.ndarray, tokens: pd.DataFrame,
     texts = tokens["text"].astype(str).tolist() if "text" in tokens else [""] * xa.shape[0]
     pa, labels, pool = pool_tokens(xa, texts, max_columns)
     pb, _, _ = pool_tokens(xb, texts, max_columns)
-    note = f"; pooled: mean over {pool} consecutive tokens per column" if pool > 1 else ""
+    notes = [f"pooled: mean over {pool} consecutive tokens per column"] if pool > 1 else []
     if alignment is not None:
-        note += (f"; experts of {names[1]} matched to {names[0]}'s by assignment on selection profiles "
-                 f"(quality {alignment.quality:.2f}, random {alignment.baseline:.2f})")
+        notes.append(f"experts of {names[1]} matched to {names[0]}'s by assignment on selection profiles "
+                     f"(quality {alignment.quality:.2f}, random {alignment.baseline:.2f})")
+    note = f"<br><sup>{'; '.join(notes)}</sup>" if notes else ""
     if mode == "side":
         fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=list(names), vertical_spacing=0.08)
         hi = float(np.nanmax([np.nanmax(pa) if pa.size else 0, np.nanmax(pb) if pb.size else 0, 1e-9]))
