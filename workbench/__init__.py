@@ -19,13 +19,14 @@ from workbench.capture import (  # noqa: E402
     capture,
     profile,
 )
+from workbench.capture.routing import ChunkProbe, RoutingProbe  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.models import load_model, load_tokenizer  # noqa: E402
 
 probes = __import__("workbench.capture.probes", fromlist=["probes"])
 
 __all__ = [
-    "AbsSketch", "ActivationSample", "Adapter", "NeuronStats", "Rule", "Run", "WorkbenchError",
+    "AbsSketch", "ActivationSample", "Adapter", "ChunkProbe", "NeuronStats", "RoutingProbe", "Rule", "Run", "WorkbenchError",
     "__version__", "accelerate", "capture", "decode_benchmark", "load_model", "load_tokenizer", "locate", "profile", "probes",
     "register_adapter",
 ]

@@ -33,8 +33,13 @@ class Adapter:
     gate, up, down, act: child paths inside the FFN. `fused_gate_up` names a single projection
         producing [gate | up] (Phi-3); then `gate`/`up` are ignored.
     router, experts: paths of the router and the fused experts of an MoE layer (relative to a block).
-    router_kind: "topk_softmax" (Mixtral, Qwen2-MoE, OLMoE) or "relu" (BlockFFN/DECO).
+    router_kind: how the router turns logits into a selection (see workbench.capture.routing):
+        "topk_softmax" (softmax, then top-k: Mixtral, Qwen2/3-MoE, OLMoE), "sigmoid_topk"
+        (sigmoid scores, a selection-only bias, grouped top-k: DeepSeek-V3), "topk_logits"
+        (top-k of the logits, softmax over the k: GPT-OSS) or "relu" (BlockFFN/DECO: every
+        expert with a nonzero score is active).
     shared_ffn: path of a shared expert that is an FFN with the same child names (Qwen2-MoE).
+    shared_gate: path of the shared expert's scalar gate (Qwen2-MoE: sigmoid(gate(x)) scales it).
     mixer, mixer_kind: the SSM mixer of a block ("mamba" or "mamba2").
     """
 
@@ -52,6 +57,7 @@ class Adapter:
     router_kind: str = "topk_softmax"
     experts: str | None = None
     shared_ffn: str | None = None
+    shared_gate: str | None = None
     mixer: str | None = None
     mixer_kind: str | None = None
 
@@ -103,6 +109,8 @@ class RouterSite:
     n_experts: int
     top_k: int | None
     experts_name: str | None = None
+    shared_gate: nn.Module | None = None  # the shared expert's scalar gate (Qwen2-MoE), if any
+    shared_gate_name: str | None = None
 
 
 @dataclass(eq=False)

@@ -33,9 +33,19 @@ BERT = Adapter(
 MIXTRAL = Adapter(name="mixtral", model_types=("mixtral",), router="mlp.gate", experts="mlp.experts")
 
 QWEN2_MOE = Adapter(name="qwen2_moe", model_types=("qwen2_moe", "qwen3_moe"), router="mlp.gate",
-                    experts="mlp.experts", shared_ffn="mlp.shared_expert")
+                    experts="mlp.experts", shared_ffn="mlp.shared_expert",
+                    shared_gate="mlp.shared_expert_gate")
 
 OLMOE = Adapter(name="olmoe", model_types=("olmoe",), router="mlp.gate", experts="mlp.experts")
+
+# DeepSeek-V3 style: sigmoid scores, e_score_correction_bias for the selection only, grouped
+# top-k; the first `first_k_dense_replace` layers are dense MLPs (found through `ffn`)
+DEEPSEEK_V3 = Adapter(name="deepseek_v3", model_types=("deepseek_v3",), router="mlp.gate",
+                      router_kind="sigmoid_topk", experts="mlp.experts", shared_ffn="mlp.shared_experts")
+
+# GPT-OSS: top-k of the (biased) logits, softmax over the k; no dense FFN, no shared expert
+GPT_OSS = Adapter(name="gpt_oss", model_types=("gpt_oss",), router="mlp.router",
+                  router_kind="topk_logits", experts="mlp.experts")
 
 MAMBA = Adapter(name="mamba", model_types=("mamba",), blocks=("backbone.layers", "layers"), ffn=None,
                 mixer="mixer", mixer_kind="mamba")
@@ -44,6 +54,6 @@ MAMBA2 = Adapter(name="mamba2", model_types=("mamba2",), blocks=("backbone.layer
                  ffn=None, mixer="mixer", mixer_kind="mamba2")
 
 BUILTIN: tuple[Adapter, ...] = (LLAMA_LIKE, PHI3, GPT2, GPT_NEOX, BERT, MIXTRAL, QWEN2_MOE, OLMOE,
-                                MAMBA, MAMBA2)
+                                DEEPSEEK_V3, GPT_OSS, MAMBA, MAMBA2)
 
 __all__ = ["BUILTIN", "GATED", "PLAIN"]

@@ -143,10 +143,12 @@ def locate(model: nn.Module, adapter: Adapter | None = None) -> Layout:
                 n_exp = _count(router, "num_experts", "n_experts") or _count(experts or router, "num_experts")
                 if n_exp is None and hasattr(router, "weight"):
                     n_exp = int(router.weight.shape[0])
+                shared_gate = get_path(block, adapter.shared_gate) if adapter.shared_gate else None
                 layout.routers.append(RouterSite(
                     layer=i, name=_join(base, adapter.router), module=router, kind=adapter.router_kind,
                     n_experts=int(n_exp or 0), top_k=_count(router, "top_k", "num_experts_per_tok"),
-                    experts_name=experts_path))
+                    experts_name=experts_path, shared_gate=shared_gate,
+                    shared_gate_name=_join(base, adapter.shared_gate) if shared_gate is not None else None))
                 if adapter.shared_ffn:
                     shared = get_path(block, adapter.shared_ffn)
                     if shared is not None:

@@ -28,6 +28,23 @@ from workbench.metrics.predictor import (
     save_predictors,
     train_predictors,
 )
+from workbench.metrics.routing import (
+    ExpertAlignment,
+    RoutingError,
+    active_histogram,
+    align_experts,
+    align_layers,
+    compare_runs,
+    coselection,
+    domain_specialisation,
+    routing_cls,
+    routing_layers,
+    routing_load,
+    token_difference,
+    top_specialisation,
+    vocab_by_expert,
+    vocab_specialisation,
+)
 from workbench.metrics.sparsity import (
     PPLSparsity,
     overall_activation_ratio,
@@ -42,4 +59,8 @@ __all__ = [
     "load_predictors", "nll", "overall_activation_ratio", "perplexity", "ppl_sparsity",
     "prediction_metrics", "save_predictors", "sparsity_table", "store", "table", "tables", "tensors",
     "train_predictors",
+    # routing (metrics/routing.py)
+    "ExpertAlignment", "RoutingError", "active_histogram", "align_experts", "align_layers", "compare_runs",
+    "coselection", "domain_specialisation", "routing_cls", "routing_layers", "routing_load",
+    "token_difference", "top_specialisation", "vocab_by_expert", "vocab_specialisation",
 ]

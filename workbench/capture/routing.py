@@ -1,0 +1,565 @@
+"""Routing probes: what every MoE router decides, as streaming state on the model's device.
+
+`RoutingProbe` hooks the router modules that the adapters locate (transformers 5 fuses the
+experts, so the router is the one place where the decision is visible) and keeps, per layer:
+
+- ``counts [E]`` int64: valid tokens that selected each expert; ``mass [E]`` float64: the
+  routing weight they gave it (the weight the MoE multiplies the expert's output by);
+- ``active_hist [E + 1]`` int64: tokens by number of selected experts (variable for ReLU routers);
+- ``entropy``, ``margin`` float64 sums: per-token entropy (nats) of the router's distribution p
+  and its top-1 margin p_(1) - p_(2) (p: see `decode_router_output`);
+- ``cosel [E, E]`` int64: tokens that selected both a and b, over all pairs (diagonal = counts);
+- ``reuse_num`` float64 / ``reuse_den`` int64: consecutive-token reuse |S_i n S_i+1| / |S_i|;
+- ``cls_num`` / ``cls_den [len(lengths)]`` int64: CLS_L window unions (BlockFFN arXiv 2507.08771;
+  per sequence, over valid tokens, tail dropped; TLS comes from ``counts``);
+- ``label_counts [labels, E]`` / ``label_tokens [labels]``: per data label (`profile(labels=...)`);
+- ``vocab_counts [V, E]`` / ``vocab_tokens [V]`` int32: per input (or next) token id (ids >= V not kept;
+  V = min(vocab size, vocab_cells // E));
+- a token sample: the first ``budget`` valid tokens in reading order, with token id, sequence,
+  position, data label and each layer's selection and weights ``[budget, E]``;
+- ``shared_gate`` float64: sum of sigmoid(shared expert gate) (Qwen2-MoE), when the model has one.
+
+Sequences are taken per forward call (a prefill); windows and consecutive pairs do not cross
+calls. Nothing here reads a device value back to the host during the capture.
+
+`ChunkProbe` keeps only the TLS / CLS_L / reuse counts, over router experts or over FFN neurons
+(under the run's rule); `workbench.metrics.chunks.chunk_table` runs on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workbench.adapters.base import GATED
+from workbench.capture.probes import HookPoint, SiteProbe
+from workbench.capture.rules import Rule
+from workbench.errors import AdapterError, CaptureError
+
+LENGTHS = (1, 2, 4, 8, 16, 32, 64)
+ROUTER_KINDS = ("topk_softmax", "sigmoid_topk", "topk_logits", "relu")
+
+
+@dataclass
+class RouterOut:
+    """One router call, decoded: selected [N, E] bool, weights [N, E] float32 (0 where not
+    selected), probs [N, E] float32 (the router's distribution over experts)."""
+
+    selected: torch.Tensor
+    weights: torch.Tensor
+    probs: torch.Tensor
+
+
+def _describe(output) -> str:
+    if isinstance(output, torch.Tensor):
+        return f"a tensor of shape {tuple(output.shape)}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of ({', '.join(_describe(o) for o in output)})"
+    return f"a {type(output).__name__}"
+
+
+def decode_router_output(site, output) -> RouterOut:
+    """Turn a router module's output into (selected, weights, probs) per token row.
+
+    Formats (transformers 5.17 to 5.25, and the zoo's BlockFFN):
+    - ``(logits [N, E], top-k weights [N, k], top-k indices [N, k])``: Mixtral, Qwen2/3-MoE,
+      OLMoE, DeepSeek-V3, GPT-OSS routers. The weights are the router's own (renormalised or
+      not, scaled or not, as the family does); p is softmax(logits) for "topk_softmax" and
+      "topk_logits" and sigmoid(logits) / sum for "sigmoid_topk".
+    - one tensor ``[..., E]``: "relu" routers (BlockFFN, DECO) give the scores A (an expert is
+      selected iff A != 0, weight A, p = A / sum A, all-zero rows p = 0); a softmax router
+      that is a plain Linear (older transformers) gives logits, and the probe takes the top_k
+      of softmax(logits), weights the probabilities.
+    Anything else raises AdapterError naming what was seen and what to register.
+    """
+    kind = site.kind
+    e = int(site.n_experts)
+    if kind not in ROUTER_KINDS:
+        raise AdapterError(f"router {site.name} has router_kind {kind!r}; the routing probe knows "
+                           f"{list(ROUTER_KINDS)}: register an adapter with one of them "
+                           "(wb.register_adapter(wb.Adapter(..., router_kind=...), override=True))")
+    if (isinstance(output, (tuple, list)) and len(output) >= 3 and all(isinstance(o, torch.Tensor) for o in output[:3])
+            and not output[2].is_floating_point() and output[0].shape[-1] == e):
+        logits = output[0].reshape(-1, e).float()
+        idx = output[2].reshape(logits.shape[0], -1).long()
+        w = output[1].reshape(logits.shape[0], -1).float()
+        selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
+        if w.shape == idx.shape:
+            weights = torch.zeros_like(logits).scatter_(1, idx, w)
+        elif w.shape[-1] == e:
+            weights = torch.where(selected, w, torch.zeros_like(w))
+        else:
+            raise AdapterError(f"router {site.name} returned top-k weights of shape {tuple(output[1].shape)} "
+                               f"for indices of shape {tuple(output[2].shape)}; expected [tokens, k] or "
+                               "[tokens, experts]")
+        if kind == "sigmoid_topk":
+            s = torch.sigmoid(logits)
+            probs = s / s.sum(-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits, -1)
+        return RouterOut(selected, weights, probs)
+    if isinstance(output, torch.Tensor) and output.shape[-1] == e and e > 0:
+        t = output.reshape(-1, e).float()
+        if kind == "relu":
+            selected = t != 0
+            a = t.clamp_min(0)
+            probs = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            return RouterOut(selected, torch.where(selected, t, torch.zeros_like(t)), probs)
+        if kind == "topk_softmax" and site.top_k:
+            probs = torch.softmax(t, -1)
+            idx = probs.topk(int(site.top_k), -1).indices
+            selected = torch.zeros_like(t, dtype=torch.bool).scatter_(1, idx, True)
+            return RouterOut(selected, torch.where(selected, probs, torch.zeros_like(probs)), probs)
+    raise AdapterError(
+        f"router {site.name} (router_kind {kind!r}, {e} experts) returned {_describe(output)}; the "
+        "routing probe reads either (logits [tokens, E], top-k weights [tokens, k], top-k indices "
+        "[tokens, k]) or one score tensor [..., E]. Register an adapter whose `router` path names "
+        "a module with one of these outputs (wb.register_adapter(wb.Adapter(..., router=..., "
+        "router_kind=...), override=True))")
+
+
+# -- device-side counts over [B, S, U] activity (no host sync) ---------------------------------
+
+def compact(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq [B, S, U], n_valid [B, 1]): each sequence's valid tokens moved to the front, in order
+    (the rest zero). active [B, S, U] bool, already False at invalid positions; valid [B, S] bool
+    (left or right padding, or holes)."""
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    seq = active.gather(1, order[..., None].expand(-1, -1, active.shape[-1]))
+    return seq, valid.sum(1, keepdim=True)
+
+
+def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
+                        lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS_L counts of one call: (active unions summed over windows and units, windows x units),
+    int64 [len(lengths)] each, from `compact`'s output. Windows of L valid tokens per sequence,
+    from its first valid token; the tail is dropped. A window length that is a multiple of an
+    earlier one is built from that one's unions (the default 1, 2, 4, ... costs a few kernels)."""
+    b, s, u = seq.shape
+    dev = seq.device
+    if lens is None:  # pass it cached: a host-to-device copy waits for the stream on CUDA
+        lens = torch.tensor(list(lengths), dtype=torch.int64, device=dev)
+    n_win = n_valid // lens  # [B, n_L]
+    dens = n_win.sum(0) * u
+    unions: dict[int, torch.Tensor] = {1: seq}
+    pos = torch.arange(s, device=dev)
+    nums = []
+    for j, L in enumerate(lengths):
+        if L not in unions:
+            base = max(x for x in unions if L % x == 0)
+            cur, f = unions[base], L // base
+            w = cur.shape[1]
+            if w % f:
+                cur = torch.cat([cur, cur.new_zeros(b, f - w % f, u)], 1)
+            unions[L] = cur.reshape(b, -1, f, u).any(2)
+        cur = unions[L]
+        ok = pos[: cur.shape[1]][None, :] < n_win[:, j:j + 1]
+        nums.append((cur & ok[..., None]).sum())
+    return torch.stack(nums), dens
+
+
+def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over consecutive valid pairs with |S_i| > 0 of |S_i n S_i+1| / |S_i| (float64),
+    number of such pairs (int64)), from `compact`'s output."""
+    b, s, u = seq.shape
+    if s < 2:
+        z = torch.zeros((), device=seq.device)
+        return z.double(), z.long()
+    prev, nxt = seq[:, :-1], seq[:, 1:]
+    pair = torch.arange(s - 1, device=seq.device)[None, :] < (n_valid - 1)
+    size = prev.sum(-1)
+    ok = pair & (size > 0)
+    ratio = (prev & nxt).sum(-1).double() / size.clamp_min(1) * ok
+    return ratio.sum(), ok.sum()
+
+
+def _lens(probe, device) -> torch.Tensor:
+    """The probe's window lengths as a device tensor, made once per device."""
+    cache = probe.__dict__.setdefault("_lens_cache", {})
+    t = cache.get(str(device))
+    if t is None:
+        t = cache[str(device)] = torch.tensor(list(probe.lengths), dtype=torch.int64, device=device)
+    return t
+
+
+def _batch_shape(call, n: int) -> int:
+    """Sequences in this call: from the attention mask or the ids (1 when neither is known)."""
+    for t in (call.mask, call.input_ids):
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] and n % t.shape[0] == 0:
+            return int(t.shape[0])
+    return 1
+
+
+class _RouterSites(SiteProbe):
+    site_kind = "router"
+
+    def sites(self, layout, model):
+        found = super().sites(layout, model)
+        for r in found:
+            if r.kind not in ROUTER_KINDS:
+                raise AdapterError(f"router {r.name} has router_kind {r.kind!r}; the routing probe knows "
+                                   f"{list(ROUTER_KINDS)}: register an adapter naming one of them")
+            if not r.n_experts:
+                raise AdapterError(f"router {r.name}: the adapters found no expert count (no "
+                                   "num_experts attribute or weight); register an adapter for the family")
+        return found
+
+
+class RoutingProbe(_RouterSites):
+    """Streaming routing statistics of every router (see the module docstring).
+
+    budget: tokens kept in the token sample (the first valid ones, in reading order); 0 = none.
+    lengths: the CLS_L window lengths. max_labels: the largest number of data labels counted.
+    vocab_cells: bound on the per-(token id, expert) table of one layer (ids >= cells // E are
+    not counted; the bound is stated in run.meta["routing"]). vocab: count per "input" token id
+    (the token routed) or per "next" token id (the true next token, OLMoE's other variant; the
+    last token of each sequence has none). Memory per layer is independent of the token count.
+    """
+
+    name = "routing"
+
+    def __init__(self, budget: int = 2048, lengths=LENGTHS, max_labels: int = 64, vocab_cells: int = 1 << 22,
+                 vocab: str = "input"):
+        super().__init__()
+        if vocab not in ("input", "next"):
+            raise CaptureError(f"vocab must be 'input' (the token routed) or 'next' (the true next token), got {vocab!r}")
+        self.vocab = vocab
+        if budget < 0:
+            raise CaptureError("RoutingProbe needs a token budget >= 0")
+        self.budget = int(budget)
+        self.lengths = tuple(int(L) for L in lengths)
+        if any(L < 1 for L in self.lengths):
+            raise CaptureError(f"window lengths must be >= 1, got {self.lengths}")
+        self.max_labels = int(max_labels)
+        self.vocab_cells = int(vocab_cells)
+        self._vocab = None
+        self._tokenizer = None
+        self._sites = []
+
+    def config(self):
+        return {"budget": self.budget, "lengths": list(self.lengths), "max_labels": self.max_labels,
+                "vocab_cells": self.vocab_cells, "vocab": self.vocab}
+
+    def sites(self, layout, model):
+        found = super().sites(layout, model)
+        self._vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        self._tokenizer = getattr(model, "tokenizer", None)
+        self._sites = found
+        return found
+
+    def points(self, site):
+        pts = [HookPoint(site.module, "router", "post")]
+        if getattr(site, "shared_gate", None) is not None:
+            pts.append(HookPoint(site.shared_gate, "shared_gate", "post"))
+        return pts
+
+    def _vocab_rows(self, e: int) -> int:
+        if not self._vocab:
+            return 0
+        return int(min(self._vocab, self.vocab_cells // e))
+
+    def _init(self, site, device) -> dict:
+        e, nl = int(site.n_experts), len(self.lengths)
+        z = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
+        v = self._vocab_rows(e)
+        # active_hist and the sample buffers carry one dump slot (the last row) that padding and
+        # tokens past the budget are written to: fixed shapes, no host sync; state_dict drops it
+        st = {"tokens": z(()), "counts": z(e), "mass": z(e, dt=torch.float64), "active_hist": z(e + 2),
+              "entropy": z((), dt=torch.float64), "margin": z((), dt=torch.float64), "cosel": z(e, e),
+              "reuse_num": z((), dt=torch.float64), "reuse_den": z(()), "cls_num": z(nl), "cls_den": z(nl),
+              "label_counts": z(0, e), "label_tokens": z(0),
+              "vocab_counts": z(v, e, dt=torch.int32), "vocab_tokens": z(v, dt=torch.int32),
+              "shared_gate": z((), dt=torch.float64), "shared_gate_tokens": z(())}
+        if self.budget:
+            bud = self.budget
+            st.update(sample_ids=torch.full((bud + 1, len(_SAMPLE_IDS)), -1, dtype=torch.int64, device=device),
+                      sample_weights=z(bud + 1, e, dt=torch.float32), sample_selected=z(bud + 1, e, dt=torch.bool),
+                      seen=z(()), seqs=z(()))
+        return st
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for site, st in self.state.items():
+            for k, v in st.items():
+                if k == "sample_ids":
+                    for j, name in enumerate(_SAMPLE_IDS):
+                        out[f"{self.name}/{site}/sample_{name}"] = v[:-1, j]
+                elif k in ("sample_weights", "sample_selected", "active_hist"):
+                    out[f"{self.name}/{site}/{k}"] = v[:-1]
+                else:
+                    out[f"{self.name}/{site}/{k}"] = v
+        return out
+
+    def _grow_labels(self, st, n: int) -> None:
+        if n > self.max_labels:
+            raise CaptureError(f"the data carries {n} labels but RoutingProbe(max_labels={self.max_labels}) "
+                               "counts at most that many: pass a larger max_labels")
+        have = st["label_tokens"].shape[0]
+        if n > have:
+            e = st["label_counts"].shape[1]
+            st["label_counts"] = torch.cat([st["label_counts"], st["label_counts"].new_zeros(n - have, e)])
+            st["label_tokens"] = torch.cat([st["label_tokens"], st["label_tokens"].new_zeros(n - have)])
+
+    def observe(self, site, call):
+        if call.role == "shared_gate":
+            g = call.output
+            g = g.reshape(-1, g.shape[-1])[:, 0]
+            valid, _ = call.rows(g.shape[0], g.device)
+            st = self.state.get(site.name)
+            if st is None:
+                st = self.state[site.name] = self._init(site, g.device)
+            s = torch.sigmoid(g.double())
+            if valid is not None:
+                s = s * valid
+            st["shared_gate"] += s.sum()
+            st["shared_gate_tokens"] += valid.sum() if valid is not None else g.shape[0]
+            return
+        out = decode_router_output(site, call.output)
+        sel, w, p = out.selected, out.weights, out.probs
+        n, e = sel.shape
+        dev = sel.device
+        st = self.state.get(site.name)
+        if st is None:
+            st = self.state[site.name] = self._init(site, dev)
+        valid, tok = call.rows(n, dev)
+        if valid is None:
+            valid = torch.ones(n, dtype=torch.bool, device=dev)
+        vcol = valid[:, None]
+        sel = sel & vcol
+        w = w * vcol
+        st["tokens"] += valid.sum()
+        st["counts"] += sel.sum(0)
+        st["mass"] += w.sum(0, dtype=torch.float64)
+        k = torch.where(valid, sel.sum(1), e + 1)  # padding goes to the dump slot
+        st["active_hist"].index_add_(0, k, torch.ones_like(k))
+        # a NaN/Inf router output makes p (and so the entropy sum) NaN: checked once, in finish
+        ent = torch.special.entr(p).sum(-1)
+        st["entropy"] += (ent * valid).sum(dtype=torch.float64)
+        if e > 1:
+            top2 = p.topk(2, -1).values
+            st["margin"] += ((top2[:, 0] - top2[:, 1]) * valid).sum(dtype=torch.float64)
+        else:
+            st["margin"] += (p[:, 0] * valid).sum(dtype=torch.float64)
+        sf = sel.float()
+        # exact while one call has < 2^24 tokens; no int matmul on CUDA
+        st["cosel"] += (sf.t() @ sf).round().long()
+        b = _batch_shape(call, n)
+        seq, n_valid = compact(sel.reshape(b, n // b, e), valid.reshape(b, n // b))
+        num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev))
+        st["cls_num"] += num
+        st["cls_den"] += den
+        rn, rd = reuse_sums(seq, n_valid)
+        st["reuse_num"] += rn
+        st["reuse_den"] += rd
+        lab = None
+        if call.labels is not None and call.labels.numel():
+            self._grow_labels(st, int(call.labels.max()) + 1)  # labels live on the host: no sync
+            lab = call.row_labels(n, dev)
+            keep = valid & (lab >= 0)
+            li = lab.clamp_min(0)
+            st["label_counts"].index_add_(0, li, (sel & keep[:, None]).long())
+            st["label_tokens"].index_add_(0, li, keep.long())
+        v = st["vocab_tokens"].shape[0]
+        if tok is not None and v:
+            vt, keep = tok, valid
+            if self.vocab == "next":  # the token at the next position of the same sequence
+                t2, v2 = tok.reshape(b, -1), valid.reshape(b, -1)
+                vt = torch.cat([t2[:, 1:], t2[:, :1]], 1).reshape(-1)
+                keep = valid & torch.cat([v2[:, 1:], torch.zeros_like(v2[:, :1])], 1).reshape(-1)
+            keep = keep & (vt < v)
+            ti = torch.where(keep, vt, 0)
+            st["vocab_counts"].index_add_(0, ti, (sel & keep[:, None]).to(torch.int32))
+            st["vocab_tokens"].index_add_(0, ti, keep.to(torch.int32))
+        if self.budget:
+            self._sample(st, sel, w, valid, tok, lab, b)
+
+    def _sample(self, st, sel, w, valid, tok, lab, b):
+        n = sel.shape[0]
+        dev = sel.device
+        bud = self.budget
+        rank = st["seen"] + valid.long().cumsum(0) - 1
+        dest = torch.where(valid & (rank < bud), rank, bud)  # the rest to the dump slot
+        pos = valid.reshape(b, -1).long().cumsum(1).reshape(-1) - 1
+        seq = st["seqs"] + torch.arange(b, device=dev).repeat_interleave(n // b)
+        minus = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        ids = torch.stack([tok if tok is not None else minus, rank, seq, pos, lab if lab is not None else minus], 1)
+        st["sample_ids"].index_copy_(0, dest, ids)
+        st["sample_weights"].index_copy_(0, dest, w)
+        st["sample_selected"].index_copy_(0, dest, sel)
+        st["seen"] += valid.sum()
+        st["seqs"] += b
+
+    def _merge_site(self, mine, theirs):
+        theirs = {k: v.to(mine["tokens"].device) for k, v in theirs.items()}
+        if self.budget and "sample_ids" in theirs:
+            # the other part comes after this one: offset its ranks and sequences, keep the first
+            bud = self.budget
+            other = theirs["sample_ids"][:-1].clone()
+            filled = other[:, 1] >= 0
+            other[:, 1] = torch.where(filled, other[:, 1] + mine["seen"], -1)
+            other[:, 2] = torch.where(filled, other[:, 2] + mine["seqs"], -1)
+            ids = torch.cat([mine["sample_ids"][:-1], other])
+            ranks = ids[:, 1]
+            top = torch.argsort(torch.where(ranks >= 0, ranks, torch.full_like(ranks, 1 << 62)))[:bud]
+            for f, both in (("sample_ids", ids),
+                            ("sample_weights", torch.cat([mine["sample_weights"][:-1], theirs["sample_weights"][:-1]])),
+                            ("sample_selected", torch.cat([mine["sample_selected"][:-1],
+                                                           theirs["sample_selected"][:-1]]))):
+                mine[f] = torch.cat([both[top], mine[f][-1:]])
+        for k in ("label_counts", "label_tokens"):
+            n = max(mine[k].shape[0], theirs[k].shape[0])
+            for d in (mine, theirs):
+                if d[k].shape[0] < n:
+                    pad = d[k].new_zeros(n - d[k].shape[0], *d[k].shape[1:])
+                    d[k] = torch.cat([d[k], pad])
+        for k, v in theirs.items():
+            if not k.startswith("sample_"):
+                mine[k] = mine[k] + v
+
+    def finish(self, run) -> None:
+        calls = (run.meta.get("data") or {}).get("forward_calls") or 0
+        silent = [s.name for s in self._sites if s.name not in self.state]
+        if calls and silent:
+            raise CaptureError(
+                f"router module(s) {silent} were never called during {calls} forward call(s): the MoE block "
+                "computes its routing elsewhere (a hub kernel or a custom forward replacing the block?). Load the "
+                "model without such kernels (e.g. use_kernels=False), or register an adapter whose `router` "
+                "names the module that is called (wb.register_adapter(..., override=True))")
+        bad = [f"layer {s.layer} ({s.name})" for s in self._sites
+               if s.name in self.state and not bool(torch.isfinite(self.state[s.name]["entropy"]))]
+        if bad:
+            raise CaptureError("NaN/Inf in router outputs: " + "; ".join(bad) + " gave non-finite router scores. "
+                               "Check the model's dtype (fp16 overflow is common: try bfloat16 or float32) and "
+                               "its weights.")
+        meta = {"lengths": list(self.lengths), "budget": self.budget, "vocab": self.vocab,
+                "vocab_rows": {s.name: int(self.state[s.name]["vocab_tokens"].shape[0])
+                               for s in self._sites if s.name in self.state},
+                "vocab_size": self._vocab}
+        first = next((self.state[s.name] for s in self._sites if s.name in self.state), None)
+        if self.budget and first is not None:
+            ids = first["sample_ids"][:-1, 0].cpu().tolist()
+            meta["sample_text"] = _pieces(self._tokenizer, ids)
+        run.meta["routing"] = meta
+
+
+_SAMPLE_IDS = ("token", "rank", "seq", "pos", "label")
+
+
+def _pieces(tokenizer, ids: list[int]) -> list[str] | None:
+    """The text piece of each token id (None without a tokenizer; "" for empty slots)."""
+    if tokenizer is None:
+        return None
+    out = []
+    for i in ids:
+        if i < 0:
+            out.append("")
+            continue
+        try:
+            out.append(tokenizer.decode([int(i)]))
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot decode one id: show the id
+            out.append(f"<{i}>")
+    return out
+
+
+class ChunkProbe(_RouterSites):
+    """TLS, CLS_L and reuse counts per layer over router experts (units="experts") or FFN neurons
+    (units="neurons", active under `rule`, the capture's FFN sites). State per layer: ``tls_num``
+    / ``tls_den``, ``cls_num`` / ``cls_den [len(lengths)]``, ``reuse_num`` / ``reuse_den``,
+    ``nonfinite`` (checked once at the end, naming the layer)."""
+
+    name = "chunks"
+
+    def __init__(self, units: str = "experts", lengths=LENGTHS, rule="zero"):
+        super().__init__()
+        if units not in ("experts", "neurons"):
+            raise CaptureError(f"units must be 'experts' or 'neurons', got {units!r}")
+        self.units = units
+        self.site_kind = "router" if units == "experts" else "ffn"
+        self.lengths = tuple(int(L) for L in lengths)
+        if any(L < 1 for L in self.lengths):
+            raise CaptureError(f"window lengths must be >= 1, got {self.lengths}")
+        self.rule = Rule.parse(rule)
+        self._pending: dict = {}
+        self._norms: dict = {}
+        self._sites = []
+
+    def config(self):
+        return {"units": self.units, "lengths": list(self.lengths), "rule": str(self.rule)}
+
+    def sites(self, layout, model):
+        if self.units == "experts":
+            found = super().sites(layout, model)
+        else:
+            found = [s for s in layout.ffns if s.role in ("dense", "shared_expert")]
+        self._sites = found
+        return found
+
+    def points(self, site):
+        if self.units == "experts":
+            return [HookPoint(site.module, "router", "post")]
+        pts = []
+        if self.rule.needs_gate_act(site.kind == GATED):
+            if site.act is None:
+                raise CaptureError(f"{site.name}: rule {self.rule} needs act(gate) but the adapter found no "
+                                   "activation module to hook")
+            pts.append(HookPoint(site.act, "act", "post"))
+        pts.append(HookPoint(site.down, "down_input", "pre"))
+        return pts
+
+    def observe(self, site, call):
+        if call.role == "act":
+            self._pending[site.name] = call.output
+            return
+        if self.units == "experts":
+            act = decode_router_output(site, call.output).selected
+            out = call.output[0] if isinstance(call.output, (tuple, list)) else call.output
+            fin = (~torch.isfinite(out)).sum()
+        else:
+            a = call.args[0]
+            a = a.reshape(-1, a.shape[-1])
+            g = self._pending.pop(site.name, None)
+            if g is not None:
+                g = g.reshape(-1, g.shape[-1])
+            norms = None
+            if self.rule.needs_down_norms():
+                norms = self._norms.get(site.name)
+                if norms is None:
+                    norms = self._norms[site.name] = site.down_column_norms().to(a.device)
+            act = self.rule.active(a, g, layer=site.layer, gated=site.kind == GATED, down_norms=norms)
+            fin = (~torch.isfinite(a)).sum()
+        n, u = act.shape
+        dev = act.device
+        st = self.state.get(site.name)
+        if st is None:
+            nl = len(self.lengths)
+            z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
+            st = self.state[site.name] = {"tls_num": z(()), "tls_den": z(()), "cls_num": z(nl), "cls_den": z(nl),
+                                          "reuse_num": z((), dt=torch.float64), "reuse_den": z(()),
+                                          "nonfinite": z(())}
+        valid, _ = call.rows(n, dev)
+        if valid is None:
+            valid = torch.ones(n, dtype=torch.bool, device=dev)
+        b = _batch_shape(call, n)
+        act = act & valid[:, None]
+        st["nonfinite"] += fin
+        st["tls_num"] += act.sum()
+        st["tls_den"] += valid.sum() * u
+        seq, n_valid = compact(act.reshape(b, n // b, u), valid.reshape(b, n // b))
+        num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev))
+        st["cls_num"] += num
+        st["cls_den"] += den
+        rn, rd = reuse_sums(seq, n_valid)
+        st["reuse_num"] += rn
+        st["reuse_den"] += rd
+
+    def finish(self, run) -> None:
+        for s in self._sites:
+            st = self.state.get(s.name)
+            if st is not None and int(st["nonfinite"]) > 0:
+                what = "router outputs" if self.units == "experts" else "FFN activations"
+                raise CaptureError(f"layer {s.layer} ({s.name}): NaN/Inf {what}; check dtype and weights")
+
+
+__all__ = ["ChunkProbe", "LENGTHS", "ROUTER_KINDS", "RouterOut", "RoutingProbe", "compact",
+           "decode_router_output", "reuse_sums", "window_union_counts"]
