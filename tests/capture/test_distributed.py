@@ -32,6 +32,17 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBES = ("neuron_stats", "abs_sketch")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The forked ranks run one thread each (OpenMP is not fork-safe beyond one); the reference
+    in this process must too: a float32 GEMM's blocking, so its rounding, depends on the thread
+    count, which moved activations by ~1e-8 relative between the ranks and a 2-thread reference."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _data(seed=0, b=23, t=13):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, tiny.VOCAB, (b, t), generator=g)
