@@ -1,4 +1,4 @@
-"""`workbench` command line: profile (and zoo, from the zoo module)."""
+"""`workbench` command line: profile (and zoo, from the zoo module; serve and report from widgets/)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_zoo_parser = None
     if add_zoo_parser is not None:
         add_zoo_parser(sub)
+    from workbench.widgets.cli import add_parsers as add_widget_parsers
+
+    add_widget_parsers(sub)
     return p
 
 

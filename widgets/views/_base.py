@@ -14,11 +14,13 @@ def plot_pane(fig) -> pn.pane.Plotly:
                           config={"displaylogo": False, "responsive": True})
 
 
-def layer_widget(p: param.ListSelector, name: str = "layers ([] = all)"):
+def layer_widget(p: param.ListSelector, name: str = "layers (none = all)"):
     """Toggle buttons for a few layers, a multi-choice box for many."""
     n = len(p.objects or [])
     if n <= 16:
-        return pn.widgets.CheckButtonGroup.from_param(p, name=name, button_type="light")
+        return pn.Column(pn.pane.Markdown(name, margin=(0, 10)),
+                         pn.widgets.CheckButtonGroup.from_param(p, name=name, css_classes=["wb-layers"]),
+                         sizing_mode="fixed", width=min(60 * n + 40, 700))
     return pn.widgets.MultiChoice.from_param(p, name=name)
 
 

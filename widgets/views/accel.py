@@ -30,9 +30,9 @@ REFERENCE_NOTE = ("**No GPU: the torch reference path runs.** It computes what t
                   "Triton kernels, and are often slower than dense. Run on a CUDA GPU for the speedups.")
 
 
-def _lock(model) -> threading.Lock:
+def _lock(model):
     with _GUARD:
-        return _LOCKS.setdefault(model, threading.Lock())
+        return _LOCKS.setdefault(model, threading.RLock())
 
 
 def _on_gpu(model) -> bool:
@@ -63,6 +63,8 @@ class AccelView(View):
     tokens = param.Integer(default=16, bounds=(4, 512), doc="prompt tokens fed as decode steps")
     reps = param.Integer(default=3, bounds=(1, 100), doc="timing repetitions (median)")
     predictors = param.Parameter(default=None, doc="Predictors or a directory, for mode='predictor'")
+    backend = param.Selector(default="auto", objects=["auto", "torch", "triton"],
+                             doc="auto: Triton on CUDA, the torch reference elsewhere")
     measurement = param.Parameter(default=None, doc="the last Measurement")
 
     @classmethod
@@ -108,7 +110,8 @@ class AccelView(View):
                 h.off()
             if event.new:
                 try:
-                    _HANDLES[self.model] = wb.accelerate(self.model, mode=self.mode, predictors=self.predictors)
+                    _HANDLES[self.model] = wb.accelerate(self.model, mode=self.mode, backend=self.backend,
+                                                      predictors=self.predictors)
                 except Exception as exc:  # noqa: BLE001 - shown to the user, switch back off
                     self._show_error(exc)
                     self.param.update(on=False)
@@ -141,7 +144,8 @@ class AccelView(View):
                     if h is not None:
                         h.off()
                     try:
-                        with wb.accelerate(self.model, mode=self.mode, predictors=self.predictors) as h2:
+                        with wb.accelerate(self.model, mode=self.mode, backend=self.backend,
+                                                      predictors=self.predictors) as h2:
                             m = h2.measure(ids, reps=self.reps, warmup=1)
                     finally:
                         if h is not None:
