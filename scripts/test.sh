@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 bash scripts/setup.sh viz,dev
+PYTHON="$PY" bash scripts/setup_browser.sh  # chromium + playwright for tests/widgets/test_app_browser.py
 "$PY" -m ruff check .
 # the notebooks run on a kernel of this interpreter, registered in a private Jupyter path (no
 # change to the user's kernels)

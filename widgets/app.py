@@ -47,6 +47,7 @@ class Dashboard(pn.viewable.Viewer):
     store = param.ClassSelector(class_=RunStore)
     model = param.Parameter(default=None, doc="a live model for the acceleration view")
     predictors = param.Parameter(default=None)
+    backend = param.String(default="auto", doc="the acceleration view's kernel backend")
 
     def __init__(self, runs=(), **params):
         if "store" not in params:
@@ -62,7 +63,7 @@ class Dashboard(pn.viewable.Viewer):
         if self._accel is None and self.model is not None:
             from workbench.widgets.views.accel import AccelView
 
-            self._accel = AccelView(model=self.model, predictors=self.predictors)
+            self._accel = AccelView(model=self.model, predictors=self.predictors, backend=self.backend)
         return self._accel
 
     def _show_run(self) -> None:
@@ -189,7 +190,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def make_server(runs=(), *, model=None, predictors=None, port: int = 5006, host: str = "127.0.0.1",
+def host_warning(host: str, port: int, live_model: bool = False) -> str | None:
+    """The warning for a non-loopback host (None for loopback)."""
+    if is_loopback(host):
+        return None
+    return (f"workbench: warning: serving on {host}:{port}, reachable from other machines: anyone who can "
+            "reach it sees these runs" + (" and can drive the model" if live_model else "")
+            + "; use the default --host 127.0.0.1 unless you mean it")
+
+
+def make_server(runs=(), *, model=None, predictors=None, backend: str = "auto", port: int = 5006,
+                host: str = "127.0.0.1",
                 threads: int = 4, start: bool = True, threaded: bool = False, warn=print):
     """A Panel/Bokeh server of the dashboard (not blocking). `port=0` picks a free port.
     threaded=True: the server runs in its own thread (tests, notebooks); stop it with `.stop()`."""
@@ -199,10 +210,9 @@ def make_server(runs=(), *, model=None, predictors=None, port: int = 5006, host:
     if port == 0:
         port = free_port(host)
     check_port(host, port)
-    if not is_loopback(host):
-        warn(f"workbench: warning: serving on {host}:{port}, reachable from other machines: anyone who can "
-             "reach it sees these runs" + (" and can drive the model" if model is not None else "")
-             + "; use the default --host 127.0.0.1 unless you mean it", file=sys.stderr)
+    msg = host_warning(host, port, model is not None)
+    if msg:
+        warn(msg, file=sys.stderr)
     from workbench.widgets.store import _names
 
     names = _names(paths)
@@ -210,7 +220,7 @@ def make_server(runs=(), *, model=None, predictors=None, port: int = 5006, host:
     _extension()
 
     def page():
-        return pn.Column(Dashboard(runs=names, model=model, predictors=predictors), sizing_mode="stretch_width")
+        return pn.Column(Dashboard(runs=names, model=model, predictors=predictors, backend=backend), sizing_mode="stretch_width")
 
     origins = [f"{h}:{port}" for h in ("127.0.0.1", "localhost")]
     if not is_loopback(host):
