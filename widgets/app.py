@@ -55,9 +55,18 @@ class Dashboard(pn.viewable.Viewer):
         super().__init__(**params)
         self._body = pn.Column(sizing_mode="stretch_width", min_height=400)
         self._accel = None
-        self.views: list = []
+        self._tabs = None
+        self._pending: dict[int, object] = {}  # tab index -> factory of the view not built yet
+        self._built: list = []
         self.store.param.watch(lambda _e: self._show_run(), ["run_name"])
         self._show_run()
+
+    @property
+    def views(self) -> list:
+        """Every view of the selected run (and the live one), built now if a tab has not been shown."""
+        for i in sorted(self._pending):
+            self._materialise(i)
+        return list(self._built)
 
     def _accel_view(self):
         if self._accel is None and self.model is not None:
@@ -73,32 +82,47 @@ class Dashboard(pn.viewable.Viewer):
         finally:
             self._body.loading = False
 
+    def _materialise(self, i: int) -> None:
+        factory = self._pending.pop(i, None)
+        if factory is None:
+            return
+        obj = factory()
+        if not isinstance(obj, pn.pane.Alert):
+            self._built.append(obj)
+        title = self._tabs._names[i] if hasattr(self._tabs, "_names") else None
+        self._tabs[i] = (title, obj) if title is not None else obj
+
+    def _on_tab(self, event) -> None:
+        if event.new in self._pending:
+            self._materialise(event.new)
+
     def _build(self):
-        tabs = []
-        self.views = []
+        # views are built when their tab is first shown: a session starts with one view's work
+        entries = []
+        self._built = []
+        self._pending = {}
         name = self.store.run_name
         if name is not None:
             try:
                 run = self.store.run(name)
             except WorkbenchError as exc:
-                tabs.append(("Error", pn.pane.Alert(
+                entries.append(("Error", lambda exc=exc: pn.pane.Alert(
                     f"### Run `{name}` cannot be shown\n\n{exc}", alert_type="danger", css_classes=["wb-run-error"])))
             else:
                 for cls in all_views():
-                    if getattr(cls, "live", False):
-                        continue
-                    v = make_view(cls, run, self.store)
-                    if not isinstance(v, pn.pane.Alert):
-                        self.views.append(v)
-                    tabs.append((cls.title, v))
-        accel = self._accel_view()
-        if accel is not None:
-            self.views.append(accel)
-            tabs.append((accel.title, accel))
-        if not tabs:
+                    if not getattr(cls, "live", False):
+                        entries.append((cls.title, lambda cls=cls: make_view(cls, run, self.store)))
+        if self.model is not None:
+            entries.append(("Acceleration", self._accel_view))
+        if not entries:
             return pn.pane.Alert("Nothing to show: start with `workbench serve RUN_DIR` and/or `--model SOURCE`.",
                                  alert_type="warning")
-        return pn.Tabs(*tabs, dynamic=True, sizing_mode="stretch_width")
+        self._tabs = pn.Tabs(*[(t, pn.Spacer(height=400)) for t, _ in entries], dynamic=True,
+                             sizing_mode="stretch_width")
+        self._pending = {i: f for i, (_, f) in enumerate(entries)}
+        self._materialise(0)
+        self._tabs.param.watch(self._on_tab, ["active"])
+        return self._tabs
 
     def __panel__(self):
         header = pn.Row(pn.pane.Markdown(f"## {TITLE}", margin=(0, 20, 0, 10)))

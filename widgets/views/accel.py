@@ -120,6 +120,8 @@ class AccelView(View):
     def _mode_changed(self, _event) -> None:
         if self.on:  # re-accelerate with the new mode
             self.param.trigger("on")
+        else:
+            self._status.object = self._status_text()
 
     def _show_error(self, exc) -> None:
         self._error.object = f"**{type(exc).__name__}**: {exc}"
@@ -170,7 +172,9 @@ class AccelView(View):
     # -- display -----------------------------------------------------------------------
     def _status_text(self) -> str:
         name = getattr(getattr(self.model, "config", None), "_name_or_path", "") or type(self.model).__name__
-        lines = [f"Model `{name}`: FFNs {'**on the sparse kernels** (' + self.mode + ')' if self.on else 'dense'}."]
+        state = (f"**on the sparse kernels** ({self.mode} mode)" if self.on
+                 else f"dense (the switch puts them on the kernels in {self.mode} mode)")
+        lines = [f"Model `{name}`: FFNs {state}."]
         if not _on_gpu(self.model):
             lines.append(REFERENCE_NOTE)
         m = self.measurement
