@@ -211,7 +211,7 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device | None =
     """
     from transformers import AutoConfig
 
-    import workbench.models  # noqa: F401  (registers the workbench's own architectures)
+    import workbench.models.blockffn  # noqa: F401  (registers the workbench's own architectures)
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
