@@ -1,6 +1,6 @@
 """Host time of one eager FFN call, dense module vs swapped module with and without per-call graphs.
 
-    PYTHONPATH=$PWD python3 benchmarks/diag_call_overhead.py
+    PYTHONPATH=$PWD python3 benchmarks/diagnostics/diag_call_overhead.py
 
 One decoder layer's FFN of each 7B shape (the P5 Llama's gated FFN, bf16, FATReLU at 90 % sparsity;
 OPT-6.7B's FFN, fc1 -> activation_fn -> fc2 as the decoder layer calls them, 90 % zero
@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
 import workbench as wb  # noqa: E402
-from benchmarks.diag_eager_overhead import per_call_us  # noqa: E402
+from benchmarks.diagnostics.diag_eager_overhead import per_call_us  # noqa: E402
 
 
 def main():

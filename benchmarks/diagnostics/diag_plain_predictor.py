@@ -2,7 +2,7 @@
 predictor mode, the composed path of v20 (fc1 / fc2 swapped one by one) against the one-module
 path (SparsePlainFFN) and its one-launch predictor kernel, plus that kernel's block shapes.
 
-    PYTHONPATH=$PWD python3 benchmarks/diag_plain_predictor.py [--sweep]
+    PYTHONPATH=$PWD python3 benchmarks/diagnostics/diag_plain_predictor.py [--sweep]
 
 One FFN of the OPT-6.7B shape (4096x16384, bf16; --fp16 for float16), one token, 4 layers' weights timed in turn with
 triton.testing.do_bench_cudagraph (more than the 50 MB L2 between two uses of one layer), per
@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -3,7 +3,7 @@
 into one fp32 (no ranking, no atomics, 4 bytes stored per program), for several tile shapes, with the rows random or contiguous,
 rotated over 10 weight copies (DRAM) or from one copy (L2-resident after the first replay).
 
-    PYTHONPATH=$PWD python3 benchmarks/diag_gather.py [--sparsities 0.9,0.5] [--d-ff 11008]
+    PYTHONPATH=$PWD python3 benchmarks/diagnostics/diag_gather.py [--sparsities 0.9,0.5] [--d-ff 11008]
         [--random-only] [--dense]
 
 --dense also times cuBLAS's dense GEMV on the same rotated weights (batch 1, F.linear), so that
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_kernels.py
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -1,6 +1,6 @@
 """Host time per eager call of the sparse kernels against cuBLAS (what eager decoding pays per layer).
 
-    PYTHONPATH=$PWD python3 benchmarks/diag_eager_overhead.py
+    PYTHONPATH=$PWD python3 benchmarks/diagnostics/diag_eager_overhead.py
 
 Eager decoding of a 7B-shape model is bound by the CPU's launch work, not the GPU: a kernel whose
 wrapper and launch take longer on the host than cuBLAS's makes an eager step slower even where its
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

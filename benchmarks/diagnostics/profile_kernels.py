@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_kernels.py
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_kernels import K, exact_active, rand_w, sign_rows  # noqa: E402

@@ -1,8 +1,8 @@
 """Where the time goes: each stage of the P2/P3/P4 layers timed alone (graph replays, rotated
 weights as in bench_kernels.py), and one eager launch of each for Nsight Compute.
 
-    python3 benchmarks/diag_kernels.py            # stage timings
-    ncu ... python3 benchmarks/diag_kernels.py --ncu   # one launch per stage
+    python3 benchmarks/diagnostics/diag_kernels.py            # stage timings
+    ncu ... python3 benchmarks/diagnostics/diag_kernels.py --ncu   # one launch per stage
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_kernels.py
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_kernels import (  # noqa: E402

@@ -9,15 +9,15 @@ between two layers' first kernels (what a graph-replay benchmark measures per ca
     the predictor's first layer (dense Triton GEMV) and the one-launch updown kernel with the
     predictor's second layer fused; s = 0.9 / 0.8.
 
-    python3 benchmarks/profile_timeline.py --layer moe --plan $OUT/plan.json --trace $OUT/trace.json
-    python3 benchmarks/profile_timeline.py --plan $OUT/plan.json --summarize $OUT/trace.json
+    python3 benchmarks/diagnostics/profile_timeline.py --layer moe --plan $OUT/plan.json --trace $OUT/trace.json
+    python3 benchmarks/diagnostics/profile_timeline.py --plan $OUT/plan.json --summarize $OUT/trace.json
 
 or, with Nsight Systems:
 
-    nsys profile --cuda-graph-trace=node -o $OUT/moe python3 benchmarks/profile_timeline.py \
+    nsys profile --cuda-graph-trace=node -o $OUT/moe python3 benchmarks/diagnostics/profile_timeline.py \
         --layer moe --plan $OUT/plan.json
     nsys stats -r cuda_gpu_trace -f csv -o $OUT/moe $OUT/moe.nsys-rep
-    python3 benchmarks/profile_timeline.py --plan $OUT/plan.json --summarize \
+    python3 benchmarks/diagnostics/profile_timeline.py --plan $OUT/plan.json --summarize \
         $OUT/moe_cuda_gpu_trace.csv
 
 The weights rotate over several copies (as in bench_kernels.py, more than the L2 between two
@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench_kernels.py
 
 CALLS = 40
 LAYERS = {  # name -> (the kernels of one layer in launch order: name fragments, the cases)

@@ -1,6 +1,6 @@
 """Where a graph-replayed decode step of the P5 model spends its time, kernel by kernel.
 
-    PYTHONPATH=$PWD python3 benchmarks/profile_decode.py --out $OUT [--layers 32] [--no-compile]
+    PYTHONPATH=$PWD python3 benchmarks/diagnostics/profile_decode.py --out $OUT [--layers 32] [--no-compile]
 
 The dense P5 model of bench_decode.py (7B shape, bf16, FATReLU thresholds at the 0.9 quantile),
 one decode step captured as a CUDA graph by decode_benchmark's _GraphDecoder, `--replays` replays
@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
