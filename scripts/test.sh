@@ -14,5 +14,5 @@ kdir=$(mktemp -d)
 trap 'rm -rf "$kdir"' EXIT
 export JUPYTER_PATH="$kdir/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 "$PY" -m ipykernel install --prefix "$kdir" --name python3 >/dev/null
-"$PY" -m pytest -q -p no:cacheprovider -n "${WB_TEST_WORKERS:-auto}" --dist loadfile \
+"$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${WB_TEST_WORKERS:-auto}" --dist loadfile \
   --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg tests "$@"
