@@ -242,6 +242,10 @@ def make_server(runs=(), *, model=None, predictors=None, backend: str = "auto", 
     names = _names(paths)
     pn.config.nthreads = threads
     _extension()
+    from workbench.widgets import figures, views
+
+    figures._white_figure().to_plotly_json()  # plotly's imports now, not in the first session's page load
+    views.all_views()
 
     def page():
         return pn.Column(Dashboard(runs=names, model=model, predictors=predictors, backend=backend), sizing_mode="stretch_width")
