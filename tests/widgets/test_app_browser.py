@@ -141,3 +141,25 @@ def test_server_refuses_files_outside_the_runs(server, tiny_run_dir):
         assert b"root:" not in body and b'"format"' not in body, path
         if not path.startswith("/?"):
             assert r.status in (400, 403, 404), (path, r.status)
+
+
+def test_report_renders_without_network(browser, tiny_run_dir, tmp_path):
+    from workbench.widgets.report import write_report
+
+    out = write_report(tiny_run_dir, tmp_path / "report.html")
+    ctx = browser.new_context()
+    requested = []
+
+    def block(route):
+        requested.append(route.request.url)
+        route.abort()
+
+    ctx.route("http*://**/*", block)  # no network: anything fetched would fail (and be listed)
+    page = ctx.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(out.as_uri())
+    page.locator(".js-plotly-plot").first.wait_for(timeout=20000)
+    assert page.locator(".js-plotly-plot").count() >= 5
+    assert requested == [] and errors == []
+    ctx.close()
