@@ -163,3 +163,31 @@ def test_report_renders_without_network(browser, tiny_run_dir, tmp_path):
     assert page.locator(".js-plotly-plot").count() >= 5
     assert requested == [] and errors == []
     ctx.close()
+
+
+def test_long_operation_shows_progress_without_blocking_other_sessions(server, browser, monkeypatch):
+    from workbench.accel.core import Accelerator
+
+    real = Accelerator.measure
+
+    def slow_measure(self, *a, **kw):  # a measurement that takes a while, as on a real model
+        time.sleep(4)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Accelerator, "measure", slow_measure)
+    a, b = open_page(browser, server), open_page(browser, server)
+    a.locator(".bk-tab", has_text="Acceleration").first.click()
+    a.get_by_role("button", name="Measure").click()
+    a.locator("progress >> visible=true").first.wait_for(timeout=5000)  # A shows its progress
+    t0 = time.time()
+    select(b, "dead_neurons", "dead_neurons")  # B is served meanwhile
+    wait_title(b, "dead neurons", timeout=3)
+    assert time.time() - t0 < 3
+    assert a.locator("progress >> visible=true").count() == 1  # A still measuring
+    end = time.time() + 30
+    while time.time() < end and a.locator("progress >> visible=true").count():
+        time.sleep(0.1)
+    assert a.locator("progress >> visible=true").count() == 0
+    assert a.console_errors == [] and b.console_errors == []
+    a.context.close()
+    b.context.close()
