@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import sys
 import time
 
 import pytest
@@ -132,13 +133,15 @@ def test_server_refuses_files_outside_the_runs(server, tiny_run_dir):
     paths = ["/static/../../../../../../etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
              "/static/extensions/panel/../../../../../../../../etc/passwd", "//etc/passwd",
              f"/{tiny_run_dir}/run.json", f"/static/{tiny_run_dir}/run.json", "/run.json", "/tiny/run.json",
-             "/components/os/path/__file__/etc/passwd", f"/?path={tiny_run_dir}/run.json"]
+             "/components/os/path/__file__/etc/passwd", "/components/antigravity/x/__css__/y",
+             f"/?path={tiny_run_dir}/run.json"]
     for path in paths:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         c.request("GET", path)
         r = c.getresponse()
         body = r.read()
         assert b"root:" not in body and b'"format"' not in body, path
+        assert "antigravity" not in sys.modules  # the URL made the server import nothing
         if not path.startswith("/?"):
             assert r.status in (400, 403, 404), (path, r.status)
 
