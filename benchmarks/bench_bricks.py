@@ -100,12 +100,13 @@ def layer_bench(args) -> dict:
 
     coact()  # allocate the state, warm up
     ffn()
+    t_ffn = _time(ffn, args.reps, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    t_ffn = _time(ffn, args.reps, device)
     t_co = _time(coact, args.reps, device)
+    # the update's temporaries beyond its state: the mask and the fp32 product of one call
     peak_extra = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device.type == "cuda" else None
     # exactness: the accumulated counts of one more pass over the first chunk vs float64
     probe2 = CoActivation()

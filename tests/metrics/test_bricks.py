@@ -126,24 +126,25 @@ def test_instance_scores_equal_brute_force_and_keep_labels():
     model = tiny_llama("relu", d_ff=24)
     model.tokenizer = _Tok()
     texts, labels = _texts(10)
+    site = B.ffn_sites(model)[0].name
+    wants = []  # brute force: every text alone, mean |a| over its tokens
+    for t in texts:
+        ids = torch.tensor([_Tok()(t)["input_ids"]])
+        wants.append((collect(model, [(ids, torch.ones_like(ids))], dtype=torch.float64)[site]["a"].abs().mean(0),
+                      ids.shape[1]))
     for side in ("left", "right"):
         probe = InstanceScores(budget=64)
         run = wb.profile(model, texts, labels=labels, probes=[probe], batch_size=4, padding_side=side,
                          progress=False)
-        site = run.meta["sites"][0]["name"]
         st = {k: run.tensors[f"instance_scores/{site}/{k}"] for k in ("score", "label", "tokens")}
         keep = st["tokens"] > 0
         assert int(keep.sum()) == 10 and int(run.tensors[f"instance_scores/{site}/seen"]) == 10
-        # brute force: every text alone, mean |a| over its tokens
-        for t, lab in zip(texts, labels):
-            ids = torch.tensor([_Tok()(t)["input_ids"]])
-            a = collect(model, [(ids, torch.ones_like(ids))], dtype=torch.float64)[site]["a"]
-            want = a.abs().mean(0)
+        for (want, n), lab in zip(wants, labels):
             d = (st["score"][keep].double() - want).abs().amax(1)
             j = int(d.argmin())
             assert d[j] < 1e-5
             assert run.meta["labels"]["names"][int(st["label"][keep][j])] == lab
-            assert int(st["tokens"][keep][j]) == ids.shape[1]
+            assert int(st["tokens"][keep][j]) == n
 
 
 def test_instance_scores_budget_is_a_sample_shared_by_layers():
@@ -284,7 +285,7 @@ def test_brick_analysis_end_to_end_and_bad_inputs(tmp_path):
     model = tiny_llama("relu", d_ff=24)
     model.tokenizer = _Tok()
     texts, labels = _texts(18)
-    res = B.brick_analysis(model, texts, labels=labels, k=4, seeds=2, batch_size=6, budget=32, layers=[1])
+    res = B.brick_analysis(model, texts, labels=labels, k=4, seeds=2, batch_size=9, budget=32, layers=[1])
     assert res.functions == FUNCS
     assert sorted(res.partition.assignments) == [1]
     for la, a in res.partition.assignments.items():

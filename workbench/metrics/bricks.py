@@ -497,7 +497,7 @@ def ablation_summary(abl: pd.DataFrame, names: pd.DataFrame | None = None, *, by
 
 
 # ----------------------------------------------------------------------------- the analysis
-def zoo_documents(n_train: int = 24, n_eval: int = 6) -> tuple[list, list]:
+def zoo_documents(n_train: int = 16, n_eval: int = 4) -> tuple[list, list]:
     """The zoo corpus's first `n_train` training and `n_eval` validation documents of every
     domain (prose, code, math, records): labelled data for `brick_analysis` on the zoo."""
     from workbench.models.corpus import DOMAINS, load_split
