@@ -173,7 +173,7 @@ def main(argv=None) -> None:
         dev = torch.device(args.device)
         doc["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke test)"
         doc["layer"] = layer_bench(args)
-        tag = "smoke" if args.smoke_cpu else doc["device"].split()[-1].lower()
+        tag = "".join(ch if ch.isalnum() else "_" for ch in doc["device"].lower()).strip("_")
         name = f"bricks_coactivation_{tag}_{time.strftime('%Y-%m-%d')}.json" if not args.smoke_cpu else "bricks_smoke.json"
         print(json.dumps(doc["layer"], indent=1))
     out = Path(args.out)
