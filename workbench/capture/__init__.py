@@ -1,5 +1,6 @@
 """Capture: hooks + streaming probes -> Run."""
 
+from workbench.capture.bricks import CoActivation, InstanceScores
 from workbench.capture.core import Capture, HookHandle, active_hooks, capture
 from workbench.capture.probes import (
     AbsSketch,
@@ -18,6 +19,6 @@ from workbench.capture.run import Run
 from workbench.capture.sketch import SketchSpec, quantiles
 
 __all__ = [
-    "AbsSketch", "ActivationSample", "Batch", "Capture", "HookHandle", "HookPoint", "ModelSite",
+    "AbsSketch", "ActivationSample", "Batch", "Capture", "CoActivation", "InstanceScores", "HookHandle", "HookPoint", "ModelSite",
     "NeuronStats", "Probe", "Rule", "Run", "SiteCall", "SiteProbe", "SketchSpec", "active_hooks", "capture", "profile", "quantiles",
 ]

@@ -159,6 +159,13 @@ class Capture:
         self.call.valid_cache[key] = (valid, tok)
         return valid, tok
 
+    def _n_seqs(self) -> int | None:
+        """B, the number of sequences of the current call (from its mask, ids or labels)."""
+        for t in (self.call.mask, self.call.input_ids, self.call.labels):
+            if isinstance(t, torch.Tensor) and t.dim() >= 1:
+                return int(t.shape[0])
+        return None
+
     def set_labels(self, labels: torch.Tensor | None) -> None:
         """Label ids [B] (one per sequence, -1 = unlabelled) of the forward calls that follow,
         until changed; probes get them per token row (`Batch.labels`, `SiteCall.row_labels`)."""
@@ -204,7 +211,7 @@ class Capture:
                 g = g.reshape(-1, g.shape[-1])
             valid, tok = self._valid(a2.shape[0], a2.device)
             batch = Batch(a=a2.detach(), g=None if g is None else g.detach(), valid=valid, token_ids=tok,
-                          labels=self._row_labels(a2.shape[0], a2.device))
+                          labels=self._row_labels(a2.shape[0], a2.device), seqs=self._n_seqs())
             with torch.no_grad():
                 self._update(site, batch)
         return hook

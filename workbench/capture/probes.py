@@ -12,7 +12,9 @@ value back to the host, so a capture adds no synchronisation to a forward pass.
 A `Batch` holds, for one FFN call: a [N, d_ff] (the down projection's input), g [N, d_ff] or
 None (act(gate), when the rule needs it), valid [N] bool or None (attention_mask != 0) and
 token_ids [N] or None, labels [N] int64 or None (the data label of each row's sequence, when
-the data carries labels: `wb.profile(..., labels=...)`, names in run.meta["labels"]).
+the data carries labels: `wb.profile(..., labels=...)`, names in run.meta["labels"]), seqs: the
+number B of sequences of the call (rows are [B * S] flattened from [B, S]) or None when the call
+gave neither an attention mask nor input ids.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Batch:
     valid: torch.Tensor | None
     token_ids: torch.Tensor | None = None
     labels: torch.Tensor | None = None  # [N] label id per row (profile(labels=...)), else None
+    seqs: int | None = None  # B, the call's sequences: rows are [B * S] flattened from [B, S]
 
 
 class Probe:

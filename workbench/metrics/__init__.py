@@ -1,5 +1,5 @@
 """Metrics: sparsity under the pinned rules, CETT and PPL-p% sparsity, activation predictors,
-chunk-level sparsity. Pure functions over a model + data or over tensors; results are tidy
+chunk-level sparsity, functional partitions (bricks). Pure functions over a model + data or over tensors; results are tidy
 pandas tables that `store(run, name, df)` keeps inside a Run.
 
     import workbench.metrics as wm
@@ -8,6 +8,16 @@ pandas tables that `store(run, name, df)` keeps inside a Run.
     pred = wm.train_predictors(model, texts)      # pred.metrics, pred.save(dir)
 """
 
+from workbench.metrics.bricks import (
+    BrickAnalysis,
+    BricksError,
+    Partition,
+    ablate,
+    average_precision,
+    brick_analysis,
+    func_scores,
+    predictivity,
+)
 from workbench.metrics.cett import (
     CETTCalibration,
     LayerCETT,
@@ -54,6 +64,8 @@ from workbench.metrics.sparsity import (
 from workbench.metrics.store import info, store, table, tables, tensors
 
 __all__ = [
+    "BrickAnalysis", "BricksError", "Partition", "ablate", "average_precision", "brick_analysis",
+    "func_scores", "predictivity",
     "CETTCalibration", "Intervention", "LayerCETT", "LayerPredictor", "NLL", "PPLSparsity", "Predictors",
     "cett", "chunk_table", "cett_curve", "cett_search", "cett_thresholds", "default_width", "info", "intervene",
     "load_predictors", "nll", "overall_activation_ratio", "perplexity", "ppl_sparsity",

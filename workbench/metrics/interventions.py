@@ -39,17 +39,31 @@ class Intervention:
 
 
 @contextmanager
-def intervene(model: nn.Module, rule, *, layout: Layout | None = None, layers: list[int] | None = None):
+def intervene(model: nn.Module, rule, *, layout: Layout | None = None, layers: list[int] | None = None,
+              keep: dict[int, torch.Tensor] | None = None):
     """Zero the inactive entries of every FFN's activation a under `rule` while the block runs.
 
     rule: "zero", "fat(T)", "topk(k)", "magnitude(t)" or a Rule (e.g. ``Rule.magnitude({layer: t})``
     with the CETT thresholds). layers: restrict to these block indices (default: all FFNs).
+    keep: {layer: bool [d_ff]} a fixed per-neuron mask ANDed with the rule's (False = ablated on
+    every token; with rule "zero" this is a pure neuron ablation); only those layers are hooked.
     Yields an `Intervention`; hooks are removed on exit.
     """
     rule = Rule.parse(rule)
     sites = ffn_sites(model, layout)
     if layers is not None:
         sites = [s for s in sites if s.layer in set(layers)]
+    keep = dict(keep or {})
+    if keep:
+        have = {s.layer: s for s in sites}
+        for layer, k in keep.items():
+            if layer not in have:
+                raise CaptureError(f"keep names layer {layer}, but the model's FFN layers are "
+                                   f"{sorted(have)}; give masks only for those")
+            if tuple(k.shape) != (have[layer].d_ff,) or k.dtype != torch.bool:
+                raise CaptureError(f"keep[{layer}] must be a bool mask [d_ff={have[layer].d_ff}]; got "
+                                   f"{k.dtype} {tuple(k.shape)}")
+        sites = [s for s in sites if s.layer in keep]
     iv = Intervention(rule=rule, sites=sites)
     pending: dict[str, torch.Tensor] = {}
     norms: dict[str, torch.Tensor] = {}
@@ -74,6 +88,11 @@ def intervene(model: nn.Module, rule, *, layout: Layout | None = None, layers: l
             if dn is not None and dn.device != a.device:
                 dn = norms[site.name] = dn.to(a.device)
             mask = rule.active(a, g, layer=site.layer, gated=site.kind == GATED, down_norms=dn)
+            k = keep.get(site.layer)
+            if k is not None:
+                if k.device != a.device:
+                    k = keep[site.layer] = k.to(a.device)
+                mask = mask & k
             iv.calls += 1
             return (a * mask.to(a.dtype),) + tuple(args[1:])
         return hook
