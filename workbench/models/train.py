@@ -131,6 +131,23 @@ def mamba2_drift(model, total: int = 4096, n_seq: int = 8, chunk: int = 128) -> 
     return state_drift(model, long_sequences(total, n_seq), chunk=chunk)
 
 
+PASSKEY_LENGTHS = (1, 4, 16, 64)  # x the training length
+PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def passkey_eval(model, tok, seq_len: int, n_keys: int = 4, seed: int = 0) -> dict:
+    """The state-capacity card's passkey grid (workbench.metrics.passkey.passkey_grid) at
+    PASSKEY_LENGTHS x the training length and PASSKEY_DEPTHS, `n_keys` seeded keys per cell."""
+    from workbench.metrics.passkey import passkey_grid
+
+    lengths = [f * seq_len for f in PASSKEY_LENGTHS]
+    df = passkey_grid(model, tok, lengths, PASSKEY_DEPTHS, n_keys=n_keys, seed=seed)
+    return {"lengths": lengths, "depths": list(PASSKEY_DEPTHS), "n_keys": n_keys, "seed": seed,
+            "rule": df.attrs["setup"]["rule"],
+            "accuracy": [[float(df[(df.length == L) & (df.depth == d)].accuracy.iloc[0])
+                          for d in PASSKEY_DEPTHS] for L in lengths]}
+
+
 def quick_windows(windows, n: int = QUICK_WINDOWS):
     out = []
     for dom in DOMAINS:
@@ -444,8 +461,11 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         routers = [layer.mlp.router for layer in model.model.layers]
         for rt in routers:
             rt.record = True
+    from workbench.metrics.passkey import training_documents
     from workbench.models.blockffn import chunk_sparsity_loss, locality_loss
 
+    n_pk = int(round(recipe.get("passkey_share", 0.0) * B))
+    pk_rng = np.random.default_rng([seed, 25])
     history = []
     curve = []
     t0 = time.time()
@@ -455,7 +475,10 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
-        batch = torch.stack([data[i : i + T] for i in idx.tolist()]).to(device)
+        batch = torch.stack([data[i : i + T] for i in idx.tolist()])
+        if n_pk:  # a share of synthetic passkey documents (state-capacity recipe)
+            batch[:n_pk] = training_documents(tok, n_pk, T, pk_rng)
+        batch = batch.to(device)
         l1_acts.clear()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             kw = {"output_router_logits": True} if spec.family == "mixtral" else {}
@@ -537,6 +560,8 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         extra_eval["position_loss"] = position_loss(model, windows, T)
         extra_eval["state_drift"] = mamba2_drift(model)
         extra_eval["state_drift_quick"] = mamba2_drift(model, total=2048, n_seq=2)  # the tests' set-up
+    if recipe.get("passkey_share"):
+        extra_eval["passkey"] = passkey_eval(model, tok, T)
     import transformers
 
     metrics = {
