@@ -84,8 +84,10 @@ class PasskeyBuilder:
         lo = 10 ** (self.n_digits - 1) if self.n_digits > 1 else 0
         return str(int(rng.integers(lo, 10**self.n_digits)))
 
-    def build(self, length: int, depth: float, key: str) -> PasskeyPrompt:
-        """A prompt of exactly `length` tokens with `key` at `depth` (0..1) of the filler."""
+    def build(self, length: int, depth: float, key: str, *, end_boundary: bool = True) -> PasskeyPrompt:
+        """A prompt of exactly `length` tokens with `key` at `depth` (0..1) of the filler.
+        end_boundary=False: only whole-sentence boundaries (not the cut end of the filler) are
+        insertion points (the zoo pair's training documents were made so)."""
         if not 0.0 <= depth <= 1.0:
             raise PasskeyError(f"depth must lie in [0, 1], got {depth}.")
         if len(key) != self.n_digits or not key.isdigit():
@@ -106,6 +108,8 @@ class PasskeyBuilder:
             i += 1
         filler = filler[:n_fill]
         bounds = [b for b in bounds if b <= n_fill]
+        if end_boundary and bounds[-1] != n_fill:
+            bounds.append(n_fill)  # the filler's (cut) end: depth 1 puts the key before the question
         target = depth * n_fill
         at = min(bounds, key=lambda b: (abs(b - target), b))
         ids = filler[:at] + line + filler[at:] + self.question
@@ -193,6 +197,6 @@ def training_documents(tokenizer, n: int, length: int, rng: np.random.Generator,
     for _ in range(n):
         key = b.sample_key(rng)
         ans = b._enc(" " + key)
-        p = b.build(length - len(ans) - 1, float(rng.uniform()), key)
+        p = b.build(length - len(ans) - 1, float(rng.uniform()), key, end_boundary=False)
         out.append(p.ids + ans + [eos])
     return torch.tensor(out, dtype=torch.long)
