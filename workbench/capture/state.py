@@ -13,7 +13,8 @@ the last call of a sequence). Per layer, head and bucket it keeps sums over sequ
 
 - the state h after the bucket's last token (heads x P x N; Mamba: one head, P = d_inner):
   sum, sum of squares, element count (-> mean, variance, RMS), a median estimate (the exact
-  median of the batch's values, averaged over calls), cosine similarity with the previous
+  median of every k-th value of the batch's state, k = values // ``median_sample``, averaged over
+  calls; exact for states that small), cosine similarity with the previous
   bucket's state (per head, and over the whole layer), the fraction of state channels (the N
   columns of a head's P x N matrix) whose norm exceeds ``usage_tol`` x the largest, and the
   effective rank exp(entropy of the normalised singular values) of each head's P x N matrix;
@@ -58,7 +59,7 @@ class StateProbe(SiteProbe):
     site_kind = "mixer"
 
     def __init__(self, bucket: int = 128, hist_positions=(), usage_tol: float = 1e-2,
-                 edges: torch.Tensor | None = None):
+                 edges: torch.Tensor | None = None, median_sample: int = 1024):
         super().__init__()
         if bucket < 1:
             raise CaptureError(f"bucket must be a positive number of tokens, got {bucket}")
@@ -69,6 +70,7 @@ class StateProbe(SiteProbe):
             raise CaptureError(f"hist_positions {bad} are not bucket ends: use positive multiples of "
                                f"the bucket ({self.bucket} tokens)")
         self.usage_tol = float(usage_tol)
+        self.median_sample = int(median_sample)
         self.edges = (edges if edges is not None else default_edges()).float()
         self.pos = 0  # tokens of the current sequence seen so far (host int: shapes only)
         self._pending: dict[str, dict] = {}
@@ -79,8 +81,8 @@ class StateProbe(SiteProbe):
         self.nb = 0
 
     def config(self) -> dict:
-        return {"bucket": self.bucket, "hist_positions": self.hist_positions,
-                "usage_tol": self.usage_tol, "n_edges": int(self.edges.numel())}
+        return {"bucket": self.bucket, "hist_positions": self.hist_positions, "usage_tol": self.usage_tol,
+                "n_edges": int(self.edges.numel()), "median_sample": self.median_sample}
 
     # -- sites and hook points -----------------------------------------------------------
     def sites(self, layout, model):
@@ -178,7 +180,7 @@ class StateProbe(SiteProbe):
             if kind == "mamba2":
                 cum = ld[:, s].cumsum(1)  # [b, l, H]
                 w = torch.exp(cum[:, -1:] - cum) * dt[:, s]  # [b, l, H]
-                S = torch.einsum("blh,blhp,blhn->bhpn", w, x[:, s], B[:, s])
+                S = torch.einsum("blhp,blhn->bhpn", x[:, s] * w[..., None], B[:, s])  # a bmm
                 h = torch.exp(cum[:, -1])[..., None, None] * h + S
             else:
                 cum = ld[:, s].cumsum(1)  # [b, l, d, n]
@@ -278,9 +280,11 @@ class StateProbe(SiteProbe):
         st = self.state.setdefault(name, {})
         self._grow(st, j0 + J, HEAD_FIELDS, BUCKET_FIELDS, H, device)
         flat = states.permute(1, 2, 0, 3, 4).reshape(J, H, -1)  # [J, H, b*P*N]
-        st["s1"].index_add_(1, idx, flat.double().sum(-1).T)
-        st["s2"].index_add_(1, idx, flat.double().pow(2).sum(-1).T)
-        st["med"].index_add_(1, idx, (flat.median(-1).values * b).T)
+        st["s1"].index_add_(1, idx, flat.sum(-1).double().T)
+        st["s2"].index_add_(1, idx, flat.pow(2).sum(-1).double().T)
+        # median estimate: the exact median of every k-th value, k = values // median_sample
+        step = max(1, flat.shape[-1] // self.median_sample)
+        st["med"].index_add_(1, idx, (flat[..., ::step].contiguous().median(-1).values * b).T)
         st["snaps"].index_add_(0, idx, torch.full((J,), float(b), device=device))
         st["elems"].index_add_(0, idx, torch.full((J,), float(b * P * N), device=device))
         # cosine with the previous bucket's state (none for a sequence's first bucket)
@@ -299,10 +303,14 @@ class StateProbe(SiteProbe):
         cn = states.pow(2).sum(-2).sqrt()  # [b, J, H, N]
         used = (cn > self.usage_tol * cn.amax(-1, keepdim=True)).float().mean(-1)
         st["usage"].index_add_(1, idx, used.sum(0).T)
-        sv = torch.linalg.svdvals(states)  # [b, J, H, min(P, N)]
+        # singular values from the eigenvalues of the smaller Gram matrix (float64): a P x N
+        # SVD per head costs ~3x more on the CPU
+        hd = states.double()
+        gram = hd @ hd.transpose(-1, -2) if P <= N else hd.transpose(-1, -2) @ hd
+        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # [b, J, H, min(P, N)]
         pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
         ent = -(pr * torch.log(pr.clamp_min(1e-30))).sum(-1)
-        st["erank"].index_add_(1, idx, torch.exp(ent).sum(0).T)
+        st["erank"].index_add_(1, idx, torch.exp(ent).sum(0).T.float())
         # token means per bucket
         pad = J * bk - L
         tok = torch.ones(L, device=device)

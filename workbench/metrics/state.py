@@ -50,7 +50,8 @@ def _as_ids(ids) -> torch.Tensor:
 
 @torch.no_grad()
 def state_scan(model, ids, *, bucket: int = 128, chunk: int | None = None, hist_positions=(),
-               usage_tol: float = 1e-2, batch_size: int | None = None, data: dict | None = None):
+               usage_tol: float = 1e-2, median_sample: int = 1024, batch_size: int | None = None,
+               data: dict | None = None):
     """Run `model` (Mamba / Mamba-2 causal LM) over `ids` [n_seq, tokens] chunk by chunk
     (`chunk` tokens per forward, a multiple of `bucket`; default `bucket`) with its cache carried
     over, under a capture with a StateProbe; returns the Run (see the module doc).
@@ -87,7 +88,7 @@ def state_scan(model, ids, *, bucket: int = 128, chunk: int | None = None, hist_
         raise StateError(f"the input has {total} tokens, shorter than one bucket ({bucket}); use "
                          "longer sequences or a smaller bucket")
     probe = StateProbe(bucket=bucket, hist_positions=[p for p in hist_positions if p <= total],
-                       usage_tol=usage_tol)
+                       usage_tol=usage_tol, median_sample=median_sample)
     device = next(model.parameters()).device
     was = model.training
     model.eval()
