@@ -125,7 +125,9 @@ class StateProbe(SiteProbe):
         b, L, _ = proj.shape
         d_mlp = (proj.shape[-1] - 2 * mix.intermediate_size - 2 * mix.n_groups * mix.ssm_state_size
                  - mix.num_heads) // 2
-        xbc = proj[..., 2 * d_mlp + mix.intermediate_size: 2 * d_mlp + mix.intermediate_size + mix.conv_dim]
+        h, p, n, g = mix.num_heads, mix.head_dim, mix.ssm_state_size, mix.n_groups
+        n_xb = mix.intermediate_size + g * n  # x and B; C is not needed
+        xbc = proj[..., 2 * d_mlp + mix.intermediate_size: 2 * d_mlp + mix.intermediate_size + n_xb]
         dt = proj[..., -mix.num_heads:]
         k = mix.conv_kernel_size
         carry = self._carry.get(site.name)
@@ -133,11 +135,10 @@ class StateProbe(SiteProbe):
             carry = xbc.new_zeros(b, k - 1, xbc.shape[-1])
         full = torch.cat([carry, xbc], 1)
         self._carry[site.name] = full[:, -(k - 1):] if k > 1 else full[:, :0]
-        conv = F.conv1d(full.transpose(1, 2), mix.conv1d.weight.float(),
-                        None if mix.conv1d.bias is None else mix.conv1d.bias.float(),
-                        groups=mix.conv_dim)  # valid conv: L outputs
+        conv = F.conv1d(full.transpose(1, 2), mix.conv1d.weight[:n_xb].float(),
+                        None if mix.conv1d.bias is None else mix.conv1d.bias[:n_xb].float(),
+                        groups=n_xb)  # valid conv: L outputs
         xbc = mix.act(conv).transpose(1, 2)
-        h, p, n, g = mix.num_heads, mix.head_dim, mix.ssm_state_size, mix.n_groups
         x = xbc[..., : h * p].reshape(b, L, h, p)
         B = xbc[..., h * p: h * p + g * n].reshape(b, L, g, n).repeat_interleave(h // g, dim=2)
         dt = F.softplus(dt + mix.dt_bias.float())
@@ -305,9 +306,8 @@ class StateProbe(SiteProbe):
         st["usage"].index_add_(1, idx, used.sum(0).T)
         # singular values from the eigenvalues of the smaller Gram matrix (float64): a P x N
         # SVD per head costs ~3x more on the CPU
-        hd = states.double()
-        gram = hd @ hd.transpose(-1, -2) if P <= N else hd.transpose(-1, -2) @ hd
-        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # [b, J, H, min(P, N)]
+        gram = states @ states.transpose(-1, -2) if P <= N else states.transpose(-1, -2) @ states
+        sv = torch.linalg.eigvalsh(gram.double()).clamp_min(0).sqrt()  # [b, J, H, min(P, N)]
         pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
         ent = -(pr * torch.log(pr.clamp_min(1e-30))).sum(-1)
         st["erank"].index_add_(1, idx, torch.exp(ent).sum(0).T.float())
