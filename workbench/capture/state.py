@@ -306,8 +306,9 @@ class StateProbe(SiteProbe):
         st["usage"].index_add_(1, idx, used.sum(0).T)
         # singular values from the eigenvalues of the smaller Gram matrix (float64): a P x N
         # SVD per head costs ~3x more on the CPU
-        gram = states @ states.transpose(-1, -2) if P <= N else states.transpose(-1, -2) @ states
-        sv = torch.linalg.eigvalsh(gram.double()).clamp_min(0).sqrt()  # [b, J, H, min(P, N)]
+        hd = states.double()
+        gram = hd @ hd.transpose(-1, -2) if P <= N else hd.transpose(-1, -2) @ hd
+        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # [b, J, H, min(P, N)]
         pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
         ent = -(pr * torch.log(pr.clamp_min(1e-30))).sum(-1)
         st["erank"].index_add_(1, idx, torch.exp(ent).sum(0).T.float())
