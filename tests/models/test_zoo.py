@@ -106,9 +106,8 @@ def test_loads_both_ways_and_generates(name):
 @pytest.mark.parametrize("name", BUILT)
 def test_card_figures_reproduce(name, quick_windows, unigram):
     """The card's quick figures, recomputed here from the checkpoint, on CPU."""
-    from workbench.models.train import evaluate, load_zoo_model
+    from workbench.models.train import evaluate, load_zoo_model, validation_windows
     from workbench.models.train import quick_windows as q
-    from workbench.models.train import validation_windows
 
     model, _ = load_zoo_model(name)
     seq_len = zoo.spec(name).recipe["seq_len"]  # the state-capacity pair is measured at 128
