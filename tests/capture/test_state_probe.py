@@ -217,3 +217,20 @@ def test_mamba_v1_chunking_refused():
 def test_hist_positions_must_be_bucket_ends():
     with pytest.raises(CaptureError, match="not bucket ends"):
         StateProbe(bucket=8, hist_positions=(12,))
+
+
+@torch.no_grad()
+def test_grouped_b_bucket_states_match_the_cache():
+    """n_groups = 2: bucket-end states inside a chunk (recurrence, per group) equal the cache's
+    states of a run with one bucket per chunk."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.Mamba2ForCausalLM(tf.Mamba2Config(vocab_size=tiny.VOCAB, hidden_size=32, state_size=8,
+                                                 num_hidden_layers=1, expand=2, num_heads=8, head_dim=8,
+                                                 n_groups=2, chunk_size=16)).eval()
+    ids = torch.randint(2, tiny.VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    cols = ["rms", "median", "cos", "erank", "B"]
+    a = head_stats(state_scan(model, ids, bucket=BK, chunk=BK))
+    b = head_stats(state_scan(model, ids, bucket=BK, chunk=32))
+    np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-4, atol=1e-6)

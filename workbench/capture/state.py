@@ -140,7 +140,7 @@ class StateProbe(SiteProbe):
                         groups=n_xb)  # valid conv: L outputs
         xbc = mix.act(conv).transpose(1, 2)
         x = xbc[..., : h * p].reshape(b, L, h, p)
-        B = xbc[..., h * p: h * p + g * n].reshape(b, L, g, n).repeat_interleave(h // g, dim=2)
+        B = xbc[..., h * p: h * p + g * n].reshape(b, L, g, n)  # per group; head k uses group k // (h // g)
         dt = F.softplus(dt + mix.dt_bias.float())
         lo, hi = mix.time_step_limit
         if lo > 0.0 or hi != float("inf"):
@@ -148,7 +148,7 @@ class StateProbe(SiteProbe):
         A = -torch.exp(mix.A_log.float())  # [h]
         logdec = dt * A  # [b, L, h]
         self._pending[site.name] = {"x": x, "B": B, "dt": dt, "logdec": logdec, "L": L,
-                                    "x_mean": x.mean(-1), "B_mean": B.mean(-1),
+                                    "x_mean": x.mean(-1), "B_mean": B.mean(-1).repeat_interleave(h // g, dim=2),
                                     "dec_mean": torch.exp(logdec), "dt_mean": dt}
 
     def _observe_mamba(self, site, call):
@@ -181,7 +181,12 @@ class StateProbe(SiteProbe):
             if kind == "mamba2":
                 cum = ld[:, s].cumsum(1)  # [b, l, H]
                 w = torch.exp(cum[:, -1:] - cum) * dt[:, s]  # [b, l, H]
-                S = torch.einsum("blhp,blhn->bhpn", x[:, s] * w[..., None], B[:, s])  # a bmm
+                xs = x[:, s] * w[..., None]  # [b, l, H, P]
+                bb, ll, H, P = xs.shape
+                g = B.shape[2]
+                # one matmul per group: (H/g * P, l) @ (l, N)
+                S = torch.einsum("blgq,blgn->bgqn", xs.reshape(bb, ll, g, (H // g) * P), B[:, s])
+                S = S.reshape(bb, H, P, -1)
                 h = torch.exp(cum[:, -1])[..., None, None] * h + S
             else:
                 cum = ld[:, s].cumsum(1)  # [b, l, d, n]
