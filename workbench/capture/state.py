@@ -260,7 +260,8 @@ class StateProbe(SiteProbe):
         ms["loss"].index_add_(0, idx, nll_p.double().sum((0, 2)))
         ms["loss_n"].index_add_(0, idx, (cnt.reshape(J, bk).sum(1) * b).double())
         ms["last_lp"] = lp[:, -1]
-        # per-layer state statistics
+        # per-layer state statistics (layers of one shape reduced together)
+        groups: dict[tuple, list] = {}
         for m in self._mixers:
             pend = self._pending.pop(m.name, None)
             if pend is None:
@@ -276,69 +277,83 @@ class StateProbe(SiteProbe):
                 h0 = torch.zeros_like(h_end)
             states = self._bucket_states(m, pend, h0, h_end, m.kind)  # [b, J, H, P, N]
             self._prev[m.name] = h_end.clone()
-            self._reduce(m.name, states, h0 if self.pos > 0 else None, pend, idx, j0, J, L, b)
+            groups.setdefault(tuple(states.shape), []).append((m.name, states, h0, pend))
+        for group in groups.values():
+            names, sts, h0s, pends = zip(*group)
+            self._reduce(list(names), torch.stack(sts), torch.stack(h0s) if self.pos > 0 else None,
+                         list(pends), idx, j0, J, L, b)
         self.pos += L
 
-    def _reduce(self, name, states, h_prev, pend, idx, j0, J, L, b):
+    def _reduce(self, names, states, h_prev, pends, idx, j0, J, L, b):
+        """Fold the bucket-end states [Ly, b, J, H, P, N] of `names` (layers of one shape, done
+        together: a few large ops instead of many small ones) into the per-bucket sums."""
         bk = self.bucket
-        _, _, H, P, N = states.shape
+        Ly, _, _, H, P, N = states.shape
         device = states.device
-        st = self.state.setdefault(name, {})
-        self._grow(st, j0 + J, HEAD_FIELDS, BUCKET_FIELDS, H, device)
-        flat = states.permute(1, 2, 0, 3, 4).reshape(J, H, -1)  # [J, H, b*P*N]
-        st["s1"].index_add_(1, idx, flat.sum(-1).double().T)
-        st["s2"].index_add_(1, idx, flat.pow(2).sum(-1).double().T)
+        flat = states.permute(0, 2, 3, 1, 4, 5).reshape(Ly, J, H, -1)  # [Ly, J, H, b*P*N]
+        s1 = flat.sum(-1).double()
+        s2 = flat.pow(2).sum(-1).double()
         # median estimate: the exact median of every k-th value, k = values // median_sample
         step = max(1, flat.shape[-1] // self.median_sample)
-        st["med"].index_add_(1, idx, (flat[..., ::step].contiguous().median(-1).values * b).T)
-        st["snaps"].index_add_(0, idx, torch.full((J,), float(b), device=device))
-        st["elems"].index_add_(0, idx, torch.full((J,), float(b * P * N), device=device))
+        med = flat[..., ::step].contiguous().median(-1).values * b  # [Ly, J, H]
         # cosine with the previous bucket's state (none for a sequence's first bucket)
-        prev = torch.cat([h_prev[:, None] if h_prev is not None else states[:, :1], states[:, :-1]], 1)
-        dot = (prev * states).sum((-1, -2))  # [b, J, H]
+        first = h_prev[:, :, None] if h_prev is not None else states[:, :, :1]
+        prev = torch.cat([first, states[:, :, :-1]], 2)
+        dot = (prev * states).sum((-1, -2))  # [Ly, b, J, H]
         na, nb_ = prev.pow(2).sum((-1, -2)), states.pow(2).sum((-1, -2))
         cos = dot / (na * nb_).sqrt().clamp_min(1e-30)
-        cos_l = dot.sum(-1) / (na.sum(-1) * nb_.sum(-1)).sqrt().clamp_min(1e-30)  # [b, J]
+        cos_l = dot.sum(-1) / (na.sum(-1) * nb_.sum(-1)).sqrt().clamp_min(1e-30)  # [Ly, b, J]
         valid = torch.ones(J, device=device)
         if h_prev is None:
             valid[0] = 0
-        st["cos"].index_add_(1, idx, (cos * valid[None, :, None]).sum(0).T)
-        st["cos_layer"].index_add_(0, idx, (cos_l * valid[None]).sum(0))
-        st["cos_n"].index_add_(0, idx, valid * b)
+        cos = (cos * valid[:, None]).sum(1)  # [Ly, J, H]
+        cos_l = (cos_l * valid).sum(1)  # [Ly, J]
         # usage: fraction of the N channels whose norm over P exceeds usage_tol x the largest
-        cn = states.pow(2).sum(-2).sqrt()  # [b, J, H, N]
-        used = (cn > self.usage_tol * cn.amax(-1, keepdim=True)).float().mean(-1)
-        st["usage"].index_add_(1, idx, used.sum(0).T)
+        cn = states.pow(2).sum(-2).sqrt()  # [Ly, b, J, H, N]
+        used = (cn > self.usage_tol * cn.amax(-1, keepdim=True)).float().mean(-1).sum(1)  # [Ly, J, H]
         # singular values from the eigenvalues of the smaller Gram matrix (float64): a P x N
         # SVD per head costs ~3x more on the CPU
         hd = states.double()
         gram = hd @ hd.transpose(-1, -2) if P <= N else hd.transpose(-1, -2) @ hd
-        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # [b, J, H, min(P, N)]
+        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # [Ly, b, J, H, min(P, N)]
         pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
-        ent = -(pr * torch.log(pr.clamp_min(1e-30))).sum(-1)
-        st["erank"].index_add_(1, idx, torch.exp(ent).sum(0).T.float())
-        # token means per bucket
+        erank = torch.exp(-(pr * torch.log(pr.clamp_min(1e-30))).sum(-1)).sum(1).float()  # [Ly, J, H]
         pad = J * bk - L
-        tok = torch.ones(L, device=device)
+        tok = F.pad(torch.ones(L, device=device), (0, pad)).reshape(J, bk).sum(1) * b
+        snaps = torch.full((J,), float(b), device=device)
+        elems = torch.full((J,), float(b * P * N), device=device)
 
         def bsum(t):  # [b, L, H] -> [H, J]
             return F.pad(t, (0, 0, 0, pad)).reshape(b, J, bk, -1).sum((0, 2)).T
 
-        st["dt"].index_add_(1, idx, bsum(pend["dt_mean"]))
-        st["decay"].index_add_(1, idx, bsum(pend["dec_mean"]))
-        st["x"].index_add_(1, idx, bsum(pend["x_mean"]))
-        st["B"].index_add_(1, idx, bsum(pend["B_mean"]))
-        st["tokens"].index_add_(0, idx, F.pad(tok, (0, pad)).reshape(J, bk).sum(1) * b)
-        # histograms at the chosen positions
-        for k, p in enumerate(self.hist_positions):
-            j = p // bk - 1 - j0
-            if 0 <= j < J and (j + 1) * bk <= L:
-                key = f"hist{k}"
-                if key not in st:
-                    st[key] = torch.zeros(self.edges.numel() + 1, device=device)
-                e = self.edges.to(device)
-                v = states[:, j].reshape(-1)
-                st[key] += torch.bincount(torch.bucketize(v, e), minlength=e.numel() + 1).float()
+        for i, (name, pend) in enumerate(zip(names, pends)):
+            st = self.state.setdefault(name, {})
+            self._grow(st, j0 + J, HEAD_FIELDS, BUCKET_FIELDS, H, device)
+            st["s1"].index_add_(1, idx, s1[i].T)
+            st["s2"].index_add_(1, idx, s2[i].T)
+            st["med"].index_add_(1, idx, med[i].T)
+            st["snaps"].index_add_(0, idx, snaps)
+            st["elems"].index_add_(0, idx, elems)
+            st["cos"].index_add_(1, idx, cos[i].T)
+            st["cos_layer"].index_add_(0, idx, cos_l[i])
+            st["cos_n"].index_add_(0, idx, valid * b)
+            st["usage"].index_add_(1, idx, used[i].T)
+            st["erank"].index_add_(1, idx, erank[i].T)
+            st["dt"].index_add_(1, idx, bsum(pend["dt_mean"]))
+            st["decay"].index_add_(1, idx, bsum(pend["dec_mean"]))
+            st["x"].index_add_(1, idx, bsum(pend["x_mean"]))
+            st["B"].index_add_(1, idx, bsum(pend["B_mean"]))
+            st["tokens"].index_add_(0, idx, tok)
+            # histograms at the chosen positions
+            for k, p in enumerate(self.hist_positions):
+                j = p // bk - 1 - j0
+                if 0 <= j < J and (j + 1) * bk <= L:
+                    key = f"hist{k}"
+                    if key not in st:
+                        st[key] = torch.zeros(self.edges.numel() + 1, device=device)
+                    e = self.edges.to(device)
+                    v = states[i, :, j].reshape(-1)
+                    st[key] += torch.bincount(torch.bucketize(v, e), minlength=e.numel() + 1).float()
 
     def _merge_site(self, mine, theirs):
         for k, v in theirs.items():
