@@ -291,8 +291,10 @@ class StateProbe(SiteProbe):
         Ly, _, _, H, P, N = states.shape
         device = states.device
         flat = states.permute(0, 2, 3, 1, 4, 5).reshape(Ly, J, H, -1)  # [Ly, J, H, b*P*N]
+        sq_pn = states.pow(2).sum(-2)  # [Ly, b, J, H, N]: squared channel norms
+        nb_ = sq_pn.sum(-1)  # [Ly, b, J, H]: squared state norms
         s1 = flat.sum(-1).double()
-        s2 = flat.pow(2).sum(-1).double()
+        s2 = nb_.sum(1).double()  # [Ly, J, H]
         # median estimate: the exact median of every k-th value, k = values // median_sample
         step = max(1, flat.shape[-1] // self.median_sample)
         med = flat[..., ::step].contiguous().median(-1).values * b  # [Ly, J, H]
@@ -300,7 +302,8 @@ class StateProbe(SiteProbe):
         first = h_prev[:, :, None] if h_prev is not None else states[:, :, :1]
         prev = torch.cat([first, states[:, :, :-1]], 2)
         dot = (prev * states).sum((-1, -2))  # [Ly, b, J, H]
-        na, nb_ = prev.pow(2).sum((-1, -2)), states.pow(2).sum((-1, -2))
+        na0 = h_prev.pow(2).sum((-1, -2))[:, :, None] if h_prev is not None else nb_[:, :, :1]
+        na = torch.cat([na0, nb_[:, :, :-1]], 2)
         cos = dot / (na * nb_).sqrt().clamp_min(1e-30)
         cos_l = dot.sum(-1) / (na.sum(-1) * nb_.sum(-1)).sqrt().clamp_min(1e-30)  # [Ly, b, J]
         valid = torch.ones(J, device=device)
@@ -309,7 +312,7 @@ class StateProbe(SiteProbe):
         cos = (cos * valid[:, None]).sum(1)  # [Ly, J, H]
         cos_l = (cos_l * valid).sum(1)  # [Ly, J]
         # usage: fraction of the N channels whose norm over P exceeds usage_tol x the largest
-        cn = states.pow(2).sum(-2).sqrt()  # [Ly, b, J, H, N]
+        cn = sq_pn.sqrt()  # [Ly, b, J, H, N]
         used = (cn > self.usage_tol * cn.amax(-1, keepdim=True)).float().mean(-1).sum(1)  # [Ly, J, H]
         # singular values from the eigenvalues of the smaller Gram matrix (float64): a P x N
         # SVD per head costs ~3x more on the CPU
