@@ -80,3 +80,13 @@ def test_profile_timeline_summary(tmp_path):
         "T=8 cls=0.8 (120 layers; us from the first kernel's start, medians): router 0.00-6.00 | "
         "expert_up_kernel 3.00-18.00 | expert_down_kernel 9.00-27.00 | next layer after 24.00"
     )
+
+
+def test_bench_state_smoke(tmp_path):
+    """bench_state.py end to end on a toy Mamba-2 (CPU): both lengths, the ratios, the JSON."""
+    _run("bench_state.py", "--smoke-cpu", "--out", str(tmp_path))
+    doc = json.loads((tmp_path / "state.json").read_text())
+    assert [r["tokens"] for r in doc["rows"]] == [256, 1024]
+    assert doc["rows"][1]["buckets"] == 1024 // 64
+    assert doc["device"] == "cpu (smoke test)" and doc["path"].startswith(("torch path", "mamba-ssm"))
+    assert 0.5 < doc["memory_ratio"] < 2 and doc["time_ratio"] > 0

@@ -131,6 +131,129 @@ def mamba2_drift(model, total: int = 4096, n_seq: int = 8, chunk: int = 128) -> 
     return state_drift(model, long_sequences(total, n_seq), chunk=chunk)
 
 
+PASSKEY_LENGTHS = (1, 4, 16, 64)  # x the training length
+PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def passkey_eval(model, tok, seq_len: int, n_keys: int = 4, seed: int = 0) -> dict:
+    """The state-capacity card's passkey grid (workbench.metrics.passkey.passkey_grid) at
+    PASSKEY_LENGTHS x the training length and PASSKEY_DEPTHS, `n_keys` seeded keys per cell."""
+    from workbench.metrics.passkey import passkey_grid
+
+    lengths = [f * seq_len for f in PASSKEY_LENGTHS]
+    df = passkey_grid(model, tok, lengths, PASSKEY_DEPTHS, n_keys=n_keys, seed=seed)
+    return {"lengths": lengths, "depths": list(PASSKEY_DEPTHS), "n_keys": n_keys, "seed": seed,
+            "rule": df.attrs["setup"]["rule"],
+            "accuracy": [[float(df[(df.length == L) & (df.depth == d)].accuracy.iloc[0])
+                          for d in PASSKEY_DEPTHS] for L in lengths]}
+
+
+def state_figures(model, seq_len: int, *, n_seq: int = 4, mults=(16, 64), bucket: int = 128,
+                  chunk: int = 512, tol: float = 0.5) -> dict:
+    """Stuffed-Mamba state statistics of a Mamba-2 zoo model past its training length `seq_len`
+    (workbench.metrics.state.state_scan on `n_seq` validation sequences of max(mults) x seq_len
+    tokens, `bucket`-token buckets, `chunk` tokens per forward): per layer, the head-mean of rms,
+    cos, usage and erank at seq_len and at each multiple, the loss per position range, and the
+    collapse flags (metrics.state.collapse, rule stated) counted per statistic."""
+    from workbench.metrics import state as ms
+
+    total = max(mults) * seq_len
+    run = ms.state_scan(model, long_sequences(total, n_seq), bucket=bucket, chunk=chunk)
+    heads = ms.head_stats(run)
+    layers = ms.layer_stats(run)
+    at = [seq_len] + [m * seq_len for m in mults]
+    per = heads.groupby(["layer", "position"])[["rms", "cos", "usage", "erank", "decay"]].mean()
+    out = {"n_seq": int(run.meta["data"]["n_seq"]), "total": total, "bucket": bucket, "chunk": chunk,
+           "positions": at, "layers": {}}
+    for lay in sorted(heads.layer.unique()):
+        lrms = layers[layers.layer == lay].set_index("position").rms
+        out["layers"][str(lay)] = {
+            "rms": [float(lrms[p]) for p in at],
+            **{k: [float(per.loc[(lay, p), k]) for p in at] for k in ("cos", "usage", "erank", "decay")}}
+    lo = layers[layers.layer == layers.layer.min()].set_index("position").loss
+    edges = [0, seq_len] + [m * seq_len for m in (2, 4, 16, 64) if m * seq_len <= total]
+    out["loss"] = {f"{a}-{b}": float(lo[(lo.index > a) & (lo.index <= b)].mean()) for a, b in zip(edges[:-1], edges[1:])}
+    flags = ms.collapse(run, seq_len, tol=tol)
+    out["collapse"] = {"rule": flags.attrs["rule"], "n_heads": int(heads.groupby(["layer", "head"]).ngroups),
+                       "by_stat": {s: {"heads": int(len(g)), "first": int(g.position.min()),
+                                       "median_position": float(g.position.median())}
+                                   for s, g in flags.groupby("stat")}}
+    return out
+
+
+def finish_from_checkpoint(name: str, log_path: str, *, seed: int = 0, n_keys: int = 2) -> dict:
+    """Measure and card a zoo model whose training process saved its checkpoint but was stopped
+    before its own measurements (the state-capacity pair, for time): the same validation figures
+    as `train`, the passkey grid (`n_keys` per cell) and the state figures; steps, curve and
+    training time come from the training log `log_path` (the lines `train` printed)."""
+    out = zoo.ZOO_DIR / name
+    spec = zoo.spec(name)
+    recipe = dict(spec.recipe)
+    lines = [ln for ln in Path(log_path).read_text().splitlines() if ln.startswith(f"[{name}] ")]
+    recs = []
+    for ln in lines:
+        body = ln[len(name) + 3:]
+        if body.startswith("{"):
+            js, _, rest = body.partition("} val_quick ")
+            r = json.loads(js + "}")
+            r["val_loss_quick"] = float(rest)
+            recs.append(r)
+    steps = recs[-1]["step"]
+    B, T = recipe["batch_size"], recipe["seq_len"]
+    model, tok = load_zoo_model(name)
+    uni = unigram_logprobs(model.config.vocab_size)
+    windows = validation_windows(T)
+    from workbench.models.ssd import fast_scan
+
+    with fast_scan():
+        ev = evaluate(model, windows, spec.sparsity, unigram=uni)
+        evq = evaluate(model, quick_windows(windows), spec.sparsity, unigram=uni)
+        pk = passkey_eval(model, tok, T, n_keys=n_keys)
+        sf = state_figures(model, T, n_seq=2)
+    import transformers
+
+    metrics = {
+        "name": name, "family": spec.family, "description": spec.description, "params": n_params(model),
+        "seed": seed, "recipe": recipe, "steps": steps, "tokens_seen": steps * B * T, "device": "cpu",
+        "train_time_s": recs[-1]["elapsed_s"],
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": sys.version.split()[0]},
+        "validation": ev, "validation_quick": evq, "quick_windows_per_domain": QUICK_WINDOWS,
+        "passkey": pk, "state_figures": sf,
+        "curve": [{"step": r["step"], "tokens": r["step"] * B * T, "train_loss": r["loss"],
+                   "val_loss_quick": r["val_loss_quick"]} for r in recs],
+        "history": [{k: r[k] for k in ("step", "loss", "lr", "elapsed_s")} for r in recs],
+        "checkpoint_sha256": zoo._sha256(out / zoo.CHECKPOINT),
+        "train_command": f"workbench zoo train {name} --seed {seed} --steps {steps} --device cpu",
+        "notes": [
+            "Trained on a shared 2-core machine (nice 10, 1 thread, ~12 % of a core at times); the "
+            "training process saved the checkpoint and was then stopped before its own measurements "
+            "to save time; the figures on this card were measured from the saved checkpoint with "
+            f"`python -m workbench.models.train finish {name} LOG` (history: the logged steps only).",
+        ],
+    }
+    (out / zoo.METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
+    write_card(out, metrics)
+    return metrics
+
+
+def state_card(name: str) -> dict:
+    """Add the state figures (and the passkey grid if missing) of zoo model `name` to its
+    metrics.json and re-render its card."""
+    d = zoo.ZOO_DIR / name
+    m = json.loads((d / zoo.METRICS).read_text())
+    model, tok = load_zoo_model(name)
+    from workbench.models.ssd import fast_scan
+
+    with fast_scan():
+        m["state_figures"] = state_figures(model, m["recipe"]["seq_len"])
+        if m["recipe"].get("passkey_share") and "passkey" not in m:
+            m["passkey"] = passkey_eval(model, tok, m["recipe"]["seq_len"])
+    (d / zoo.METRICS).write_text(json.dumps(m, indent=1) + "\n")
+    write_card(d, m)
+    return m
+
+
 def quick_windows(windows, n: int = QUICK_WINDOWS):
     out = []
     for dom in DOMAINS:
@@ -444,8 +567,11 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         routers = [layer.mlp.router for layer in model.model.layers]
         for rt in routers:
             rt.record = True
+    from workbench.metrics.passkey import training_documents
     from workbench.models.blockffn import chunk_sparsity_loss, locality_loss
 
+    n_pk = int(round(recipe.get("passkey_share", 0.0) * B))
+    pk_rng = np.random.default_rng([seed, 25])
     history = []
     curve = []
     t0 = time.time()
@@ -455,7 +581,10 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
-        batch = torch.stack([data[i : i + T] for i in idx.tolist()]).to(device)
+        batch = torch.stack([data[i : i + T] for i in idx.tolist()])
+        if n_pk:  # a share of synthetic passkey documents (state-capacity recipe)
+            batch[:n_pk] = training_documents(tok, n_pk, T, pk_rng)
+        batch = batch.to(device)
         l1_acts.clear()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             kw = {"output_router_logits": True} if spec.family == "mixtral" else {}
@@ -537,6 +666,8 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         extra_eval["position_loss"] = position_loss(model, windows, T)
         extra_eval["state_drift"] = mamba2_drift(model)
         extra_eval["state_drift_quick"] = mamba2_drift(model, total=2048, n_seq=2)  # the tests' set-up
+    if recipe.get("passkey_share"):
+        extra_eval["passkey"] = passkey_eval(model, tok, T)
     import transformers
 
     metrics = {
@@ -677,6 +808,10 @@ def write_card(out: Path, m: dict) -> None:
             lines.append(f"| {k} | {_f(x, 4)} |")
     if m.get("state_drift"):
         lines += _drift_lines(m)
+    if m.get("passkey"):
+        lines += _passkey_lines(m)
+    if m.get("state_figures"):
+        lines += _state_lines(m)
     lines += [
         "",
         f"## Quick figures (first {m['quick_windows_per_domain']} windows per domain, {q['tokens']:,} tokens; the tests recompute these)",
@@ -771,6 +906,54 @@ def _drift_lines(m: dict) -> list[str]:
     return lines
 
 
+def _passkey_lines(m: dict) -> list[str]:
+    p = m["passkey"]
+    T = m["recipe"]["seq_len"]
+    lines = ["", f"## Passkey retrieval (Stuffed Mamba format; trained at {T} tokens)", "",
+             f"Greedy decoding, {p['n_keys']} seeded keys per cell (seed {p['seed']}); {p['rule']}. "
+             "Rows: total prompt length in tokens; columns: key depth.", "",
+             "| length | " + " | ".join(f"{d:g}" for d in p["depths"]) + " | mean |",
+             "| ---: | " + " | ".join("---:" for _ in p["depths"]) + " | ---: |"]
+    for L, row in zip(p["lengths"], p["accuracy"]):
+        lines.append(f"| {L} ({L // T}x) | " + " | ".join(_f(a, 2) for a in row) + f" | **{_f(sum(row) / len(row), 2)}** |")
+    lines += ["", "Reproduce:", "", "```python",
+              "from workbench.models.train import load_zoo_model, passkey_eval",
+              f"model, tok = load_zoo_model({m['name']!r})",
+              f"passkey_eval(model, tok, {T}, n_keys={p['n_keys']}, seed={p['seed']})",
+              "```"]
+    return lines
+
+
+def _state_lines(m: dict) -> list[str]:
+    s = m["state_figures"]
+    T = m["recipe"]["seq_len"]
+    pos = s["positions"]
+    lines = ["", f"## State statistics past the training length (StateProbe; trained at {T} tokens)", "",
+             f"{s['n_seq']} validation sequences of {s['total']:,} tokens, {s['chunk']} tokens per forward "
+             f"with the cache carried over, {s['bucket']}-token buckets (workbench.metrics.state.state_scan). "
+             "rms: RMS of the layer's SSM state after the position; cos: cosine with the previous bucket's "
+             "state; usage: fraction of state channels (d_state columns) with norm > 1 % of the largest; "
+             "erank: effective rank of a head's (head_dim x d_state) state; head means.", "",
+             "| layer | " + " | ".join(f"rms @{p}" for p in pos) + " | " + " | ".join(f"rms x @{p}" for p in pos[1:])
+             + " | " + " | ".join(f"erank @{p}" for p in pos) + " | " + " | ".join(f"usage @{p}" for p in pos) + " |",
+             "| ---: |" + " ---: |" * (4 * len(pos) - 1)]
+    for k, v in s["layers"].items():
+        lines.append(f"| {k} | " + " | ".join(_f(x, 4) for x in v["rms"]) + " | "
+                     + " | ".join(f"**{_f(x / v['rms'][0], 2)}**" for x in v["rms"][1:]) + " | "
+                     + " | ".join(_f(x, 2) for x in v["erank"]) + " | " + " | ".join(_f(x, 3) for x in v["usage"]) + " |")
+    lines += ["", "Loss by position: " + ", ".join(f"{k}: {_f(x, 4)}" for k, x in s["loss"].items()) + ".", "",
+              f"Collapse flags ({s['collapse']['rule']}), out of {s['collapse']['n_heads']} heads: "
+              + ("; ".join(f"{st}: {v['heads']} heads, first at {v['first']}, median {v['median_position']:.0f}"
+                           for st, v in s["collapse"]["by_stat"].items()) or "none") + ".", "",
+              "Reproduce:", "", "```python",
+              "from workbench.models.train import load_zoo_model, state_figures",
+              "from workbench.models.ssd import fast_scan",
+              f"model, _ = load_zoo_model({m['name']!r})",
+              f"with fast_scan(): state_figures(model, {T}, n_seq={s['n_seq']}, bucket={s['bucket']}, chunk={s['chunk']})",
+              "```"]
+    return lines
+
+
 def rewrite_cards(names=None) -> None:
     """Re-render the README.md cards from their metrics.json (no training, no measurement)."""
     for name in names or zoo.available():
@@ -852,6 +1035,11 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--set", default=None)
     o.add_argument("--max-eval-windows", type=int)
     sub.add_parser("cards", help="re-render data/zoo/*/README.md from metrics.json")
+    fi = sub.add_parser("finish", help="measure and card a saved checkpoint from its training log")
+    fi.add_argument("name")
+    fi.add_argument("log")
+    sc = sub.add_parser("state-card", help="add the state figures (and passkey grid) to a zoo Mamba-2's card")
+    sc.add_argument("names", nargs="+")
     pa = sub.add_parser("parallel")
     pa.add_argument("jobs", nargs="+")
     pa.add_argument("--out", required=True)
@@ -865,6 +1053,11 @@ def main(argv: list[str] | None = None) -> None:
               max_eval_windows=a.max_eval_windows, log=log)
     elif a.cmd == "cards":
         rewrite_cards()
+    elif a.cmd == "finish":
+        finish_from_checkpoint(a.name, a.log)
+    elif a.cmd == "state-card":
+        for n in a.names:
+            state_card(n)
     else:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         parallel(a.jobs, a.out, a.time_budget, a.seed)

@@ -173,6 +173,45 @@ SPECS: dict[str, ZooSpec] = {
     ),
 }
 
+# The state-capacity pair (issue 25; Stuffed Mamba, StateX): two Mamba-2 models identical but for
+# the SSM state size d_state, trained at 128 tokens with three quarters of every batch synthetic passkey
+# documents (workbench.metrics.passkey.training_documents), so that the passkey grid past the
+# training length shows what a larger state recalls and the state statistics show the drift.
+_STATE_PAIR_CONFIG = {
+    **_COMMON,
+    "num_hidden_layers": 4,
+    "expand": 2,
+    "head_dim": 32,
+    "num_heads": 8,
+    "n_groups": 1,
+    "conv_kernel": 4,
+    "chunk_size": 64,
+    "time_step_min": 5e-4,
+    "time_step_max": 5e-3,
+    "time_step_floor": 1e-4,
+}
+_STATE_PAIR_RECIPE = {
+    **_BASE_RECIPE,
+    "steps": 900,
+    "batch_size": 16,
+    "seq_len": 128,
+    "lr": 3e-3,
+    "warmup": 60,
+    "a_init": [0.1, 1.0],
+    "passkey_share": 0.75,
+}
+for _n in (16, 64):
+    SPECS[f"mamba2-s{_n}"] = ZooSpec(
+        f"mamba2-s{_n}",
+        "mamba2",
+        f"State-capacity pair, d_state {_n}: Mamba-2 (native transformers class, 4 layers) "
+        "trained at 128 tokens with 3/4 of each batch synthetic passkey documents (the Stuffed "
+        "Mamba format); its twin differs only in d_state (mamba2-s16 / mamba2-s64).",
+        {**_STATE_PAIR_CONFIG, "state_size": _n},
+        dict(_STATE_PAIR_RECIPE),
+        "none",
+    )
+
 
 def spec(name: str) -> ZooSpec:
     """The registry entry of zoo model `name`."""

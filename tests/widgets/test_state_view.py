@@ -1,0 +1,65 @@
+"""Recurrent-state figures and view: the data lands in the traces; the view follows its controls."""
+
+import pandas as pd
+import pytest
+import torch
+
+go = pytest.importorskip("plotly.graph_objects", reason="plotly is not installed (the viz extra)")
+pn = pytest.importorskip("panel")
+
+from workbench.widgets import figures_state as fs  # noqa: E402
+from workbench.widgets.views import views_for  # noqa: E402
+from workbench.widgets.views.state import StateView  # noqa: E402
+
+from tests import tiny  # noqa: E402
+from workbench.metrics import state as ms  # noqa: E402
+from workbench.metrics.store import store  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run():
+    model = tiny.build("mamba2")
+    ids = torch.randint(2, tiny.VOCAB, (2, 64), generator=torch.Generator().manual_seed(0))
+    r = ms.state_scan(model, ids, bucket=8, chunk=16, hist_positions=(16, 64), data={"train_len": 16})
+    grid = pd.DataFrame({"length": [32, 32, 64, 64], "depth": [0.0, 1.0, 0.0, 1.0], "n": 2,
+                         "correct": [2, 1, 0, 1], "accuracy": [1.0, 0.5, 0.0, 0.5]})
+    store(r, "passkey", grid)
+    return r
+
+
+def test_figures_carry_the_data(run):
+    heads = ms.head_stats(run)
+    fig = fs.state_position_figure(heads, "rms", train_len=16)
+    assert len(fig.data) == 2  # one line per layer
+    want = heads[heads.layer == 1].groupby("position").rms.mean()
+    assert list(fig.data[1].y) == pytest.approx(list(want))
+    assert any("training length" in a.text for a in fig.layout.annotations)
+    fig = fs.state_position_figure(heads, "erank", layer=0)
+    assert len(fig.data) == 8  # one line per head
+    layers = ms.layer_stats(run)
+    assert list(fs.loss_position_figure(layers).data[0].y) == pytest.approx(list(layers[layers.layer == 0].loss))
+    hist = ms.histograms(run)
+    assert len(fs.state_histogram_figure(hist, layer=0, train_len=16).data) == 2
+    flags = ms.collapse(run, 16, tol=0.0)
+    fig = fs.collapse_figure(flags, 2, 8)
+    assert fig.data[0].z.shape == (2, 8)
+    grid = fs.passkey_grid_figure(pd.DataFrame({"length": [32, 32], "depth": [0.0, 1.0], "accuracy": [1.0, 0.5]}))
+    assert grid.data[0].z.tolist() == [[1.0, 0.5]]
+    with pytest.raises(ValueError, match="needs columns"):
+        fs.passkey_grid_figure(pd.DataFrame({"length": [1]}))
+
+
+def test_view_follows_its_controls(run):
+    assert StateView in views_for(run)
+    v = StateView(run=run)
+    layout = v.__panel__()
+    assert layout is not None
+    a = v.position_figure()
+    v.stat = "cos"
+    b = v.position_figure()
+    assert a.layout.yaxis.title.text == "rms" and b.layout.yaxis.title.text == "cos"
+    v.layer = 1
+    assert len(v.position_figure().data) == 8
+    assert v.collapse_figure() is not None  # train_len from the run's data meta
+    assert v.passkey_figure().data[0].z.tolist() == [[1.0, 0.5], [0.0, 0.5]]
+    assert "state_scan" in StateView.missing(run)
