@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import workbench.kernels as K
+
 from workbench.errors import KernelError
 
 D, F_ = 48, 208  # multiples of 16, neither a power of two

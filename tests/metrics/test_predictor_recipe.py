@@ -95,8 +95,9 @@ def test_a_layer_with_no_active_neuron_says_so():
 def test_predictor_mode_reads_the_input_it_was_trained_on():
     """The handle's predictor masks equal the trained predictor applied to the residual stream
     entering the FFN block (brute force through hooks), and differ from it applied to the FFN input."""
-    from workbench.accel import accelerate
     from workbench.kernels.predictor.reference import predictor_logits
+
+    from workbench.accel import accelerate
 
     model = _model()
     pred = _train(model)
