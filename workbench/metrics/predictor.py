@@ -285,7 +285,15 @@ def _from(tensors: dict[str, torch.Tensor], cfg: dict, where: str) -> Predictors
 
 def load_predictors(path: str | os.PathLike, model: nn.Module | None = None) -> Predictors:
     """Read a predictor directory (or a saved Run that stored one) written by this module; with
-    `model`, refuse one trained on another model (`Predictors.check`)."""
+    `model`, refuse one trained on another model (`Predictors.check`). "zoo:NAME" is the zoo
+    model's committed predictor directory, data/zoo/NAME/predictor."""
+    if str(path).startswith("zoo:"):
+        from workbench.models.zoo import ZOO_DIR
+
+        path = ZOO_DIR / str(path)[4:] / "predictor"
+        if not (path / CONFIG).is_file():
+            raise RunError(f"{path} holds no committed predictor; train one with "
+                           f"`python -m workbench.metrics.predictor {path.parent.name} --out {path}`")
     path = Path(path)
     if (path / CONFIG).is_file():
         try:

@@ -785,8 +785,8 @@ def _predictor_card_lines(out: Path) -> list[str]:
              f"`{s['recipe']}`: positive-weighted BCE, no biases, input = the residual stream entering the FFN "
              f"block, width min(1024, d_model), threshold 0.5) on {r['train']}. Held out: {r['held_out']} "
              f"({s['tokens']:,} tokens). Use them with "
-             "`wb.accelerate(model, mode=\"predictor\", predictors=\"data/zoo/<name>/predictor\")`.", "",
-             f"- reproduce: `{r['command']}` ({r['train_seconds']:.0f} s on a CPU, torch {r['torch']}; "
+             f"`wb.accelerate(model, mode=\"predictor\", predictors=\"zoo:{out.name}\")`.", "",
+             f"- reproduce: `{r['command']}` (training {r['train_seconds']:.0f} s on a shared CPU, torch {r['torch']}; "
              "report.json holds every number below)",
              f"- mean recall **{100 * s['mean_recall']:.2f} %**, precision {100 * s['mean_precision']:.2f} %, "
              f"predicted sparsity {100 * s['predicted_sparsity']:.2f} % vs true {100 * s['true_sparsity']:.2f} %",
