@@ -39,16 +39,21 @@ PRE_FFN_NORMS = ("pre_feedforward_layernorm", "ffn_norm", "post_attention_layern
 def pre_ffn_norm(model: nn.Module, site: FFNSite) -> nn.Module:
     """The norm whose input is the residual stream entering `site`'s FFN block (Llama's
     `post_attention_layernorm`, OPT's `final_layer_norm`, GPT-2's `ln_2`, ...): looked up on the
-    FFN module itself, then on its parent (the decoder layer). AdapterError when none is found."""
-    parent_name = site.name.rpartition(".")[0]
-    for owner in (site.module, model.get_submodule(parent_name) if parent_name else model):
+    FFN module itself, then on its ancestors, nearest first (the decoder layer; for a shared
+    expert, the decoder layer around its MoE block). AdapterError when none is found (post-norm
+    models such as BERT have none: there the FFN input is the residual stream)."""
+    owners, name = [site.module], site.name
+    while name:
+        name = name.rpartition(".")[0]
+        owners.append(model.get_submodule(name) if name else model)
+    for owner in owners[:-1] or owners:  # not the model's root (its `norm` is the final one)
         for n in PRE_FFN_NORMS:
             m = getattr(owner, n, None)
             if isinstance(m, nn.Module):
                 return m
     raise AdapterError(
         f"layer {site.layer} ({site.name}): no norm before the FFN found (looked for {', '.join(PRE_FFN_NORMS)} "
-        f"on the FFN and its parent), so the residual stream entering the FFN block cannot be read; train the "
+        f"on the FFN and its ancestors), so the residual stream entering the FFN block cannot be read; train the "
         "predictors on the FFN input instead: train_predictors(..., input='ffn_input')")
 
 

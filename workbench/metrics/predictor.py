@@ -78,8 +78,15 @@ from torch import nn
 from workbench.adapters import GATED
 from workbench.capture.rules import Rule
 from workbench.capture.run import Run
-from workbench.errors import CaptureError, RunError, WorkbenchError
-from workbench.metrics._data import collect, ffn_sites, model_device, split_batches, token_batches
+from workbench.errors import AdapterError, CaptureError, RunError, WorkbenchError
+from workbench.metrics._data import (
+    collect,
+    ffn_sites,
+    model_device,
+    pre_ffn_norm,
+    split_batches,
+    token_batches,
+)
 from workbench.metrics.store import store
 
 FORMAT = "workbench-predictor"
@@ -360,6 +367,15 @@ def train_predictors(model: nn.Module, data, *, eval_data=None, rule="zero", rec
         eval_b = token_batches(eval_data, tokenizer=tok, batch_size=batch_size, max_length=max_length)
     dev = torch.device(device) if device is not None else model_device(model)
     want_g = any(rule.needs_gate_act(s.kind == GATED) for s in sites)
+    if input == "residual":
+        try:
+            for s in sites:
+                pre_ffn_norm(model, s)
+        except AdapterError as exc:
+            # post-norm models (BERT) have no norm before the FFN: their FFN input is the residual stream
+            warnings.warn(f"{exc}; these predictors read the FFN input (input='ffn_input')", RuntimeWarning,
+                          stacklevel=2)
+            input = "ffn_input"
     xkey = "r" if input == "residual" else "x"
     kw = dict(sites=sites, want_x=input == "ffn_input", want_r=input == "residual", want_g=want_g,
               max_tokens=max_tokens, store_device=dev)
