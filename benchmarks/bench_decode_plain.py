@@ -217,7 +217,7 @@ def main():
             err.update(eager_step_dense_ms=m.summary["step_dense_ms"], eager_step_ms=m.summary["step_ms"])
             # the noise floor: the same model with fc2 through the torch reference (fp32 sums, one
             # rounding, another summation order than cuBLAS): a random 32-layer bf16 model amplifies
-            # any rounding difference (KERNEL_NOTES, accuracy on a 7B-shape model)
+            # any rounding difference (docs/kernels.md, accuracy on a 7B-shape model)
             if mode == "predictor":  # the predicted rows' recall (random predictors: ~0.1, for form)
                 err["predictor_recall"] = m.summary["predictor_recall"]
             h.off()

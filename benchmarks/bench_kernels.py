@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_kernels.py --out benchmarks/results [--quick] [--only P1,P2]
 
-Method (see benchmarks/KERNEL_NOTES.md):
+Method (see docs/kernels.md):
 - Both sides are timed with triton.testing.do_bench_cudagraph (median of 10 replays of a graph
   that unrolls many calls). The timed callable is the whole layer from its input (activation for
   P1, hidden state for P2-P4) to the output in the model dtype: mask/index building, workspace

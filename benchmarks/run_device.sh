@@ -20,6 +20,6 @@ tail -60 "$OUT/bench_stdout.txt"
 if [ "${SKIP_NCU:-0}" != "1" ] && command -v ncu >/dev/null; then
   timeout "${NCU_TIMEOUT:-90}" ncu --clock-control none -k 'regex:sparse|gemv|gemm|Kernel' -c 16 \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__registers_per_thread,launch__occupancy_limit_registers,lts__t_bytes.sum \
-    python3 benchmarks/profile_kernels.py > "$OUT/ncu.txt" 2>&1
+    python3 benchmarks/diagnostics/profile_kernels.py > "$OUT/ncu.txt" 2>&1
   grep -E "sparse|gemv|gemm|duration|dram__bytes|throughput|warps_active|grid_size|registers" "$OUT/ncu.txt" | head -150
 fi

@@ -1,4 +1,17 @@
-"""`workbench` command line: profile (and zoo, from the zoo module)."""
+"""`workbench` command line: profile (and zoo, from the zoo module; serve and report from widgets/).
+
+Every mistake a user can make ends in one line `workbench: error: <cause and fix>` on stderr and
+exit status 2, never a traceback. The plumbing is here, in one place, for every subcommand:
+
+- argparse's own usage errors (unknown flag, bad int) go through `Parser.error`;
+- a command raises `CLIError` (or calls `fail(...)`) for a bad argument, naming the flag;
+- a `WorkbenchError` from the library (a model that cannot load, a damaged run) takes the same path.
+
+A new subcommand: `add_parser` on the subparsers of `build_parser()`, `set_defaults(func=...)`,
+validate its arguments with `fail(...)` / `positive_int(...)` before doing any expensive work.
+Heavy modules (torch, transformers, the workbench itself) are imported inside the commands, so
+`workbench --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +19,37 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 DEFAULT_TOKENS = 4096
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A usage mistake: `main` prints `workbench: error: MESSAGE` (after `usage`, if given) and
+    exits with status 2."""
+
+    def __init__(self, message: str, usage: str | None = None):
+        super().__init__(message)
+        self.usage = usage
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the command with `workbench: error: message` and exit status 2."""
+    raise CLIError(message)
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors take the CLIError path (subparsers inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(message, usage=self.format_usage())
+
+
+def positive_int(value: int | None, flag: str) -> None:
+    """Refuse a count below 1, naming the flag (`--tokens must be >= 1`)."""
+    if value is not None and value < 1:
+        fail(f"{flag} must be >= 1 (got {value})")
 
 
 def default_source() -> str:
@@ -31,7 +73,101 @@ def _fresh_dir(base: Path, stem: str) -> Path:
     return path
 
 
+def read_text_arg(path: str, flag: str = "--text") -> str:
+    """The UTF-8 text of `path`, or a CLIError naming the flag (missing, a folder, binary, empty)."""
+    p = Path(path)
+    if not p.exists():
+        fail(f"{flag} {path}: no such file; pass a UTF-8 text file")
+    if not p.is_file():
+        fail(f"{flag} {path} is not a file; pass a UTF-8 text file")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        fail(f"{flag} {path} cannot be read ({exc.strerror})")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        fail(f"{flag} {path} is a binary file (NUL byte at offset {nul}); pass a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        fail(f"{flag} {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+             "convert it to UTF-8 or pass another file")
+    if not text.strip():
+        fail(f"{flag} {path} is empty; pass a file with text")
+    return text
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
+           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
+
+
+def parse_dtype(name: str | None, flag: str = "--dtype"):
+    """torch dtype from a name (float32, bfloat16, fp16, ...), or a CLIError listing the choices."""
+    if name is None:
+        return None
+    key = name.lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        fail(f"{flag} {name!r} is not a dtype; use one of float32, bfloat16, float16, float64")
+    import torch
+
+    return getattr(torch, _DTYPES[key])
+
+
+def check_device(spec: str | None, flag: str = "--device") -> str | None:
+    """Refuse a device this machine does not have, before any model is loaded."""
+    if spec is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        fail(f"{flag} {spec!r} is not a device; use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            fail(f"{flag} {spec}: CUDA is not available on this machine (torch {torch.__version__}, {build}); "
+                 "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                 f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"{flag} {spec}: MPS is not available on this machine; use --device cpu")
+    return spec
+
+
+def check_out_dir(out: str | None, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an --out that Run.save would refuse, before the expensive work (mirrors Run.save)."""
+    if out is None:
+        return
+    p = Path(out)
+    if not p.exists():
+        return
+    if not p.is_dir():
+        fail(f"{flag} {out} is a file; choose a directory for the run")
+    if any(p.iterdir()):
+        is_run = (p / "run.json").is_file()
+        if is_run and not overwrite:
+            fail(f"{flag} {out} already holds a run; pass --overwrite to replace it, or choose another {flag}")
+        if not is_run:
+            fail(f"{flag} {out} holds files that are not a workbench run; refusing to overwrite them even "
+                 f"with --overwrite: choose another {flag}")
+
+
 def cmd_profile(args) -> int:
+    # every argument is checked before the model is loaded (seconds to minutes on a large model)
+    if args.text is None:
+        positive_int(args.tokens, "--tokens")
+    positive_int(args.batch_size, "--batch-size")
+    positive_int(args.seq_len, "--seq-len")
+    text = read_text_arg(args.text) if args.text is not None else None
+    dtype = parse_dtype(args.dtype)
+    check_device(args.device)
+    check_out_dir(args.out, args.overwrite)
+    from workbench.capture.rules import Rule
+
+    rule = Rule.parse(args.rule)  # a WorkbenchError names the rule and the accepted forms
+
     import pandas as pd
     import torch
 
@@ -44,17 +180,20 @@ def cmd_profile(args) -> int:
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    model = wb.load_model(source, device=args.device, dtype=args.dtype)
+    model = wb.load_model(source, device=args.device, dtype=dtype)
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_pos, int) and args.seq_len > max_pos:
+        fail(f"--seq-len {args.seq_len} is longer than the model's max_position_embeddings ({max_pos}); "
+             f"pass --seq-len {max_pos} or less")
     torch.manual_seed(0)
-    if args.text:
-        text = Path(args.text).read_text(encoding="utf-8")
+    if text is not None:
         texts = [p.strip() for p in text.split("\n\n") if p.strip()]
         data, mask, info = texts, None, {"text_file": str(Path(args.text).resolve())}
     else:
         data, mask, desc = validation_tokens(model, args.tokens, args.seq_len)
         info = {"tokens_requested": args.tokens, "text": desc}
     run = wb.profile(model, data, attention_mask=mask, batch_size=args.batch_size, max_length=args.seq_len,
-                     rule=args.rule, probes=["neuron_stats", "abs_sketch"], progress=not args.quiet,
+                     rule=rule, probes=["neuron_stats", "abs_sketch"], progress=not args.quiet,
                      data_info=info)
     out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
     run.save(out, overwrite=args.overwrite)
@@ -71,8 +210,8 @@ def cmd_profile(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="workbench", description="LLM activation-sparsity workbench")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="workbench", description="LLM activation-sparsity workbench")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     pr = sub.add_parser("profile", help="capture FFN activation statistics and print a per-layer summary")
     pr.add_argument("source", nargs="?", help="zoo:NAME, a local model directory or a hub id "
                     "(default: zoo:relu-llama, or builtin:tiny-relu-llama before the zoo exists)")
@@ -86,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (and text truncation)")
     pr.add_argument("--device", default=None)
-    pr.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
+    pr.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     pr.set_defaults(func=cmd_profile)
     try:
@@ -95,18 +234,29 @@ def build_parser() -> argparse.ArgumentParser:
         add_zoo_parser = None
     if add_zoo_parser is not None:
         add_zoo_parser(sub)
+    from workbench.widgets.cli import add_parsers as add_widget_parsers
+
+    add_widget_parsers(sub)
     return p
+
+
+def error_exit(exc: BaseException) -> int:
+    """Print `workbench: error: ...` (after the usage line of an argparse error) and return 2."""
+    usage = getattr(exc, "usage", None)
+    if usage:
+        sys.stderr.write(usage)
+    print(f"workbench: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:
     from workbench.errors import WorkbenchError
 
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except WorkbenchError as exc:
-        print(f"workbench: error: {exc}", file=sys.stderr)
-        return 2
+    except (CLIError, WorkbenchError) as exc:
+        return error_exit(exc)
 
 
 if __name__ == "__main__":

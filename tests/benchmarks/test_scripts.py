@@ -71,7 +71,7 @@ def test_profile_timeline_summary(tmp_path):
     (tmp_path / "trace.json").write_text(json.dumps({"traceEvents": ev}))
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_timeline.py"),
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "diagnostics" / "profile_timeline.py"),
                         "--plan", str(tmp_path / "plan.json"), "--summarize",
                         str(tmp_path / "trace.json")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)  # fmt: skip

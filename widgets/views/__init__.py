@@ -20,9 +20,17 @@ Adding an analysis view is one class plus one line:
         def __panel__(self):                    # built from the pure functions in figures.py
             ...
 
-`views_for(run)` lists the registered view classes that apply to a run, in registration order.
-Views take the Run as `run` (and optionally the shared `store`); they must work both in a
-notebook cell and inside the served app.
+`views_for(run)` lists the registered view classes that apply to a run, in registration order;
+`all_views()` lists every registered one and `make_view(cls, run, store)` builds a view, or, for a
+run that lacks its data, an alert saying which analysis to run. Views take the Run as `run` (and
+optionally the shared `store`); they must work both in a notebook cell and inside the served app.
+
+Optional extras a view may use (the base class works without them):
+- `self.link_store("layers", ...)`: keep parameters of the view and of the store (the shared
+  selections of a session, `workbench.widgets.store.RunStore`) in step, both ways.
+- `figures()`: the (title, plotly Figure) pairs the view shows now; `workbench report` writes them
+  into the static HTML report. The default returns `self.figure` when the view has one.
+- `live = True` on a view that takes a live model (`model`) instead of a Run (acceleration).
 """
 
 from __future__ import annotations
@@ -45,9 +53,56 @@ class View(pn.viewable.Viewer):
     def applies(cls, run) -> bool:
         raise NotImplementedError
 
+    live = False
+    order = 50  # place among the views (lower first); registration order breaks ties
+
     @classmethod
     def missing(cls, run) -> str:
         return f"this run has no data for the {cls.title} view"
+
+    def link_store(self, *names: str) -> None:
+        """Keep the parameters `names` of this view and of `self.store` equal, both ways (no-op
+        without a store, or for a name the store lacks)."""
+        store = self.store
+        if store is None:
+            return
+        names = [n for n in names if n in store.param and n in self.param]
+        if not names:
+            return
+        for n in names:
+            v = self._fit(n, getattr(store, n))
+            if v is not None:
+                setattr(self, n, v)
+
+        def to_view(*events):
+            for e in events:
+                v = self._fit(e.name, e.new)
+                if v is not None and v != getattr(self, e.name):
+                    setattr(self, e.name, v)
+
+        def to_store(*events):
+            for e in events:
+                if e.new != getattr(store, e.name):
+                    setattr(store, e.name, list(e.new) if isinstance(e.new, list) else e.new)
+
+        store.param.watch(to_view, names)
+        self.param.watch(to_store, names)
+
+    def _fit(self, name: str, value):
+        """`value` restricted to what parameter `name` of this view accepts (None: leave it)."""
+        p = self.param[name]
+        objs = getattr(p, "objects", None)
+        if isinstance(value, list) and isinstance(objs, list) and objs:
+            kept = [v for v in value if v in objs]
+            return kept if kept or not value else None
+        if objs and value not in objs:
+            return None
+        return value
+
+    def figures(self) -> list[tuple[str, object]]:
+        """(title, plotly Figure) of what the view shows now (for the static report)."""
+        fig = getattr(self, "figure", None)
+        return [(self.title, fig)] if fig is not None else []
 
 
 def register_view(cls: type) -> type:
@@ -60,7 +115,24 @@ def register_view(cls: type) -> type:
 def views_for(run) -> list[type]:
     """The registered view classes whose `applies(run)` is true."""
     _load_builtin_views()
-    return [v for v in VIEWS if v.applies(run)]
+    return [v for v in _ordered() if not getattr(v, "live", False) and v.applies(run)]
+
+
+def _ordered() -> list[type]:
+    return sorted(VIEWS, key=lambda v: (getattr(v, "order", 50), VIEWS.index(v)))
+
+
+def all_views() -> list[type]:
+    """Every registered view class, in registration order."""
+    _load_builtin_views()
+    return _ordered()
+
+
+def make_view(cls: type, run, store=None):
+    """`cls(run=run, store=store)` when the run feeds it, else an alert with `cls.missing(run)`."""
+    if cls.applies(run):
+        return cls(run=run, store=store)
+    return pn.pane.Alert(f"**{cls.title}**: {cls.missing(run)}", alert_type="warning")
 
 
 def _load_builtin_views() -> None:

@@ -111,6 +111,24 @@ def _moe_block_sites(model: nn.Module, layout: Layout) -> list[FFNSite]:
     return out
 
 
+def _blocking_message(model: nn.Module, reasons: list[str]) -> str:
+    """One message listing every reason `accelerate` cannot run; per-FFN reasons grouped by text."""
+    groups: dict[str, list[str]] = {}
+    for r in reasons:
+        head, sep, rest = r.partition(": ")
+        site = sep and "." in head and " " not in head  # "model.layers.3.mlp: ..."
+        groups.setdefault(rest if site else r, []).append(head if site else "")
+    lines = []
+    for text, sites in groups.items():
+        sites = [s for s in dict.fromkeys(sites) if s]
+        where = ""
+        if sites:
+            where = ", ".join(sites[:3]) + (f" and {len(sites) - 3} more" if len(sites) > 3 else "") + ": "
+        lines.append(f"  - {where}{text}")
+    n = len(lines)
+    return (f"cannot accelerate {type(model).__name__} ({n} reason{'s' if n > 1 else ''}):\n" + "\n".join(lines))
+
+
 class Accelerator:
     """Handle returned by `accelerate`: on(), off(), context manager, measure()."""
 
@@ -135,36 +153,50 @@ class Accelerator:
         sites += [s for s in _moe_block_sites(model, self.layout) if layers is None or s.layer in layers]
         if not sites:
             raise WorkbenchError(f"no dense FFN to accelerate in {type(model).__name__} (layers={layers})")
+        # every blocking reason is collected and reported at once (not one per try)
+        reasons: list[str] = []
         p0 = sites[0].down.weight
         if p0.dtype not in (torch.float16, torch.bfloat16):
-            raise WorkbenchError(f"the model is {p0.dtype}; the sparse kernels run in bf16/fp16: load it with "
-                                 "dtype=torch.bfloat16 (or call model.to(torch.bfloat16))")
+            reasons.append(f"the model is {p0.dtype}; the sparse kernels run in bf16/fp16: load it with "
+                           "dtype=torch.bfloat16 (or call model.to(torch.bfloat16))")
         if backend == "triton" and p0.device.type != "cuda":
             from workbench.kernels import _common
 
             if not _common.interpreting():
-                raise WorkbenchError(f"backend='triton' needs the model on a CUDA device (it is on {p0.device}); "
-                                     "use backend='auto' or 'torch' on CPU")
+                reasons.append(f"backend='triton' needs the model on a CUDA device (it is on {p0.device}); "
+                               "use backend='auto' or 'torch' on CPU")
         for s in sites:
             if is_moe_blocks(s.module) or s.kind == PLAIN:
                 continue  # checked by SparseMoE / SparseDown
             for m in (s.gate, s.up, s.down):
                 if m is None:
-                    raise WorkbenchError(f"{s.name}: missing projection; accelerate needs gate, up and down")
+                    reasons.append(f"{s.name}: missing projection; accelerate needs gate, up and down")
+                    break
                 if m.weight.shape[-1] % 16 or m.weight.shape[0] % 16:
-                    raise WorkbenchError(f"{s.name}: d_model={s.d_model}, d_ff={s.d_ff}: the kernels need multiples of 16")
+                    reasons.append(f"{s.name}: d_model={s.d_model}, d_ff={s.d_ff}: the kernels need multiples of 16")
+                    break
         pred = None
         self.predictor_input = None
         moe = [s for s in sites if is_moe_blocks(s.module)]
         if moe and mode == "predictor":
-            raise WorkbenchError(
+            reasons.append(
                 f"mode='predictor' on a routed MoE model ({moe[0].name} is a BlockFFN layer): its router already "
                 "chooses the experts; use mode='exact' or 'chunk', which skip the inactive experts exactly")
         if mode == "predictor":
             if predictors is None:
-                raise WorkbenchError("mode='predictor' needs predictors=PATH (saved by workbench.metrics."
-                                     "save_predictors) or a Predictors object")
-            pred, self.predictor_input = _load_predictor_tensors(predictors, sites, p0.device, p0.dtype, model)
+                reasons.append("mode='predictor' needs predictors=PATH (saved by workbench.metrics."
+                               "save_predictors) or a Predictors object")
+            else:
+                try:
+                    pred, self.predictor_input = _load_predictor_tensors(predictors, sites, p0.device, p0.dtype,
+                                                                         model)
+                except WorkbenchError as exc:  # e.g. a PredictorError: another model's predictors
+                    reasons.append(str(exc))
+        if pred is None and mode == "predictor":
+            pred = {s.name: None for s in sites}
+            predictor_missing = True
+        else:
+            predictor_missing = False
         names = {id(m): n for n, m in model.named_modules()}
         uses: dict[int, int] = {}  # how many places of the model hold each module
         for _, m in model.named_modules(remove_duplicate=False):
@@ -192,7 +224,19 @@ class Accelerator:
             return [(s.name, SparseFFN(s, s.module, mode, backend, None if pred is None else pred[s.name],
                                        dense_fraction, decode_tokens))]
 
-        self.sparse = dict(pair for s in sites for pair in swap(s))
+        self.sparse = {}
+        for s in sites:
+            try:
+                if (predictor_missing and s.kind == PLAIN) or (is_moe_blocks(s.module) and mode == "predictor"):
+                    continue  # reported above (no predictors; predictor mode on a routed MoE layer)
+                self.sparse.update(swap(s))
+            except WorkbenchError as exc:
+                reasons.append(str(exc))
+            except Exception:
+                if not reasons:
+                    raise  # a bug, not a reason the user can act on
+        if reasons:
+            raise WorkbenchError(_blocking_message(model, reasons))
         for sp in self.sparse.values():
             sp.call_graphs.enabled = bool(call_graphs)
             if self.predictor_input == "residual" and getattr(sp, "predictor", None) is not None:

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -89,7 +91,7 @@ def _resolve_source(source: str | os.PathLike, *, revision=None, cache_dir=None,
         raise ModelLoadError(
             f"{s!r} is not in the Hugging Face cache and the hub cannot be reached "
             f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Download it once online "
-            "(huggingface-cli download ID) or pass a local directory.") from exc
+            "(hf download ID) or pass a local directory.") from exc
     except HFValidationError as exc:
         raise ModelLoadError(f"{s!r} is neither an existing directory, zoo:NAME, nor a valid hub id ({exc})") from exc
     except Exception as exc:  # network errors, gated repos, missing repos
@@ -110,6 +112,59 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
             "the source.")
     if not has_st and not pickles:
         raise ModelLoadError(f"{path} has no weights (*.safetensors)")
+
+
+def _check_safetensors(file: Path) -> None:
+    """Refuse a damaged or truncated safetensors file from its header alone (no tensor is read)."""
+    size = file.stat().st_size
+    hint = "download the model again (or re-save it)"
+    try:
+        with open(file, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if 8 + n > size:
+                raise ModelLoadError(f"{file} is truncated ({size:,} bytes, shorter than its own header); {hint}")
+            header = json.loads(fh.read(n))
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file} is not a safetensors file ({exc}); {hint}") from exc
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and "data_offsets" in v]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise ModelLoadError(f"{file} is truncated: {size:,} bytes, its header describes {need:,}; {hint}")
+
+
+def _read_config_json(path: Path) -> dict:
+    cfg = path / "config.json"
+    try:
+        doc = json.loads(cfg.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{cfg} is not UTF-8 text ({exc.reason}); repair it or download the model again") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{cfg} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}); "
+                             "repair it or download the model again") from exc
+    if not isinstance(doc, dict):
+        raise ModelLoadError(f"{cfg} holds a JSON {type(doc).__name__}, not an object of config fields; "
+                             "repair it or download the model again")
+    return doc
+
+
+def _model_classes(config) -> list:
+    """Classes to try, in order: the transformers class the checkpoint names in `architectures`
+    (a base model such as BertModel loads as itself: no head with newly initialised weights), then
+    the Auto classes."""
+    import transformers
+
+    archs = list(getattr(config, "architectures", None) or [])
+    named = []
+    for a in archs[:1]:
+        try:
+            named.append(getattr(transformers, a))
+        except (AttributeError, ImportError):
+            pass  # not a transformers class (remote code, own architecture): the Auto classes find it
+    auto = [transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM, transformers.AutoModel]
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        auto = auto[1:]
+    return named + auto
 
 
 def apply_activation_threshold(model: nn.Module, threshold: float) -> int:
@@ -154,10 +209,9 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device | None =
     seeded random-weight model from `BUILTIN_CONFIGS`, no tokenizer). Extra keyword arguments go
     to `from_pretrained`.
     """
-    import transformers
     from transformers import AutoConfig
 
-    import workbench.models  # noqa: F401  (registers the workbench's own architectures)
+    import workbench.models.blockffn  # noqa: F401  (registers the workbench's own architectures)
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -170,28 +224,30 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device | None =
         return model
     path, label = _resolve_source(source, revision=revision, cache_dir=cache_dir, allow_pickle=allow_pickle)
     _check_weights(path, allow_pickle)
+    doc = _read_config_json(path)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except ValueError as exc:
+    except (ValueError, KeyError, TypeError) as exc:
+        if "model_type" not in doc:
+            raise ModelLoadError(f"{path / 'config.json'} has no model_type; it is not a transformers config "
+                                 "(repair it or download the model again)") from exc
         raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}. If the model needs its own "
                              "code, pass trust_remote_code=True only if you trust it.") from exc
+    for f in sorted(path.glob("*.safetensors")):
+        _check_safetensors(f)
     load_kwargs = dict(kwargs, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None)
     if dtype is not None:
         load_kwargs["dtype"] = dtype
     if device_map is not None:
         load_kwargs["device_map"] = device_map
-    archs = getattr(config, "architectures", None) or []
-    auto_classes = [transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM, transformers.AutoModel]
-    if any(a.endswith("ForMaskedLM") for a in archs):
-        auto_classes = auto_classes[1:]
     model, last = None, None
-    for auto in auto_classes:
+    for cls in _model_classes(config):
         try:
-            model = auto.from_pretrained(str(path), config=config, **load_kwargs)
+            model = cls.from_pretrained(str(path), config=config, **load_kwargs)
             break
         except ValueError as exc:  # unrecognized configuration class for this auto class
             last = exc
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             raise ModelLoadError(f"cannot load weights from {path}: {exc}") from exc
     if model is None:
         raise ModelLoadError(f"no transformers model class for {path} (model_type "

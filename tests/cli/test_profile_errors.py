@@ -1,0 +1,150 @@
+"""Every mistake the issue lists ends in `workbench: error: <cause and fix>`, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests import tiny
+from workbench.cli import main
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    rc = main(["profile", *argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def only_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("workbench: error: ")]
+    assert len(lines) == 1, err
+    return lines[0].removeprefix("workbench: error: ")
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if the command gets as far as loading a model."""
+    import workbench
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(workbench, "load_model", boom)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    tiny.build("llama").save_pretrained(d)
+    return d
+
+
+def test_text_missing_file(capsys, no_load, tmp_path):
+    rc, err = run_cli(capsys, "--text", str(tmp_path / "nope.txt"))
+    assert rc == 2
+    assert only_error(err) == f"--text {tmp_path / 'nope.txt'}: no such file; pass a UTF-8 text file"
+
+
+def test_text_binary_file(capsys, no_load, tmp_path):
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"ELF\x00\x01\x02")
+    rc, err = run_cli(capsys, "--text", str(f))
+    assert rc == 2
+    assert only_error(err) == f"--text {f} is a binary file (NUL byte at offset 3); pass a UTF-8 text file"
+
+
+def test_text_not_utf8(capsys, no_load, tmp_path):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    rc, err = run_cli(capsys, "--text", str(f))
+    assert rc == 2
+    assert "is not UTF-8 text (byte 0xe9 at offset 3)" in only_error(err)
+
+
+def test_dtype_bogus(capsys, no_load):
+    rc, err = run_cli(capsys, "--dtype", "bogus")
+    assert rc == 2
+    assert only_error(err) == "--dtype 'bogus' is not a dtype; use one of float32, bfloat16, float16, float64"
+
+
+def test_device_cuda_without_cuda(capsys, no_load, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, err = run_cli(capsys, "--device", "cuda")
+    assert rc == 2
+    msg = only_error(err)
+    assert msg.startswith("--device cuda: CUDA is not available on this machine (torch ")
+    assert msg.endswith("; use --device cpu")
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len", "--tokens"])
+def test_counts_below_one(capsys, no_load, flag):
+    rc, err = run_cli(capsys, flag, "0")
+    assert rc == 2
+    assert only_error(err) == f"{flag} must be >= 1 (got 0)"
+
+
+def test_invalid_config_json(capsys, tmp_path):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    rc, err = run_cli(capsys, str(tmp_path), "--tokens", "8")
+    assert rc == 2
+    assert only_error(err) == (f"{tmp_path / 'config.json'} is not valid JSON (Expecting property name enclosed "
+                               "in double quotes, line 1 column 24); repair it or download the model again")
+
+
+def test_truncated_safetensors(capsys, llama_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "trunc"
+    shutil.copytree(llama_dir, d)
+    f = d / "model.safetensors"
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.truncate(size // 2)
+    rc, err = run_cli(capsys, str(d), "--tokens", "8")
+    assert rc == 2
+    assert only_error(err) == (f"{f} is truncated: {size // 2:,} bytes, its header describes {size:,}; "
+                               "download the model again (or re-save it)")
+
+
+def test_out_existing_run_refused_before_loading(capsys, no_load, tmp_path):
+    (tmp_path / "run.json").write_text("{}")
+    rc, err = run_cli(capsys, "--out", str(tmp_path))
+    assert rc == 2
+    assert only_error(err) == (f"--out {tmp_path} already holds a run; pass --overwrite to replace it, "
+                               "or choose another --out")
+
+
+def test_out_foreign_dir_refused_even_with_overwrite(capsys, no_load, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    rc, err = run_cli(capsys, "--out", str(tmp_path), "--overwrite")
+    assert rc == 2
+    assert "holds files that are not a workbench run" in only_error(err)
+
+
+def test_seq_len_longer_than_model(capsys, llama_dir):
+    rc, err = run_cli(capsys, str(llama_dir), "--tokens", "8", "--seq-len", "65")
+    assert rc == 2
+    assert only_error(err) == ("--seq-len 65 is longer than the model's max_position_embeddings (64); "
+                               "pass --seq-len 64 or less")
+
+
+def test_argparse_errors_take_the_same_path(capsys):
+    rc, err = run_cli(capsys, "--batch-size", "x")
+    assert rc == 2
+    assert only_error(err) == "argument --batch-size: invalid int value: 'x'"
+
+
+def test_console_exit_code_and_no_traceback():
+    """The real process: status 2, one error line, no traceback (and a quick start)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "workbench.cli", "profile", "--batch-size", "0"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "workbench: error: --batch-size must be >= 1 (got 0)"

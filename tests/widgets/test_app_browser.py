@@ -1,0 +1,143 @@
+"""The served dashboard in a real browser: Playwright driving Debian's chromium (headless, the
+flags below; scripts/setup_browser.sh installs both; never `playwright install`). One server and
+one browser for the whole module."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import time
+
+import pytest
+
+pytest.importorskip("panel", reason="panel is not installed (the viz extra)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: bash scripts/setup_browser.sh")
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+VIEWS = {"Layer sparsity": "per layer", "CETT and PPL-p%": "CETT", "Chunk sparsity": "CLS_L",
+         "Predictors": "recall", "Acceleration": "Dense vs accelerated"}
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip("no /usr/bin/chromium: bash scripts/setup_browser.sh", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run_dir, damaged_run_dir, tiny_bf16_model):
+    from workbench.widgets.app import make_server
+
+    srv = make_server([tiny_run_dir, damaged_run_dir], model=tiny_bf16_model, backend="torch", port=0,
+                      threaded=True)
+    url = f"http://127.0.0.1:{srv.port_used}/"
+    for _ in range(100):  # the server thread is up once it answers
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", srv.port_used, timeout=2)
+            c.request("HEAD", "/static/js/bokeh.min.js")
+            c.getresponse()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.console_errors = []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(m.text))
+    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    page.goto(url)
+    page.locator(".js-plotly-plot >> visible=true").first.wait_for(timeout=30000)
+    return page
+
+
+def plot_title(page, index: int = 0) -> str:
+    loc = page.locator(".js-plotly-plot >> visible=true").nth(index)
+    return loc.evaluate("el => (el.layout && el.layout.title && (el.layout.title.text || el.layout.title)) || ''")
+
+
+def wait_title(page, text: str, index: int = 0, timeout: float = 15.0) -> str:
+    end = time.time() + timeout
+    title = ""
+    while time.time() < end:
+        try:
+            title = plot_title(page, index)
+        except Exception:  # noqa: BLE001 - the plot is being replaced
+            title = ""
+        if text in title:
+            return title
+        time.sleep(0.05)
+    raise AssertionError(f"plot title {title!r} never contained {text!r}")
+
+
+def select(page, option: str, value: str) -> None:
+    page.locator(f"select:has(option[value='{option}'])").select_option(value)
+
+
+def test_every_view_renders_a_plot_without_console_errors(server, browser):
+    page = open_page(browser, server)
+    for tab, text in VIEWS.items():
+        page.locator(".bk-tab", has_text=tab).first.click()
+        wait_title(page, text)
+    page.locator(".bk-tab", has_text="Acceleration").first.click()
+    page.get_by_role("button", name="Measure").click()
+    wait_title(page, "Dense vs accelerated time")
+    end = time.time() + 20
+    while time.time() < end:  # the measurement replaces the placeholder
+        n = page.locator(".js-plotly-plot >> visible=true").first.evaluate("el => el.data.length")
+        if n >= 2:
+            break
+        time.sleep(0.1)
+    assert n >= 2
+    assert page.get_by_text("torch reference path runs").first.is_visible()
+    assert page.console_errors == []
+    page.context.close()
+
+
+def test_control_change_updates_figure_and_sessions_stay_apart(server, browser):
+    a, b = open_page(browser, server), open_page(browser, server)
+    assert "token sparsity" in plot_title(a) and "token sparsity" in plot_title(b)
+    select(a, "dead_neurons", "dead_neurons")
+    wait_title(a, "dead neurons")
+    select(b, "mean_abs", "mean_abs")
+    wait_title(b, "mean abs")
+    time.sleep(0.3)
+    assert "dead neurons" in plot_title(a) and "mean abs" in plot_title(b)
+    assert a.console_errors == [] and b.console_errors == []
+    a.context.close()
+    b.context.close()
+
+
+def test_damaged_run_shows_its_error(server, browser):
+    page = open_page(browser, server)
+    select(page, "damaged", "damaged")
+    err = page.get_by_text("cannot be shown").first
+    err.wait_for(timeout=15000)
+    assert page.get_by_text("re-create it").first.is_visible()
+    page.context.close()
+
+
+def test_server_refuses_files_outside_the_runs(server, tiny_run_dir):
+    port = int(server.rsplit(":", 1)[1].strip("/"))
+    paths = ["/static/../../../../../../etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+             "/static/extensions/panel/../../../../../../../../etc/passwd", "//etc/passwd",
+             f"/{tiny_run_dir}/run.json", f"/static/{tiny_run_dir}/run.json", "/run.json", "/tiny/run.json",
+             "/components/os/path/__file__/etc/passwd", f"/?path={tiny_run_dir}/run.json"]
+    for path in paths:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        assert b"root:" not in body and b'"format"' not in body, path
+        if not path.startswith("/?"):
+            assert r.status in (400, 403, 404), (path, r.status)
