@@ -693,7 +693,11 @@ class SparseFFN(_DownRelayout, nn.Module):
             st["hit"] += true.sum()
 
     def extra_repr(self) -> str:
-        return f"{self.site.name}, mode={self.mode}, activation={self.activation}, threshold={self.threshold}"
+        extra = ""
+        if self.predictor is not None:
+            extra = f", predictor width={self.predictor['w1'].shape[0]} on the " + (
+                "residual stream entering the block" if self.block_input is not None else "FFN input")
+        return f"{self.site.name}, mode={self.mode}, activation={self.activation}, threshold={self.threshold}{extra}"
 
 
 def is_moe_blocks(module: nn.Module) -> bool:
