@@ -150,3 +150,22 @@ def test_plain_recipe_is_kept():
     assert pred.input == "ffn_input" and pred.bias and pred.loss == "bce" and (pred.metrics.width == 8).all()
     with pytest.raises(WorkbenchError):
         _train(_model(), recipe="plain", epochs=1, loss="focal")
+
+
+def test_block_input_predictors_in_the_compiled_decode_harness(monkeypatch):
+    """decode_benchmark(compile_non_ffn=True) keeps the hooked norms eager (dynamo does not guard
+    on hooks: a norm compiled on the dense side would never hand the block input over), and the
+    accelerated tokens equal those of the uncompiled harness."""
+    import functools
+
+    import workbench as wb
+
+    model = _model()
+    h = wb.accelerate(model, mode="predictor", predictors=_train(model), backend="torch")
+    assert h.eager_modules == ["model.layers.0.post_attention_layernorm", "model.layers.1.post_attention_layernorm"]
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(3))
+    plain = wb.decode_benchmark(model, prompt, new_tokens=4, handle=h, reps=1, warmup=0)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    comp = wb.decode_benchmark(model, prompt, new_tokens=4, handle=h, reps=1, warmup=0, compile_non_ffn=True)
+    assert comp["tokens"]["accel"] == plain["tokens"]["accel"]
+    h.off()

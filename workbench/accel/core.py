@@ -244,6 +244,11 @@ class Accelerator:
                 from workbench.metrics._data import pre_ffn_norm
 
                 sp.block_input = BlockInput(pre_ffn_norm(model, sp.site), sp.site.name)
+        # modules whose hooks hand the block input over: they must run eagerly (dynamo does not guard
+        # on hooks, so a norm compiled before the hook was attached would never call it)
+        all_names = {id(m): n for n, m in model.named_modules()}
+        self.eager_modules = [all_names[id(sp.block_input.norm)] for sp in self.sparse.values()
+                              if getattr(sp, "block_input", None) is not None]
         self.active = False
 
     # -- switching -----------------------------------------------------------------------------
