@@ -2,7 +2,7 @@
 # Install what is missing (with the viz and dev extras), lint, then run every test: the package
 # tests, the Triton kernels under the interpreter, and the notebooks through nbval, spread over
 # the machine's cores (pytest-xdist; --dist loadfile keeps each notebook's cells, and each test
-# module, on one worker). WB_TEST_WORKERS=N sets the number of workers (default: auto).
+# module, on one worker). WB_TEST_WORKERS=N sets the number of workers (default: one per logical CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,5 +14,5 @@ kdir=$(mktemp -d)
 trap 'rm -rf "$kdir"' EXIT
 export JUPYTER_PATH="$kdir/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 "$PY" -m ipykernel install --prefix "$kdir" --name python3 >/dev/null
-"$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${WB_TEST_WORKERS:-auto}" --dist loadfile \
+"$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${WB_TEST_WORKERS:-logical}" --dist loadfile \
   --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg tests "$@"
