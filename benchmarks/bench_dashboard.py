@@ -127,9 +127,13 @@ def open_session(browser, url: str, ctx=None):
     page.on("console", lambda m: m.type == "error" and errors.append(m.text))
     page.on("pageerror", lambda e: errors.append(str(e)))
     t0 = time.perf_counter()
-    page.goto(url)
+    page.goto(url, wait_until="commit")
+    t_html = time.perf_counter() - t0  # the server has built the session's document
+    page.wait_for_load_state("domcontentloaded")
+    t_dom = time.perf_counter() - t0  # the browser has run bokeh, panel and plotly.js
     visible_plot(page).wait_for(timeout=60000)
     page.errors = errors
+    page.phases = {"html_s": t_html, "scripts_s": t_dom - t_html, "plot_s": time.perf_counter() - t0 - t_dom}
     return page, time.perf_counter() - t0
 
 
@@ -171,6 +175,7 @@ def main() -> None:
 
         demo_run(run, "zoo:relu-llama", tokens=4096)
     port = free_port()
+    load_start = os.getloadavg()[0]
     t_start = time.perf_counter()
     proc = start_server(run, args.model or None, port)
     url = f"http://127.0.0.1:{port}/"
@@ -193,14 +198,18 @@ def main() -> None:
                 f"{statistics.median(fresh):.2f} s")
             ctx = browser.new_context(viewport={"width": 1280, "height": 900})
             open_session(browser, url, ctx)[0].close()
-            tabs_t = []
+            tabs_t, phases = [], []
             for _ in range(5):
                 pg, t = open_session(browser, url, ctx)
                 tabs_t.append(t)
+                phases.append(pg.phases)
                 pg.close()
             ctx.close()
             res["first_paint_s"] = {"median": statistics.median(tabs_t), "max": max(tabs_t), "all": tabs_t,
-                                    "what": "a new session in a new tab of a browser that has the scripts cached"}
+                                    "what": "a new session in a new tab of a browser that has the scripts cached",
+                                    "phases_median_s": {k: statistics.median(ph[k] for ph in phases) for k in phases[0]},
+                                    "phases": "html: the server builds the session; scripts: the browser parses and runs "
+                                              "bokeh, panel and plotly.js (7.7 MB); plot: the first figure is drawn"}
             log(f"first paint (new session, new tab, scripts cached) median {statistics.median(tabs_t):.2f} s")
 
             page, _ = open_session(browser, url)
@@ -265,7 +274,8 @@ def main() -> None:
            "date": _dt.date.today().isoformat(), "commit": commit,
            "command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT) if Path(sys.argv[0]).is_absolute()
                                                     else sys.argv[0]), *sys.argv[1:]]),
-           "run": str(run), "model": args.model, "note": args.note, "targets_met": ok, **res}
+           "run": str(run), "model": args.model, "note": args.note,
+           "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}, "targets_met": ok, **res}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"dashboard_cpu_{doc['date']}.json"

@@ -223,6 +223,23 @@ def host_warning(host: str, port: int, live_model: bool = False) -> str | None:
             + "; use the default --host 127.0.0.1 unless you mean it")
 
 
+def _component_route():
+    """Panel's /components/ route imports the module named in the URL to find a component's
+    listed resources; here it answers only for Panel's and Bokeh's own modules, so a URL cannot make
+    the server import anything else."""
+    from panel.io.server import ComponentResourceHandler
+    from tornado.web import HTTPError
+
+    class WorkbenchComponentHandler(ComponentResourceHandler):
+        def parse_url_path(self, path: str) -> str:
+            mod = path.split("/", 1)[0]
+            if not (mod == "panel" or mod.startswith(("panel.", "bokeh."))):
+                raise HTTPError(404)
+            return super().parse_url_path(path)
+
+    return (r"/components/(.*)", WorkbenchComponentHandler, {})
+
+
 def make_server(runs=(), *, model=None, predictors=None, backend: str = "auto", port: int = 5006,
                 host: str = "127.0.0.1",
                 threads: int = 4, start: bool = True, threaded: bool = False, warn=print):
@@ -242,6 +259,10 @@ def make_server(runs=(), *, model=None, predictors=None, backend: str = "auto", 
     names = _names(paths)
     pn.config.nthreads = threads
     _extension()
+    from workbench.widgets import figures, views
+
+    figures._white_figure().to_plotly_json()  # plotly's imports now, not in the first session's page load
+    views.all_views()
 
     def page():
         return pn.Column(Dashboard(runs=names, model=model, predictors=predictors, backend=backend), sizing_mode="stretch_width")
@@ -251,7 +272,7 @@ def make_server(runs=(), *, model=None, predictors=None, backend: str = "auto", 
         origins.append(f"{host}:{port}" if host not in ("0.0.0.0", "::") else "*")
     server = pn.serve({"/": page}, port=port, address=host, websocket_origin=origins, show=False,
                       start=threaded, title=TITLE, threaded=threaded, autoreload=False, check_unused_sessions=5000,
-                      unused_session_lifetime=15000)
+                      unused_session_lifetime=15000, extra_patterns=[_component_route()])
     server.port_used = port
     if start and not threaded:
         server.start()

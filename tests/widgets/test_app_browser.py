@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import sys
 import time
 
 import pytest
@@ -132,12 +133,64 @@ def test_server_refuses_files_outside_the_runs(server, tiny_run_dir):
     paths = ["/static/../../../../../../etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
              "/static/extensions/panel/../../../../../../../../etc/passwd", "//etc/passwd",
              f"/{tiny_run_dir}/run.json", f"/static/{tiny_run_dir}/run.json", "/run.json", "/tiny/run.json",
-             "/components/os/path/__file__/etc/passwd", f"/?path={tiny_run_dir}/run.json"]
+             "/components/os/path/__file__/etc/passwd", "/components/antigravity/x/__css__/y",
+             f"/?path={tiny_run_dir}/run.json"]
     for path in paths:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         c.request("GET", path)
         r = c.getresponse()
         body = r.read()
         assert b"root:" not in body and b'"format"' not in body, path
+        assert "antigravity" not in sys.modules  # the URL made the server import nothing
         if not path.startswith("/?"):
             assert r.status in (400, 403, 404), (path, r.status)
+
+
+def test_report_renders_without_network(browser, tiny_run_dir, tmp_path):
+    from workbench.widgets.report import write_report
+
+    out = write_report(tiny_run_dir, tmp_path / "report.html")
+    ctx = browser.new_context()
+    requested = []
+
+    def block(route):
+        requested.append(route.request.url)
+        route.abort()
+
+    ctx.route("http*://**/*", block)  # no network: anything fetched would fail (and be listed)
+    page = ctx.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(out.as_uri())
+    page.locator(".js-plotly-plot").first.wait_for(timeout=20000)
+    assert page.locator(".js-plotly-plot").count() >= 5
+    assert requested == [] and errors == []
+    ctx.close()
+
+
+def test_long_operation_shows_progress_without_blocking_other_sessions(server, browser, monkeypatch):
+    from workbench.accel.core import Accelerator
+
+    real = Accelerator.measure
+
+    def slow_measure(self, *a, **kw):  # a measurement that takes a while, as on a real model
+        time.sleep(4)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Accelerator, "measure", slow_measure)
+    a, b = open_page(browser, server), open_page(browser, server)
+    a.locator(".bk-tab", has_text="Acceleration").first.click()
+    a.get_by_role("button", name="Measure").click()
+    a.locator("progress >> visible=true").first.wait_for(timeout=5000)  # A shows its progress
+    t0 = time.time()
+    select(b, "dead_neurons", "dead_neurons")  # B is served meanwhile
+    wait_title(b, "dead neurons", timeout=3)
+    assert time.time() - t0 < 3
+    assert a.locator("progress >> visible=true").count() == 1  # A still measuring
+    end = time.time() + 30
+    while time.time() < end and a.locator("progress >> visible=true").count():
+        time.sleep(0.1)
+    assert a.locator("progress >> visible=true").count() == 0
+    assert a.console_errors == [] and b.console_errors == []
+    a.context.close()
+    b.context.close()
