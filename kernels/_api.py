@@ -82,9 +82,13 @@ def sparse_ffn_predicted(
     threshold=0.0,
     backend=None,
     config=None,
+    x_pred=None,
 ):
-    """Gated FFN sparse on a Deja Vu predictor's mask (predictor included): y [T, d_model]."""
-    f = _dispatch("sparse_ffn_predicted", backend, [x, w_gate, w_up, w_down_t, w_pred1, w_pred2])
+    """Gated FFN sparse on a Deja Vu predictor's mask (predictor included): y [T, d_model].
+    x_pred [T, d_model]: the predictor's input when it is not x (a ProSparse-recipe predictor
+    reads the residual stream entering the FFN block); None: x."""
+    ts = [x, w_gate, w_up, w_down_t, w_pred1, w_pred2] + ([x_pred] if x_pred is not None else [])
+    f = _dispatch("sparse_ffn_predicted", backend, ts)
     return f(
         x,
         w_gate,
@@ -97,6 +101,7 @@ def sparse_ffn_predicted(
         activation=activation,
         threshold=threshold,
         config=config,
+        x_pred=x_pred,
     )
 
 
@@ -115,13 +120,15 @@ def plain_ffn_predicted(
     threshold=0.0,
     backend=None,
     config=None,
+    x_pred=None,
 ):
     """Plain (non-gated) FFN sparse on a Deja Vu predictor's mask (predictor included), OPT style:
-    y [T, d_model] = act(x W_up^T + b_up) * [logits > 0] @ W_down^T + b_down."""
-    ts = [x, w_up, w_down_t, w_pred1, w_pred2] + [b for b in (b_up, b_down, b_pred1, b_pred2) if b is not None]
+    y [T, d_model] = act(x W_up^T + b_up) * [logits > 0] @ W_down^T + b_down; the logits read
+    x_pred [T, d_model] where given (see `sparse_ffn_predicted`), else x."""
+    ts = [x, w_up, w_down_t, w_pred1, w_pred2] + [b for b in (b_up, b_down, b_pred1, b_pred2, x_pred) if b is not None]
     f = _dispatch("plain_ffn_predicted", backend, ts)
     return f(x, w_up, w_down_t, w_pred1, w_pred2, b_up=b_up, b_down=b_down, b_pred1=b_pred1,
-             b_pred2=b_pred2, activation=activation, threshold=threshold, config=config)  # fmt: skip
+             b_pred2=b_pred2, activation=activation, threshold=threshold, config=config, x_pred=x_pred)  # fmt: skip
 
 
 def chunk_ffn(

@@ -34,6 +34,20 @@ def predictor_logits(
     return F.linear(torch.relu(F.linear(x, w1, b1)), w2, b2)
 
 
+def predictor_input(x_pred: torch.Tensor | None, x2: torch.Tensor) -> torch.Tensor:
+    """The predictor's input [T, d]: `x_pred` (e.g. the residual stream entering the FFN block,
+    which a ProSparse-recipe predictor reads) when given, else the FFN input x2 [T, d_model]."""
+    if x_pred is None:
+        return x2
+    xp = x_pred.reshape(-1, x_pred.shape[-1])
+    if xp.shape[0] != x2.shape[0] or xp.device != x2.device:
+        raise KernelError(
+            f"x_pred {tuple(x_pred.shape)} on {x_pred.device} does not match the FFN input "
+            f"{tuple(x2.shape)} on {x2.device}: give the predictor's input for the same tokens"
+        )
+    return xp.to(x2.dtype).contiguous()
+
+
 def check_predictor(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> None:
     if w1.dim() != 2 or w2.dim() != 2 or w1.shape[1] != x.shape[-1] or w2.shape[1] != w1.shape[0]:
         raise KernelError(

@@ -83,12 +83,13 @@ def sparse_ffn_predicted(
     activation="relu",
     threshold=0.0,
     config=None,
+    x_pred=None,
 ):
     """Gated FFN with gate and up both sparse on a Deja Vu predictor's mask (logit > 0)."""
-    from ..predictor.reference import predictor_logits
+    from ..predictor.reference import predictor_input, predictor_logits
 
     x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
-    logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
+    logits = predictor_logits(predictor_input(x_pred, x2), w_pred1, w_pred2, b_pred1, b_pred2)
     a = gate_up_predicted(x2, logits, w_gate, w_up, activation=activation, threshold=threshold)
     y = sparse_down(a, w_down_t)
     return y[0] if was_1d else y
@@ -108,6 +109,7 @@ def plain_ffn_predicted(
     activation="relu",
     threshold=0.0,
     config=None,
+    x_pred=None,
 ):
     """Plain (non-gated) FFN with a Deja Vu predictor (OPT's fc1 -> ReLU -> fc2):
     y = act(x W_up^T + b_up) * [logits > 0] @ W_down^T + b_down.
@@ -117,13 +119,13 @@ def plain_ffn_predicted(
     once after the down bias (as `sparse_down`).
     """
     from .._common import check_bias
-    from ..predictor.reference import predictor_logits
+    from ..predictor.reference import predictor_input, predictor_logits
 
     thr = check_activation(activation, threshold)
     x2, was_1d = check_ffn(x, w_up, w_down_t)
     check_bias("b_up", b_up, w_up.shape[0], x2, "the up projection's bias [d_ff]")
     check_bias("b_down", b_down, w_up.shape[1], x2, "the down projection's bias [d_model]")
-    logits = predictor_logits(x2, w_pred1, w_pred2, b_pred1, b_pred2)
+    logits = predictor_logits(predictor_input(x_pred, x2), w_pred1, w_pred2, b_pred1, b_pred2)
     u = x2.float() @ w_up.float().t()
     if b_up is not None:
         u = u + b_up.float()

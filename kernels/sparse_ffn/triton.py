@@ -685,6 +685,7 @@ def sparse_ffn_predicted(
     activation="relu",
     threshold=0.0,
     config=None,
+    x_pred=None,
 ):
     """Gated FFN with a Deja Vu predictor: gate, up and down rows only where the predictor's logit
     is > 0. One token: the predictor's first layer through the Triton GEMV (`_dense`), then
@@ -693,13 +694,14 @@ def sparse_ffn_predicted(
     `_fuse_pred2`). More tokens: the predictor through cuBLAS, the row kernel and the sparse down
     kernel."""
     from .._common import check_activation, check_ffn
-    from ..predictor.reference import check_predictor
+    from ..predictor.reference import check_predictor, predictor_input
     from ..sparse_gemv.triton import sparse_down
 
     x2, was_1d = check_ffn(x, w_up, w_down_t, w_gate)
     crow, cdown = _split(config)
-    check_predictor(x2, w_pred1, w_pred2)
-    hid = _dense(x2, w_pred1, config, b_pred1, relu=True)
+    xp2 = predictor_input(x_pred, x2)
+    check_predictor(xp2, w_pred1, w_pred2)
+    hid = _dense(xp2, w_pred1, config, b_pred1, relu=True)
     if _use_updown(x2, config) and _fuse_pred2(w_pred2, config):
         # the predictor's second layer inside the one-launch kernel (updown MODE 2)
         from .updown import updown
@@ -737,6 +739,7 @@ def plain_ffn_predicted(
     activation="relu",
     threshold=0.0,
     config=None,
+    x_pred=None,
 ):
     """Plain (non-gated) FFN with a Deja Vu predictor (OPT): up and down rows only where the
     predictor's logit is > 0; same function as the reference. One token (d_model <= 4096): the
@@ -746,16 +749,17 @@ def plain_ffn_predicted(
     the predictor densely, the predicted up rows through the row kernel (`gated_up` with a 0/1
     gate; the bias added after its rounding), the activation, then `sparse_down` with the bias."""
     from .._common import check_activation, check_bias, check_ffn
-    from ..predictor.reference import check_predictor
+    from ..predictor.reference import check_predictor, predictor_input
     from ..sparse_gemv.triton import sparse_down
 
     thr = check_activation(activation, threshold)
     x2, was_1d = check_ffn(x, w_up, w_down_t)
     check_bias("b_up", b_up, w_up.shape[0], x2, "the up projection's bias [d_ff]")
     check_bias("b_down", b_down, w_up.shape[1], x2, "the down projection's bias [d_model]")
-    check_predictor(x2, w_pred1, w_pred2)
+    xp2 = predictor_input(x_pred, x2)
+    check_predictor(xp2, w_pred1, w_pred2)
     crow, cdown = _split(config)
-    hid = _dense(x2, w_pred1, config, b_pred1, relu=True)
+    hid = _dense(xp2, w_pred1, config, b_pred1, relu=True)
     if _use_updown(x2, config):
         from .updown import updown
 

@@ -66,12 +66,13 @@ def test_predictor_train_eval_save_load(tmp_path, relu_llama):
     pred = train_predictors(relu_llama, [(ids[:18], m[:18])], eval_data=[(ids[18:], m[18:])], epochs=3,
                             target_recall=0.9)
     df = pred.metrics
-    assert list(df.layer) == [0, 1] and (df.width == 8).all()  # min(1024, 32 // 4)
+    assert list(df.layer) == [0, 1] and (df.width == 32).all()  # the ProSparse recipe: min(1024, d_model)
+    assert pred.input == "residual" and not pred.bias and pred.loss == "weighted_bce"
     assert (df.eval_tokens == int(m[18:].sum())).all()
     # the evaluation table equals brute force over the held-out tokens
-    rows = collect(relu_llama, [(ids[18:], m[18:])], want_x=True)
+    rows = collect(relu_llama, [(ids[18:], m[18:])], want_r=True)  # the residual stream entering the FFN block
     for site in ffn_sites(relu_llama):
-        x, a = rows[site.name]["x"], rows[site.name]["a"]
+        x, a = rows[site.name]["r"], rows[site.name]["a"]
         p = pred.predict(site.name, x)
         r = df[df.layer == site.layer].iloc[0]
         assert r.recall == pytest.approx(prediction_metrics(p, a != 0)["recall"], abs=1e-15)
@@ -86,9 +87,10 @@ def test_predictor_train_eval_save_load(tmp_path, relu_llama):
 
     w = load_file(str(out / "predictor.safetensors"))
     for site in ffn_sites(relu_llama):
-        x = rows[site.name]["x"]
+        x = rows[site.name]["r"]
         k = {kk: w[f"{site.name}.{kk}"] for kk in ("w1", "b1", "w2", "b2")}
-        assert k["w1"].shape == (8, 32) and k["w2"].shape == (64, 8)
+        assert k["w1"].shape == (32, 32) and k["w2"].shape == (64, 32)
+        assert not k["b1"].any()  # no biases: b2 holds only the folded threshold
         kernel_mask = predictor_logits(x, k["w1"], k["w2"], k["b1"], k["b2"]) > 0
         mine = pred.predict(site.name, x)
         assert (kernel_mask != mine).float().mean() < 1e-3  # ties at the threshold only
@@ -98,7 +100,7 @@ def test_predictor_train_eval_save_load(tmp_path, relu_llama):
     pred.store(run)
     run.save(tmp_path / "run")
     again = load_predictors(tmp_path / "run")
-    x = rows[ffn_sites(relu_llama)[1].name]["x"]
+    x = rows[ffn_sites(relu_llama)[1].name]["r"]
     name = ffn_sites(relu_llama)[1].name
     assert torch.equal(again.predict(name, x), back.predict(name, x))
     pd.testing.assert_frame_equal(table(Run.load(tmp_path / "run"), "predictor"), pred.metrics, check_dtype=False)

@@ -28,7 +28,11 @@ Modes:
 - "predictor": gate and up both sparse on a Deja Vu predictor's mask (predictor included), for
   every call: this changes the function, and measure() reports the error instead of bounding it.
   `predictors` is a directory written by `workbench.metrics.save_predictors`, a Predictors, or a
-  dict {FFN module name: {"w1", "b1", "w2", "b2"}} (logit > 0 = active).
+  dict {FFN module name: {"w1", "b1", "w2", "b2"}} (logit > 0 = active). The predictors read what
+  they were trained on: the residual stream entering the FFN block (the default ProSparse recipe;
+  a pre-hook on the norm before the FFN hands it to the swapped module, `BlockInput`) or the FFN
+  input (the "plain" recipe, version-1 files, and dicts unless they say "input": "residual").
+  Predictors trained on another model or another layer count are refused (`Predictors.check`).
 
 backend: "auto" (Triton on CUDA, else the torch reference, which is what runs on CPU), "triton"
 or "torch". The model must be bf16 or fp16 with d_model, d_ff multiples of 16.
@@ -47,6 +51,7 @@ from torch import nn
 from workbench._compat import cache_kwargs
 from workbench.accel.ffn import (
     MODES,
+    BlockInput,
     FusedAway,
     SparseDown,
     SparseFFN,
@@ -64,16 +69,23 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def _load_predictor_tensors(predictors, names, device, dtype) -> dict[str, dict[str, torch.Tensor]]:
+def _load_predictor_tensors(predictors, sites, device, dtype, model) -> tuple[dict[str, dict[str, torch.Tensor]], str]:
+    """({layer name: {"w1", "b1", "w2", "b2"}}, the predictors' input: "residual" | "ffn_input")."""
+    names = [s.name for s in sites]
     if isinstance(predictors, dict):  # {layer name: {"w1", "b1", "w2", "b2"}} (b2 with the threshold folded in)
         missing = [n for n in names if n not in predictors]
         if missing:
             raise WorkbenchError(f"the predictor dict has no entry for {missing[:3]}...: give one per FFN layer")
-        return {n: {k: predictors[n][k].to(device=device, dtype=dtype).contiguous() for k in ("w1", "b1", "w2", "b2")}
-                for n in names}
+        inputs = {predictors[n].get("input", "ffn_input") for n in names}
+        if len(inputs) != 1 or not inputs <= {"residual", "ffn_input"}:
+            raise WorkbenchError(f"predictor dict inputs {sorted(inputs)}: give every layer the same 'input', "
+                                 "'residual' or 'ffn_input' (the default)")
+        return ({n: {k: predictors[n][k].to(device=device, dtype=dtype).contiguous() for k in ("w1", "b1", "w2", "b2")}
+                 for n in names}, inputs.pop())
     from workbench.metrics.predictor import Predictors, load_predictors
 
     pred = predictors if isinstance(predictors, Predictors) else load_predictors(predictors)
+    pred.check(model)  # another model's or another layer count's predictors: a clear PredictorError
     tensors, cfg = pred._tensors_and_config()
     by_name = {layer["name"]: layer["keys"] for layer in cfg["layers"]}
     out = {}
@@ -83,7 +95,7 @@ def _load_predictor_tensors(predictors, names, device, dtype) -> dict[str, dict[
                                  "train them on this model with workbench.metrics.train_predictors")
         keys = by_name[name]
         out[name] = {k: tensors[keys[k]].to(device=device, dtype=dtype).contiguous() for k in ("w1", "b1", "w2", "b2")}
-    return out
+    return out, pred.input
 
 
 def _moe_block_sites(model: nn.Module, layout: Layout) -> list[FFNSite]:
@@ -164,6 +176,7 @@ class Accelerator:
                     reasons.append(f"{s.name}: d_model={s.d_model}, d_ff={s.d_ff}: the kernels need multiples of 16")
                     break
         pred = None
+        self.predictor_input = None
         moe = [s for s in sites if is_moe_blocks(s.module)]
         if moe and mode == "predictor":
             reasons.append(
@@ -175,8 +188,9 @@ class Accelerator:
                                "save_predictors) or a Predictors object")
             else:
                 try:
-                    pred = _load_predictor_tensors(predictors, [s.name for s in sites], p0.device, p0.dtype)
-                except WorkbenchError as exc:
+                    pred, self.predictor_input = _load_predictor_tensors(predictors, sites, p0.device, p0.dtype,
+                                                                         model)
+                except WorkbenchError as exc:  # e.g. a PredictorError: another model's predictors
                     reasons.append(str(exc))
         if pred is None and mode == "predictor":
             pred = {s.name: None for s in sites}
@@ -225,6 +239,16 @@ class Accelerator:
             raise WorkbenchError(_blocking_message(model, reasons))
         for sp in self.sparse.values():
             sp.call_graphs.enabled = bool(call_graphs)
+            if self.predictor_input == "residual" and getattr(sp, "predictor", None) is not None:
+                # the predictor reads the residual stream entering the FFN block, as it was trained
+                from workbench.metrics._data import pre_ffn_norm
+
+                sp.block_input = BlockInput(pre_ffn_norm(model, sp.site), sp.site.name)
+        # modules whose hooks hand the block input over: they must run eagerly (dynamo does not guard
+        # on hooks, so a norm compiled before the hook was attached would never call it)
+        all_names = {id(m): n for n, m in model.named_modules()}
+        self.eager_modules = [all_names[id(sp.block_input.norm)] for sp in self.sparse.values()
+                              if getattr(sp, "block_input", None) is not None]
         self.active = False
 
     # -- switching -----------------------------------------------------------------------------
@@ -241,6 +265,8 @@ class Accelerator:
                     setattr(*_parent(self.model, cname), stand_in)
                 parent, child = _parent(self.model, name)
                 setattr(parent, child, sp)
+                if getattr(sp, "block_input", None) is not None:
+                    sp.block_input.attach()
         except BaseException:
             self._restore(done)
             raise
@@ -257,6 +283,8 @@ class Accelerator:
         for name in names:
             sp = self.sparse[name]
             sp.call_graphs.clear()
+            if getattr(sp, "block_input", None) is not None:
+                sp.block_input.detach()
             parent, child = _parent(self.model, name)
             if getattr(parent, child) is sp:
                 setattr(parent, child, sp.original[0])

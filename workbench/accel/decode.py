@@ -338,7 +338,8 @@ def decode_benchmark(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int
     tokens: dict[str, list[int]] = {}
     compiled = bool(compile_non_ffn)
     ctx = (compiled_non_ffn(model, layout=handle.layout if handle is not None else None, mode=compile_mode,
-                            keep_out=list(handle.sparse) if handle is not None else ())
+                            keep_out=list(handle.sparse) + list(getattr(handle, "eager_modules", ()))
+                            if handle is not None else ())
            if compiled else contextlib.nullcontext({}))
     with ctx as compiled_mods, call_graphs_disabled():  # the harness captures whole steps itself
         try:

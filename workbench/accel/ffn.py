@@ -157,6 +157,59 @@ def _launch(module: nn.Module, route: str, x2: torch.Tensor, fn, *weights: torch
     return g.run(key, fn, x2)
 
 
+class BlockInput:
+    """The residual stream entering one FFN block, for predictors trained on it (the ProSparse
+    recipe, `workbench.metrics.train_predictors` input="residual"): a forward pre-hook on the norm
+    before the FFN keeps that norm's input while the handle is on; the swapped module reads the
+    rows of its own call from it (the norm runs right before the FFN, on the same tokens)."""
+
+    def __init__(self, norm: nn.Module, name: str):
+        self.norm, self.name = norm, name
+        self.x: torch.Tensor | None = None
+        self.handle = None
+
+    def attach(self) -> None:
+        if self.handle is None:
+            self.handle = self.norm.register_forward_pre_hook(self._keep)
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.x = None
+
+    def _keep(self, module, args) -> None:
+        self.x = args[0]
+
+    def rows(self, x2: torch.Tensor) -> torch.Tensor:
+        """The kept input as [T, d_model] for an FFN call on x2 [T, d_model]."""
+        r = self.x
+        if r is None or r.numel() // r.shape[-1] != x2.shape[0]:
+            got = "nothing" if r is None else f"{r.numel() // r.shape[-1]} rows"
+            raise WorkbenchError(
+                f"{self.name}: the predictor reads the residual stream entering the FFN block, but the norm before "
+                f"the FFN saw {got} for this call of {x2.shape[0]} tokens (was the FFN called outside the model's "
+                "forward?); call the model itself, or use predictors trained with input='ffn_input'")
+        return r.reshape(-1, r.shape[-1])
+
+
+def _pred_rows(m: nn.Module, x2: torch.Tensor) -> torch.Tensor | None:
+    """The predictor's input rows for this call: the block input where the module has one, else None (x2)."""
+    src = getattr(m, "block_input", None)
+    return None if src is None else src.rows(x2)
+
+
+def _launch_pred(module: nn.Module, route: str, x2: torch.Tensor, xp: torch.Tensor | None, call, *weights):
+    """`call(x2, xp)` through `_launch`; with a separate predictor input the two travel as one
+    tensor [T, 2 d_model] so that the per-call graphs keep one static input."""
+    if xp is None:
+        return _launch(module, route, x2, lambda x_: call(x_, None), *weights)
+    d = x2.shape[1]
+    xc = torch.cat([x2, xp.to(x2.dtype)], dim=1)
+    return _launch(module, route + "+block_input", xc,
+                   lambda c: call(c[:, :d].contiguous(), c[:, d:].contiguous()), *weights)
+
+
 def _counters(stats: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The module's device-side counters (tokens, active, used, hit), created zero on first use."""
     if not stats:
@@ -176,6 +229,7 @@ def _init_ffn_state(m: nn.Module, site: FFNSite, mode: str, backend: str | None,
     m.dense_fraction = dense_fraction
     m.decode_tokens = decode_tokens
     m.predictor = predictor
+    m.block_input = None  # a BlockInput where the predictor reads the residual stream (set by accelerate)
     m.track = False
     m.stats = {}
     m.call_graphs = CallGraphs()
@@ -343,6 +397,7 @@ class SparsePredictedUp(nn.Module):
         self.mode = "predictor"
         self.backend = None if backend == "auto" else backend
         self.predictor = predictor
+        self.block_input = None  # a BlockInput where the predictor reads the residual stream (set by accelerate)
         self.threshold = float(site.threshold or 0.0)
         self.track = False
         self.stats: dict[str, torch.Tensor] = {}
@@ -358,9 +413,9 @@ class SparsePredictedUp(nn.Module):
     def restore_layout(self) -> None:
         pass
 
-    def _call(self, x2: torch.Tensor, backend: str | None) -> torch.Tensor:
+    def _call(self, x2: torch.Tensor, backend: str | None, xp: torch.Tensor | None = None) -> torch.Tensor:
         p, w, b = self.predictor, self.up_module.weight, self.up_module.bias
-        h = kernels.gemv(x2, p["w1"], p["b1"], relu=True, backend=backend)
+        h = kernels.gemv(x2 if xp is None else xp, p["w1"], p["b1"], relu=True, backend=backend)
         gate = (kernels.gemv(h, p["w2"], p["b2"], backend=backend) > 0).to(x2.dtype)
         u = kernels.gated_up(x2, gate, w, activation="relu", backend=backend)
         return u if b is None else torch.addcmul(u, gate, b)
@@ -370,12 +425,14 @@ class SparsePredictedUp(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.track:
             self._track(x2)
+        xp = _pred_rows(self, x2)
         if x2.shape[0] > 64:
-            y = torch.cat([self._call(x2[i:i + 64], "torch") for i in range(0, x2.shape[0], 64)])
+            y = torch.cat([self._call(x2[i:i + 64], "torch", None if xp is None else xp[i:i + 64])
+                           for i in range(0, x2.shape[0], 64)])
         else:
             p = self.predictor
-            y = _launch(self, "pred_up", x2, lambda x_: self._call(x_, self.backend), self.up_module.weight,
-                        p["w1"], p["w2"])
+            y = _launch_pred(self, "pred_up", x2, xp, lambda x_, r: self._call(x_, self.backend, r),
+                             self.up_module.weight, p["w1"], p["w2"])
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @torch.no_grad()
@@ -383,8 +440,9 @@ class SparsePredictedUp(nn.Module):
         """True active neurons (act(up(x)) != 0), predicted ones, and the predictor's hits."""
         true = self.up_module(x2).float() > self.threshold
         p = self.predictor
-        pred = kernels.predictor_logits(x2.float(), p["w1"].float(), p["w2"].float(), p["b1"].float(),
-                                        p["b2"].float()) > 0
+        xp = _pred_rows(self, x2)
+        pred = kernels.predictor_logits((x2 if xp is None else xp).float(), p["w1"].float(), p["w2"].float(),
+                                        p["b1"].float(), p["b2"].float()) > 0
         st = _counters(self.stats, x2.device)
         st["tokens"] += x2.shape[0]
         st["active"] += true.sum()
@@ -464,22 +522,24 @@ class SparsePlainFFN(_PlainDownLayout, nn.Module):
             self._track(x2, route)
         if route == "dense":
             return self.dense(x)
+        xp = _pred_rows(self, x2) if self.predictor is not None else None
         if route == "predicted_ref":  # more than 64 tokens: the reference, 64 tokens a call
-            y = torch.cat([self._call(x2[i:i + 64], "torch") for i in range(0, x2.shape[0], 64)])
+            y = torch.cat([self._call(x2[i:i + 64], "torch", None if xp is None else xp[i:i + 64])
+                           for i in range(0, x2.shape[0], 64)])
         else:
             ws = [self.up_module.weight, self.w_down_t]
             if self.predictor is not None:
                 ws += [self.predictor["w1"], self.predictor["w2"]]
-            y = _launch(self, route, x2, lambda x_: self._call(x_, self.backend), *ws)
+            y = _launch_pred(self, route, x2, xp, lambda x_, r: self._call(x_, self.backend, r), *ws)
         return y.reshape(*shape[:-1], y.shape[-1])
 
-    def _call(self, x2: torch.Tensor, backend: str | None) -> torch.Tensor:
+    def _call(self, x2: torch.Tensor, backend: str | None, xp: torch.Tensor | None = None) -> torch.Tensor:
         bu, bd = self.up_module.bias, getattr(self.down_module, "bias", None)
         if self.predictor is not None:
             p = self.predictor
             return kernels.plain_ffn_predicted(
                 x2, self.up_module.weight, self.w_down_t, p["w1"], p["w2"], b_up=bu, b_down=bd, b_pred1=p["b1"],
-                b_pred2=p["b2"], activation=self.activation, threshold=self.threshold, backend=backend)
+                b_pred2=p["b2"], activation=self.activation, threshold=self.threshold, backend=backend, x_pred=xp)
         # the model's own up projection and activation (cuBLAS: faster than the Triton GEMV at
         # OPT-6.7B's 16384x4096, 50.2 against 54.1 us, KERNEL_NOTES v21), so `a` is the dense model's
         a = self.act_module(self.up_module(x2))
@@ -496,8 +556,9 @@ class SparsePlainFFN(_PlainDownLayout, nn.Module):
         st["active"] += true.sum()
         if self.predictor is not None:
             p = self.predictor
-            pred = kernels.predictor_logits(x2.float(), p["w1"].float(), p["w2"].float(), p["b1"].float(),
-                                            p["b2"].float()) > 0
+            xp = _pred_rows(self, x2)
+            pred = kernels.predictor_logits((x2 if xp is None else xp).float(), p["w1"].float(), p["w2"].float(),
+                                            p["b1"].float(), p["b2"].float()) > 0
             st["used"] += pred.sum()
             st["hit"] += (pred & true).sum()
             return
@@ -584,14 +645,18 @@ class SparseFFN(_DownRelayout, nn.Module):
             self._track(x2)
         if route == "dense":
             return self.original[0](x)
-        if route == "predicted_ref":  # more than 64 tokens: the reference, 64 tokens a call
-            y = torch.cat([self._call(x2[i:i + 64], "predicted", "torch") for i in range(0, x2.shape[0], 64)])
+        xp = _pred_rows(self, x2) if route.startswith("predicted") else None
+        if route == "sparse" and x2.shape[0] > 64:  # decode_tokens > 64 (e.g. a whole-sequence check): 64 a call
+            y = torch.cat([self._call(x2[i:i + 64], "sparse", self.backend) for i in range(0, x2.shape[0], 64)])
+        elif route == "predicted_ref":  # more than 64 tokens: the reference, 64 tokens a call
+            y = torch.cat([self._call(x2[i:i + 64], "predicted", "torch", None if xp is None else xp[i:i + 64])
+                           for i in range(0, x2.shape[0], 64)])
         else:
-            y = _launch(self, route, x2, lambda x_: self._call(x_, route, self.backend), self.w_gate, self.w_up,
-                        self.w_down_t)
+            y = _launch_pred(self, route, x2, xp, lambda x_, r: self._call(x_, route, self.backend, r), self.w_gate,
+                             self.w_up, self.w_down_t)
         return y.reshape(*shape[:-1], y.shape[-1])
 
-    def _call(self, x2: torch.Tensor, route: str, backend: str | None) -> torch.Tensor:
+    def _call(self, x2: torch.Tensor, route: str, backend: str | None, xp: torch.Tensor | None = None) -> torch.Tensor:
         if route == "sparse":
             return kernels.sparse_ffn(x2, self.w_gate, self.w_up, self.w_down_t, activation=self.activation,
                                       threshold=self.threshold, backend=backend)
@@ -601,7 +666,7 @@ class SparseFFN(_DownRelayout, nn.Module):
         p = self.predictor
         return kernels.sparse_ffn_predicted(
             x2, self.w_gate, self.w_up, self.w_down_t, p["w1"], p["w2"], b_pred1=p["b1"], b_pred2=p["b2"],
-            activation=self.activation, threshold=self.threshold, backend=backend)
+            activation=self.activation, threshold=self.threshold, backend=backend, x_pred=xp)
 
     @torch.no_grad()
     def _track(self, x2: torch.Tensor) -> None:
@@ -613,8 +678,9 @@ class SparseFFN(_DownRelayout, nn.Module):
         st["active"] += true.sum()
         if self.mode == "predictor":
             p = self.predictor
-            logits = kernels.predictor_logits(x2.float(), p["w1"].float(), p["w2"].float(), p["b1"].float(),
-                                              p["b2"].float())
+            xp = _pred_rows(self, x2)
+            logits = kernels.predictor_logits((x2 if xp is None else xp).float(), p["w1"].float(), p["w2"].float(),
+                                              p["b1"].float(), p["b2"].float())
             pred = logits > 0
             st["used"] += pred.sum()
             st["hit"] += (pred & true).sum()
@@ -627,7 +693,11 @@ class SparseFFN(_DownRelayout, nn.Module):
             st["hit"] += true.sum()
 
     def extra_repr(self) -> str:
-        return f"{self.site.name}, mode={self.mode}, activation={self.activation}, threshold={self.threshold}"
+        extra = ""
+        if self.predictor is not None:
+            extra = f", predictor width={self.predictor['w1'].shape[0]} on the " + (
+                "residual stream entering the block" if self.block_input is not None else "FFN input")
+        return f"{self.site.name}, mode={self.mode}, activation={self.activation}, threshold={self.threshold}{extra}"
 
 
 def is_moe_blocks(module: nn.Module) -> bool:

@@ -30,6 +30,33 @@ def ffn_sites(model: nn.Module, layout: Layout | None = None, roles=("dense", "s
     return sites
 
 
+#: Names of the norm that opens a decoder layer's FFN block, most specific first (Gemma 2/3 have a
+#: `post_attention_layernorm` that closes the attention block, so `pre_feedforward_layernorm` wins).
+PRE_FFN_NORMS = ("pre_feedforward_layernorm", "ffn_norm", "post_attention_layernorm", "final_layer_norm", "ln_2",
+                 "norm2")
+
+
+def pre_ffn_norm(model: nn.Module, site: FFNSite) -> nn.Module:
+    """The norm whose input is the residual stream entering `site`'s FFN block (Llama's
+    `post_attention_layernorm`, OPT's `final_layer_norm`, GPT-2's `ln_2`, ...): looked up on the
+    FFN module itself, then on its ancestors, nearest first (the decoder layer; for a shared
+    expert, the decoder layer around its MoE block). AdapterError when none is found (post-norm
+    models such as BERT have none: there the FFN input is the residual stream)."""
+    owners, name = [site.module], site.name
+    while name:
+        name = name.rpartition(".")[0]
+        owners.append(model.get_submodule(name) if name else model)
+    for owner in owners[:-1] or owners:  # not the model's root (its `norm` is the final one)
+        for n in PRE_FFN_NORMS:
+            m = getattr(owner, n, None)
+            if isinstance(m, nn.Module):
+                return m
+    raise AdapterError(
+        f"layer {site.layer} ({site.name}): no norm before the FFN found (looked for {', '.join(PRE_FFN_NORMS)} "
+        f"on the FFN and its ancestors), so the residual stream entering the FFN block cannot be read; train the "
+        "predictors on the FFN input instead: train_predictors(..., input='ffn_input')")
+
+
 def split_batches(batches: Batches, holdout: float) -> tuple[Batches, Batches]:
     """Split by whole sequences: a `holdout` fraction of the sequences, spread evenly over the
     data (sequence i is held out when floor((i + 1) h) > floor(i h)), so that every part of the
@@ -63,18 +90,19 @@ def _hooks(handles: list):
 
 
 def collect(model: nn.Module, batches: Batches, *, sites: list[FFNSite] | None = None,
-            want_x: bool = False, want_g: bool = False, max_tokens: int | None = None,
+            want_x: bool = False, want_g: bool = False, want_r: bool = False, max_tokens: int | None = None,
             dtype: torch.dtype = torch.float32, store_device: str | torch.device | None = None) -> dict:
     """Raw rows of the valid tokens, per FFN: {name: {"a": [N, d_ff], "x": [N, d_model], "g": ...}}.
 
     a is the down projection's input, x the FFN input (input of the up/gate projection), g the
-    activation module's output (gated FFNs). Only the first `max_tokens` valid tokens are kept.
+    activation module's output (gated FFNs), r the residual stream entering the FFN block (the
+    input of the norm before the FFN, `pre_ffn_norm`). Only the first `max_tokens` valid tokens are kept.
     Raises CaptureError naming the layer when an activation is NaN/Inf.
     """
     sites = sites or ffn_sites(model)
     device = model_device(model)
     store_device = torch.device(store_device) if store_device is not None else device
-    out = {s.name: {"a": [], "x": [], "g": []} for s in sites}
+    out = {s.name: {"a": [], "x": [], "g": [], "r": []} for s in sites}
     state = {"valid": None}
     handles = []
 
@@ -94,6 +122,9 @@ def collect(model: nn.Module, batches: Batches, *, sites: list[FFNSite] | None =
                 raise AdapterError(f"layer {s.layer} ({s.name}): no up/gate projection found to read the FFN input from")
             handles.append(src.register_forward_pre_hook(
                 lambda mod, args, name=s.name: keep(name, "x", args[0])))
+        if want_r:
+            handles.append(pre_ffn_norm(model, s).register_forward_pre_hook(
+                lambda mod, args, name=s.name: keep(name, "r", args[0])))
         if want_g and s.kind == GATED:
             if s.act is None:
                 raise AdapterError(f"layer {s.layer} ({s.name}): no activation module to read act(gate) from")
@@ -122,7 +153,7 @@ def collect(model: nn.Module, batches: Batches, *, sites: list[FFNSite] | None =
             if bad:
                 raise CaptureError(
                     f"layer {s.layer} ({s.name}): {bad} NaN/Inf values in the FFN "
-                    f"{'activation a' if k == 'a' else 'input' if k == 'x' else 'act(gate)'}. Check "
+                    f"{ {'a': 'activation a', 'x': 'input', 'r': 'block input', 'g': 'act(gate)'}[k]}. Check "
                     "the model's dtype (fp16 overflow is common: try bfloat16 or float32) and weights.")
         res[s.name] = d
     return res

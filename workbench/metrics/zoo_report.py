@@ -32,9 +32,9 @@ SETTINGS = {
     "lengths": (1, 2, 4, 8, 16, 32, 64),
     "predictor_train_docs": 240,   # train-split documents (evenly spaced) for predictor training
     "predictor_eval_docs": 60,     # validation documents: the held-out tokens
-    "predictor_width": 64,         # hidden width (the default would be min(1024, d_model // 4) = 32)
-    "predictor_epochs": 12,
-    "predictor_target_recall": 0.93,
+    # predictors: train_predictors' defaults (the ProSparse recipe: weighted BCE, no biases, the
+    # residual stream entering the FFN block, width min(1024, d_model), threshold 0.5, the first
+    # 8192 training tokens, 30 epochs)
 }
 
 
@@ -82,16 +82,15 @@ def cls_result(name: str, units: str = "auto") -> pd.DataFrame:
     return chunk_table(model, zoo_batches(model), units=units, lengths=SETTINGS["lengths"])
 
 
-def predictor_result(name: str = "relu-llama", rule="zero", width: int | None = None):
-    """Predictors trained on train-split tokens, evaluated on held-out validation documents."""
+def predictor_result(name: str = "relu-llama", rule="zero", **kwargs):
+    """Predictors trained at train_predictors' defaults on train-split tokens, evaluated on held-out
+    validation documents (`kwargs` go to train_predictors, e.g. recipe="plain")."""
     from workbench.metrics.predictor import train_predictors
 
     model = load(name)
     train = zoo_batches(model, n_docs=SETTINGS["predictor_train_docs"], split="train")
     held_out = zoo_batches(model, n_docs=SETTINGS["predictor_eval_docs"])
-    return train_predictors(model, train, eval_data=held_out, rule=rule,
-                            width=width or SETTINGS["predictor_width"], epochs=SETTINGS["predictor_epochs"],
-                            target_recall=SETTINGS["predictor_target_recall"], max_tokens=None)
+    return train_predictors(model, train, eval_data=held_out, rule=rule, **kwargs)
 
 
 def main(argv=None) -> dict:

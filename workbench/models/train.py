@@ -849,6 +849,7 @@ def write_card(out: Path, m: dict) -> None:
                   "| setting | val perplexity | TLS | CLS_8 |", "| --- | ---: | ---: | ---: |"]
         for r in sw["rows"]:
             lines.append(f"| {r['setting']} | {_f(r['ppl'])} | {_f(100 * r['tls'], 2)} % | {_f(100 * r['cls_8'], 2)} % |")
+    lines += _predictor_card_lines(out)
     if m.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in m["notes"]]
     lines += ["", "Full training log (every 50 steps) in metrics.json (`history`).", ""]
@@ -951,6 +952,35 @@ def _state_lines(m: dict) -> list[str]:
               f"model, _ = load_zoo_model({m['name']!r})",
               f"with fast_scan(): state_figures(model, {T}, n_seq={s['n_seq']}, bucket={s['bucket']}, chunk={s['chunk']})",
               "```"]
+    return lines
+
+
+def _predictor_card_lines(out: Path) -> list[str]:
+    """The card's section on the committed activation predictors (out/predictor/report.json,
+    written by `python -m workbench.metrics.predictor`), or nothing where there are none."""
+    f = out / "predictor" / "report.json"
+    if not f.is_file():
+        return []
+    r = json.loads(f.read_text())
+    s = r["summary"]
+    lines = ["", "## Activation predictors (`predictor/`)", "",
+             f"Deja Vu style predictors, one per FFN layer, trained at `train_predictors`' defaults (recipe "
+             f"`{s['recipe']}`: positive-weighted BCE, no biases, input = the residual stream entering the FFN "
+             f"block, width min(1024, d_model), threshold 0.5) on {r['train']}. Held out: {r['held_out']} "
+             f"({s['tokens']:,} tokens). Use them with "
+             f"`wb.accelerate(model, mode=\"predictor\", predictors=\"zoo:{out.name}\")`.", "",
+             f"- reproduce: `{r['command']}` (training {r['train_seconds']:.0f} s on a shared CPU, torch {r['torch']}; "
+             "report.json holds every number below)",
+             f"- mean recall **{100 * s['mean_recall']:.2f} %**, precision {100 * s['mean_precision']:.2f} %, "
+             f"predicted sparsity {100 * s['predicted_sparsity']:.2f} % vs true {100 * s['true_sparsity']:.2f} %",
+             f"- perplexity on the held-out tokens: dense {_f(s['ppl_dense'], 4)}, exact sparse mode "
+             f"{_f(s['ppl_exact'], 4)}, predicted masks {_f(s['ppl_predictor'], 4)} "
+             f"({100 * s['ppl_predictor_increase']:+.2f} %; accelerate handle, {s['backend']} reference path)",
+             "", "| layer | recall | precision | predicted sparsity | true sparsity |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for L in r["layers"]:
+        lines.append(f"| {L['layer']} | {_f(L['recall'])} | {_f(L['precision'])} | {_f(L['predicted_sparsity'])} "
+                     f"| {_f(L['true_sparsity'])} |")
     return lines
 
 
