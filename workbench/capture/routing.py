@@ -125,19 +125,54 @@ def compact(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, to
     """(seq [B, S, U], n_valid [B, 1]): each sequence's valid tokens moved to the front, in order
     (the rest zero). active [B, S, U] bool, already False at invalid positions; valid [B, S] bool
     (left or right padding, or holes)."""
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    order = torch.sort(valid.to(torch.uint8), dim=1, descending=True, stable=True).indices
     seq = active.gather(1, order[..., None].expand(-1, -1, active.shape[-1]))
     return seq, valid.sum(1, keepdim=True)
+
+
+_WINDOWS: dict = {}
+
+
+def _window_table(s: int, lengths, dev) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(padded length P >= s, window starts [W], ends [W], length index [W]) of every window of
+    every length in `lengths` over P positions; P is a power of two (>= 64), so one table serves
+    every call length up to it. Made once per (P, lengths, device): a host-to-device copy."""
+    pad = max(64, 1 << max(int(s) - 1, 0).bit_length())
+    key = (pad, tuple(lengths), str(dev))
+    hit = _WINDOWS.get(key)
+    if hit is None:
+        st, en, li = [], [], []
+        for j, L in enumerate(lengths):
+            m = pad // L
+            st += range(0, m * L, L)
+            en += range(L, (m + 1) * L, L)
+            li += [j] * m
+        if len(_WINDOWS) > 32:
+            _WINDOWS.clear()
+        hit = _WINDOWS[key] = (pad, *(torch.tensor(x, dtype=torch.int64, device=dev) for x in (st, en, li)))
+    return hit
 
 
 def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
                         lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS_L counts of one call: (active unions summed over windows and units, windows x units),
     int64 [len(lengths)] each, from `compact`'s output. Windows of L valid tokens per sequence,
-    from its first valid token; the tail is dropped. A window length that is a multiple of an
-    earlier one is built from that one's unions (the default 1, 2, 4, ... costs a few kernels)."""
+    from its first valid token; the tail is dropped.
+
+    Few units (router experts): every window of every length at once, from one cumulative sum
+    (a unit is active in a window iff its count grows across it): a fixed number of kernels.
+    Many units (FFN neurons): unions by reshape, a length that is a multiple of an earlier one
+    built from that one's unions (less memory than the cumulative sum)."""
     b, s, u = seq.shape
     dev = seq.device
+    if u <= 1024 and s > 0:
+        pad, starts, ends, lid = _window_table(s, lengths, dev)
+        cs = torch.nn.functional.pad(seq.cumsum(1, dtype=torch.int32), (0, 0, 1, pad - s))  # [B, P + 1, U]
+        cnt = (cs.index_select(1, ends) - cs.index_select(1, starts) > 0).sum(-1)  # [B, W] unions
+        okw = ends <= n_valid  # [B, W]: the window lies within the sequence's valid tokens
+        both = torch.stack([(cnt * okw).sum(0), okw.sum(0) * u])
+        out = torch.zeros(2, len(lengths), dtype=torch.int64, device=dev).index_add_(1, lid, both)
+        return out[0], out[1]
     if lens is None:  # pass it cached: a host-to-device copy waits for the stream on CUDA
         lens = torch.tensor(list(lengths), dtype=torch.int64, device=dev)
     n_win = n_valid // lens  # [B, n_L]
@@ -166,11 +201,10 @@ def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, 
     if s < 2:
         z = torch.zeros((), device=seq.device)
         return z.double(), z.long()
-    prev, nxt = seq[:, :-1], seq[:, 1:]
-    pair = torch.arange(s - 1, device=seq.device)[None, :] < (n_valid - 1)
-    size = prev.sum(-1)
-    ok = pair & (size > 0)
-    ratio = (prev & nxt).sum(-1).double() / size.clamp_min(1) * ok
+    size = seq[:, :-1].sum(-1)
+    # a pair past the valid tokens meets an all-False row: its intersection (and ratio) is 0
+    ratio = (seq[:, :-1] & seq[:, 1:]).sum(-1).double() / size.clamp_min(1)
+    ok = (size > 0) & (torch.arange(1, s, device=seq.device) < n_valid)
     return ratio.sum(), ok.sum()
 
 
@@ -327,23 +361,28 @@ class RoutingProbe(_RouterSites):
             valid = torch.ones(n, dtype=torch.bool, device=dev)
         vcol = valid[:, None]
         sel = sel & vcol
-        w = w * vcol
-        st["tokens"] += valid.sum()
-        st["counts"] += sel.sum(0)
-        st["mass"] += w.sum(0, dtype=torch.float64)
-        k = torch.where(valid, sel.sum(1), e + 1)  # padding goes to the dump slot
-        st["active_hist"].index_add_(0, k, torch.ones_like(k))
-        # a NaN/Inf router output makes p (and so the entropy sum) NaN: checked once, in finish
+        sf = sel.double()
         ent = torch.special.entr(p).sum(-1)
-        st["entropy"] += (ent * valid).sum(dtype=torch.float64)
         if e > 1:
             top2 = p.topk(2, -1).values
-            st["margin"] += ((top2[:, 0] - top2[:, 1]) * valid).sum(dtype=torch.float64)
+            margin = top2[:, 0] - top2[:, 1]
         else:
-            st["margin"] += (p[:, 0] * valid).sum(dtype=torch.float64)
-        sf = sel.float()
-        # exact while one call has < 2^24 tokens; no int matmul on CUDA
-        st["cosel"] += (sf.t() @ sf).round().long()
+            margin = p[:, 0]
+        # one [N, C] float64 table, summed over valid tokens by one matrix product: per expert
+        # selections, the one-hot of the number selected (the last column, the dump slot, stays
+        # 0), tokens, routed weight, entropy, margin. Integer columns stay exact (< 2^53); a NaN
+        # router output reaches the entropy sum (checked once, in finish)
+        cols = self._arange(e + 2, dev)
+        x = torch.cat([sf, sel.sum(1, keepdim=True) == cols, vcol, w, ent[:, None], margin[:, None]], 1)
+        tot = valid.double() @ x
+        ints = tot[: 2 * e + 3].long()
+        st["counts"] += ints[:e]
+        st["active_hist"] += ints[e:2 * e + 2]
+        st["tokens"] += ints[2 * e + 2]
+        st["mass"] += tot[2 * e + 3:3 * e + 3]
+        st["entropy"] += tot[3 * e + 3]
+        st["margin"] += tot[3 * e + 4]
+        st["cosel"] += (sf.t() @ sf).long()
         b = _batch_shape(call, n)
         seq, n_valid = compact(sel.reshape(b, n // b, e), valid.reshape(b, n // b))
         num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev))
@@ -374,20 +413,32 @@ class RoutingProbe(_RouterSites):
         if self.budget:
             self._sample(st, sel, w, valid, tok, lab, b)
 
+    def _arange(self, n: int, dev) -> torch.Tensor:
+        """arange(n) on `dev`, made once per (n, device)."""
+        cache = self.__dict__.setdefault("_arange_cache", {})
+        key = (n, str(dev))
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = torch.arange(n, device=dev)
+        return t
+
     def _sample(self, st, sel, w, valid, tok, lab, b):
         n = sel.shape[0]
+        if not n:
+            return
         dev = sel.device
         bud = self.budget
-        rank = st["seen"] + valid.long().cumsum(0) - 1
-        dest = torch.where(valid & (rank < bud), rank, bud)  # the rest to the dump slot
-        pos = valid.reshape(b, -1).long().cumsum(1).reshape(-1) - 1
-        seq = st["seqs"] + torch.arange(b, device=dev).repeat_interleave(n // b)
-        minus = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        csum = valid.cumsum(0)
+        rank = st["seen"] + (csum - 1)
+        dest = torch.where(valid, rank, bud).clamp_max_(bud)  # the rest to the dump slot
+        pos = csum - 1 if b == 1 else valid.reshape(b, -1).cumsum(1).reshape(-1) - 1
+        seq = st["seqs"] + self._arange(n, dev) // (n // b)
+        minus = torch.full((n,), -1, dtype=torch.int64, device=dev) if tok is None or lab is None else None
         ids = torch.stack([tok if tok is not None else minus, rank, seq, pos, lab if lab is not None else minus], 1)
         st["sample_ids"].index_copy_(0, dest, ids)
         st["sample_weights"].index_copy_(0, dest, w)
         st["sample_selected"].index_copy_(0, dest, sel)
-        st["seen"] += valid.sum()
+        st["seen"] += csum[-1]
         st["seqs"] += b
 
     def _merge_site(self, mine, theirs):
