@@ -320,7 +320,9 @@ class RoutingProbe(_RouterSites):
                     for j, name in enumerate(_SAMPLE_IDS):
                         out[f"{self.name}/{site}/sample_{name}"] = v[:-1, j]
                 elif k in ("sample_weights", "sample_selected", "active_hist"):
-                    out[f"{self.name}/{site}/{k}"] = v[:-1]
+                    out[f"{self.name}/{site}/{k}"] = v[:-1].clone()
+                elif k in _PACK_INT or k in _PACK_FLOAT or k == "seen":
+                    out[f"{self.name}/{site}/{k}"] = v.clone()  # a view into a packed buffer
                 else:
                     out[f"{self.name}/{site}/{k}"] = v
         return out
@@ -374,23 +376,13 @@ class RoutingProbe(_RouterSites):
         # router output reaches the entropy sum (checked once, in finish)
         cols = self._arange(e + 2, dev)
         x = torch.cat([sf, sel.sum(1, keepdim=True) == cols, vcol, w, ent[:, None], margin[:, None]], 1)
-        tot = valid.double() @ x
-        ints = tot[: 2 * e + 3].long()
-        st["counts"] += ints[:e]
-        st["active_hist"] += ints[e:2 * e + 2]
-        st["tokens"] += ints[2 * e + 2]
-        st["mass"] += tot[2 * e + 3:3 * e + 3]
-        st["entropy"] += tot[3 * e + 3]
-        st["margin"] += tot[3 * e + 4]
-        st["cosel"] += (sf.t() @ sf).long()
+        tot = valid.double() @ x  # counts [e], active_hist [e + 2], tokens, mass [e], entropy, margin
+        cosel = sf.t() @ sf
         b = _batch_shape(call, n)
         seq, n_valid = compact(sel.reshape(b, n // b, e), valid.reshape(b, n // b))
         num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev))
-        st["cls_num"] += num
-        st["cls_den"] += den
         rn, rd = reuse_sums(seq, n_valid)
-        st["reuse_num"] += rn
-        st["reuse_den"] += rd
+        ints = [tot[: 2 * e + 3], cosel.reshape(-1), num, den, rd.reshape(1)]
         lab = None
         if call.labels is not None and call.labels.numel():
             self._grow_labels(st, int(call.labels.max()) + 1)  # labels live on the host: no sync
@@ -411,7 +403,32 @@ class RoutingProbe(_RouterSites):
             st["vocab_counts"].index_add_(0, ti, (sel & keep[:, None]).to(torch.int32))
             st["vocab_tokens"].index_add_(0, ti, keep.to(torch.int32))
         if self.budget:
-            self._sample(st, sel, w, valid, tok, lab, b)
+            ints.append(self._sample(st, sel, w, valid, tok, lab, b))
+        # every counter of the call in two adds: the fields are views into two packed buffers
+        ibuf, fbuf = self._packed(site.name, st)
+        ibuf += torch.cat(ints).long()
+        fbuf += torch.cat([tot[2 * e + 3:], rn.reshape(1)])
+
+    def _packed(self, name: str, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 buffer, float64 buffer) whose slices are the counter fields of `st` (in
+        _PACK_INT / _PACK_FLOAT order). Made on the first call, and again whenever a field was
+        replaced (a merge, load_state_dict, a cleared state): the fields become views again."""
+        packs = self.__dict__.setdefault("_packs", {})
+        keys = _PACK_INT + (("seen",) if self.budget else ())
+        pk = packs.get(name)
+        if pk is not None and all(st[k] is v for k, v in pk[2].items()):
+            return pk[0], pk[1]
+        views, bufs = {}, []
+        for ks, dt in ((keys, torch.int64), (_PACK_FLOAT, torch.float64)):
+            buf = torch.cat([st[k].reshape(-1).to(dt) for k in ks])
+            off = 0
+            for k in ks:
+                m = st[k].numel()
+                st[k] = views[k] = buf[off:off + m].view(st[k].shape)
+                off += m
+            bufs.append(buf)
+        packs[name] = (bufs[0], bufs[1], views)
+        return bufs[0], bufs[1]
 
     def _arange(self, n: int, dev) -> torch.Tensor:
         """arange(n) on `dev`, made once per (n, device)."""
@@ -425,7 +442,7 @@ class RoutingProbe(_RouterSites):
     def _sample(self, st, sel, w, valid, tok, lab, b):
         n = sel.shape[0]
         if not n:
-            return
+            return csum_zero(sel.device)
         dev = sel.device
         bud = self.budget
         csum = valid.cumsum(0)
@@ -438,8 +455,8 @@ class RoutingProbe(_RouterSites):
         st["sample_ids"].index_copy_(0, dest, ids)
         st["sample_weights"].index_copy_(0, dest, w)
         st["sample_selected"].index_copy_(0, dest, sel)
-        st["seen"] += csum[-1]
         st["seqs"] += b
+        return csum[-1:]  # the tokens seen: added to st["seen"] with the other counters
 
     def _merge_site(self, mine, theirs):
         theirs = {k: v.to(mine["tokens"].device) for k, v in theirs.items()}
@@ -495,6 +512,13 @@ class RoutingProbe(_RouterSites):
 
 
 _SAMPLE_IDS = ("token", "rank", "seq", "pos", "label")
+# RoutingProbe's counters, in the order of its packed buffers (see RoutingProbe._packed)
+_PACK_INT = ("counts", "active_hist", "tokens", "cosel", "cls_num", "cls_den", "reuse_den")
+_PACK_FLOAT = ("mass", "entropy", "margin", "reuse_num")
+
+
+def csum_zero(dev) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int64, device=dev)
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str] | None:
