@@ -81,12 +81,12 @@ def decode_router_output(site, output) -> RouterOut:
                            "(wb.register_adapter(wb.Adapter(..., router_kind=...), override=True))")
     if (isinstance(output, (tuple, list)) and len(output) >= 3 and all(isinstance(o, torch.Tensor) for o in output[:3])
             and not output[2].is_floating_point() and output[0].shape[-1] == e):
-        logits = output[0].reshape(-1, e).float()
+        logits = output[0].reshape(-1, e)
         idx = output[2].reshape(logits.shape[0], -1).long()
         w = output[1].reshape(logits.shape[0], -1).float()
         selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
         if w.shape == idx.shape:
-            weights = torch.zeros_like(logits).scatter_(1, idx, w)
+            weights = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, idx, w)
         elif w.shape[-1] == e:
             weights = torch.where(selected, w, torch.zeros_like(w))
         else:
@@ -94,10 +94,10 @@ def decode_router_output(site, output) -> RouterOut:
                                f"for indices of shape {tuple(output[2].shape)}; expected [tokens, k] or "
                                "[tokens, experts]")
         if kind == "sigmoid_topk":
-            s = torch.sigmoid(logits)
+            s = torch.sigmoid(logits.float())
             probs = s / s.sum(-1, keepdim=True)
         else:
-            probs = torch.softmax(logits, -1)
+            probs = torch.softmax(logits, -1, dtype=torch.float32)
         return RouterOut(selected, weights, probs)
     if isinstance(output, torch.Tensor) and output.shape[-1] == e and e > 0:
         t = output.reshape(-1, e).float()
@@ -321,7 +321,7 @@ class RoutingProbe(_RouterSites):
                         out[f"{self.name}/{site}/sample_{name}"] = v[:-1, j]
                 elif k in ("sample_weights", "sample_selected", "active_hist"):
                     out[f"{self.name}/{site}/{k}"] = v[:-1].clone()
-                elif k in _PACK_INT or k in _PACK_FLOAT or k == "seen":
+                elif k in _PACK_INT or k in _PACK_FLOAT or k in ("seen", "seqs"):
                     out[f"{self.name}/{site}/{k}"] = v.clone()  # a view into a packed buffer
                 else:
                     out[f"{self.name}/{site}/{k}"] = v
@@ -398,12 +398,16 @@ class RoutingProbe(_RouterSites):
                 t2, v2 = tok.reshape(b, -1), valid.reshape(b, -1)
                 vt = torch.cat([t2[:, 1:], t2[:, :1]], 1).reshape(-1)
                 keep = valid & torch.cat([v2[:, 1:], torch.zeros_like(v2[:, :1])], 1).reshape(-1)
-            keep = keep & (vt < v)
-            ti = torch.where(keep, vt, 0)
-            st["vocab_counts"].index_add_(0, ti, (sel & keep[:, None]).to(torch.int32))
-            st["vocab_tokens"].index_add_(0, ti, keep.to(torch.int32))
+            if self.vocab == "next" or not self._vocab or v < self._vocab:
+                keep = keep & (vt < v)
+                vt = torch.where(keep, vt, 0)
+                vsel = sel & keep[:, None]
+            else:  # ids index the model's embedding, so all are < v; padding rows add 0 (sel is masked)
+                vsel = sel
+            st["vocab_counts"].index_add_(0, vt, vsel.to(torch.int32))
+            st["vocab_tokens"].index_add_(0, vt, keep.to(torch.int32))
         if self.budget:
-            ints.append(self._sample(st, sel, w, valid, tok, lab, b))
+            ints += self._sample(st, sel, w, valid, tok, lab, b)
         # every counter of the call in two adds: the fields are views into two packed buffers
         ibuf, fbuf = self._packed(site.name, st)
         ibuf += torch.cat(ints).long()
@@ -414,7 +418,7 @@ class RoutingProbe(_RouterSites):
         _PACK_INT / _PACK_FLOAT order). Made on the first call, and again whenever a field was
         replaced (a merge, load_state_dict, a cleared state): the fields become views again."""
         packs = self.__dict__.setdefault("_packs", {})
-        keys = _PACK_INT + (("seen",) if self.budget else ())
+        keys = _PACK_INT + (("seen", "seqs") if self.budget else ())
         pk = packs.get(name)
         if pk is not None and all(st[k] is v for k, v in pk[2].items()):
             return pk[0], pk[1]
@@ -439,24 +443,40 @@ class RoutingProbe(_RouterSites):
             t = cache[key] = torch.arange(n, device=dev)
         return t
 
+    def _const(self, value: int, n: int, dev) -> torch.Tensor:
+        """An int64 [n] tensor filled with `value` on `dev`, made once (never written to)."""
+        cache = self.__dict__.setdefault("_const_cache", {})
+        key = (value, n, str(dev))
+        t = cache.get(key)
+        if t is None:
+            if len(cache) > 64:
+                cache.clear()
+            t = cache[key] = torch.full((n,), value, dtype=torch.int64, device=dev)
+        return t
+
     def _sample(self, st, sel, w, valid, tok, lab, b):
         n = sel.shape[0]
+        dev = sel.device
         if not n:
-            return csum_zero(sel.device)
+            return [self._const(0, 1, dev), self._const(0, 1, dev)]
         dev = sel.device
         bud = self.budget
         csum = valid.cumsum(0)
-        rank = st["seen"] + (csum - 1)
+        before = csum - 1
+        rank = st["seen"] + before
         dest = torch.where(valid, rank, bud).clamp_max_(bud)  # the rest to the dump slot
-        pos = csum - 1 if b == 1 else valid.reshape(b, -1).cumsum(1).reshape(-1) - 1
-        seq = st["seqs"] + self._arange(n, dev) // (n // b)
-        minus = torch.full((n,), -1, dtype=torch.int64, device=dev) if tok is None or lab is None else None
+        if b == 1:
+            pos, seq = before, st["seqs"].expand(n)
+        else:
+            pos = valid.reshape(b, -1).cumsum(1).reshape(-1) - 1
+            seq = st["seqs"] + self._arange(n, dev) // (n // b)
+        minus = self._const(-1, n, dev) if tok is None or lab is None else None
         ids = torch.stack([tok if tok is not None else minus, rank, seq, pos, lab if lab is not None else minus], 1)
         st["sample_ids"].index_copy_(0, dest, ids)
         st["sample_weights"].index_copy_(0, dest, w)
         st["sample_selected"].index_copy_(0, dest, sel)
-        st["seqs"] += b
-        return csum[-1:]  # the tokens seen: added to st["seen"] with the other counters
+        # the tokens and sequences seen: added to st["seen"], st["seqs"] with the other counters
+        return [csum[-1:], self._const(b, 1, dev)]
 
     def _merge_site(self, mine, theirs):
         theirs = {k: v.to(mine["tokens"].device) for k, v in theirs.items()}
@@ -515,10 +535,6 @@ _SAMPLE_IDS = ("token", "rank", "seq", "pos", "label")
 # RoutingProbe's counters, in the order of its packed buffers (see RoutingProbe._packed)
 _PACK_INT = ("counts", "active_hist", "tokens", "cosel", "cls_num", "cls_den", "reuse_den")
 _PACK_FLOAT = ("mass", "entropy", "margin", "reuse_num")
-
-
-def csum_zero(dev) -> torch.Tensor:
-    return torch.zeros(1, dtype=torch.int64, device=dev)
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str] | None:
