@@ -134,8 +134,8 @@ _WINDOWS: dict = {}
 
 
 def _window_table(s: int, lengths, dev) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(padded length P >= s, window starts [W], ends [W], length index [W]) of every window of
-    every length in `lengths` over P positions; P is a power of two (>= 64), so one table serves
+    """(padded length P >= s, window ends then starts [2W], ends [W], length index [W]) of every
+    window of every length in `lengths` over P positions; P is a power of two (>= 64), so one table serves
     every call length up to it. Made once per (P, lengths, device): a host-to-device copy."""
     pad = max(64, 1 << max(int(s) - 1, 0).bit_length())
     key = (pad, tuple(lengths), str(dev))
@@ -149,7 +149,8 @@ def _window_table(s: int, lengths, dev) -> tuple[int, torch.Tensor, torch.Tensor
             li += [j] * m
         if len(_WINDOWS) > 32:
             _WINDOWS.clear()
-        hit = _WINDOWS[key] = (pad, *(torch.tensor(x, dtype=torch.int64, device=dev) for x in (st, en, li)))
+        bounds = torch.tensor(en + st, dtype=torch.int64, device=dev)
+        hit = _WINDOWS[key] = (pad, bounds, bounds[: len(en)], torch.tensor(li, dtype=torch.int64, device=dev))
     return hit
 
 
@@ -166,9 +167,11 @@ def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
     b, s, u = seq.shape
     dev = seq.device
     if u <= 1024 and s > 0:
-        pad, starts, ends, lid = _window_table(s, lengths, dev)
+        pad, bounds, ends, lid = _window_table(s, lengths, dev)
         cs = torch.nn.functional.pad(seq.cumsum(1, dtype=torch.int32), (0, 0, 1, pad - s))  # [B, P + 1, U]
-        cnt = (cs.index_select(1, ends) - cs.index_select(1, starts) > 0).sum(-1)  # [B, W] unions
+        at = cs.index_select(1, bounds)  # [B, 2W, U]: at every window's end, then at its start
+        w = ends.shape[0]
+        cnt = (at[:, :w] - at[:, w:] > 0).sum(-1)  # [B, W] unions
         okw = ends <= n_valid  # [B, W]: the window lies within the sequence's valid tokens
         both = torch.stack([(cnt * okw).sum(0), okw.sum(0) * u])
         out = torch.zeros(2, len(lengths), dtype=torch.int64, device=dev).index_add_(1, lid, both)
@@ -194,6 +197,17 @@ def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
     return torch.stack(nums), dens
 
 
+def _arange(n: int, dev) -> torch.Tensor:
+    """arange(n) on `dev`, made once per (n, device) (a few sizes: call lengths)."""
+    key = ("arange", n, str(dev))
+    t = _WINDOWS.get(key)
+    if t is None:
+        if len(_WINDOWS) > 32:
+            _WINDOWS.clear()
+        t = _WINDOWS[key] = torch.arange(n, device=dev)
+    return t
+
+
 def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over consecutive valid pairs with |S_i| > 0 of |S_i n S_i+1| / |S_i| (float64),
     number of such pairs (int64)), from `compact`'s output."""
@@ -204,7 +218,7 @@ def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, 
     size = seq[:, :-1].sum(-1)
     # a pair past the valid tokens meets an all-False row: its intersection (and ratio) is 0
     ratio = (seq[:, :-1] & seq[:, 1:]).sum(-1).double() / size.clamp_min(1)
-    ok = (size > 0) & (torch.arange(1, s, device=seq.device) < n_valid)
+    ok = (size > 0) & (_arange(s, seq.device)[1:] < n_valid)
     return ratio.sum(), ok.sum()
 
 
