@@ -133,11 +133,15 @@ def compact(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, to
 _WINDOWS: dict = {}
 
 
+def _padded(s: int) -> int:
+    return max(64, 1 << max(int(s) - 1, 0).bit_length())
+
+
 def _window_table(s: int, lengths, dev) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(padded length P >= s, window ends then starts [2W], ends [W], length index [W]) of every
     window of every length in `lengths` over P positions; P is a power of two (>= 64), so one table serves
     every call length up to it. Made once per (P, lengths, device): a host-to-device copy."""
-    pad = max(64, 1 << max(int(s) - 1, 0).bit_length())
+    pad = _padded(s)
     key = (pad, tuple(lengths), str(dev))
     hit = _WINDOWS.get(key)
     if hit is None:
@@ -161,12 +165,13 @@ def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
     from its first valid token; the tail is dropped.
 
     Few units (router experts): every window of every length at once, from one cumulative sum
-    (a unit is active in a window iff its count grows across it): a fixed number of kernels.
-    Many units (FFN neurons): unions by reshape, a length that is a multiple of an earlier one
-    built from that one's unions (less memory than the cumulative sum)."""
+    (a unit is active in a window iff its count grows across it): a fixed number of kernels,
+    int32 temporaries of about 5 x B x S x U. Many units (FFN neurons) or long calls: unions by
+    reshape, a length that is a multiple of an earlier one built from that one's unions (less
+    memory, a few kernels per length)."""
     b, s, u = seq.shape
     dev = seq.device
-    if u <= 1024 and s > 0:
+    if s > 0 and b * _padded(s) * u <= 1 << 23:
         pad, bounds, ends, lid = _window_table(s, lengths, dev)
         cs = torch.nn.functional.pad(seq.cumsum(1, dtype=torch.int32), (0, 0, 1, pad - s))  # [B, P + 1, U]
         at = cs.index_select(1, bounds)  # [B, 2W, U]: at every window's end, then at its start
