@@ -131,6 +131,7 @@ def compact(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 _WINDOWS: dict = {}
+_CUMSUM_MAX = 1 << 23  # window_union_counts: largest B x P x U for the cumulative-sum path
 
 
 def _padded(s: int) -> int:
@@ -171,7 +172,7 @@ def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
     memory, a few kernels per length)."""
     b, s, u = seq.shape
     dev = seq.device
-    if s > 0 and b * _padded(s) * u <= 1 << 23:
+    if s > 0 and b * _padded(s) * u <= _CUMSUM_MAX:
         pad, bounds, ends, lid = _window_table(s, lengths, dev)
         cs = torch.nn.functional.pad(seq.cumsum(1, dtype=torch.int32), (0, 0, 1, pad - s))  # [B, P + 1, U]
         at = cs.index_select(1, bounds)  # [B, 2W, U]: at every window's end, then at its start
