@@ -53,6 +53,22 @@ def _mixtral_stack(layers: int, smoke: bool, device: str):
     return model, cfg
 
 
+def _count_ops(fn) -> int:
+    """PyTorch ops dispatched while running fn() (TorchDispatchMode: every aten op, views too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def part_gpu(args) -> dict:
     import workbench as wb
 
@@ -102,6 +118,14 @@ def part_gpu(args) -> dict:
                 t0 = time.perf_counter()
             finalize.append((time.perf_counter() - t0) * 1e3)
     b = statistics.median(base)
+    # PyTorch ops the probe dispatches per router call (each one a kernel launch or a view): one
+    # forward under an op counter, with the capture minus without, over the routers
+    ops = {}
+    plain = _count_ops(fwd)
+    for mode, make in modes.items():
+        with wb.capture(model, probes=make()) as run2:
+            fwd()
+            ops[mode] = (_count_ops(fwd) - plain) / len(run2.meta["routers"])
     import transformers as tf
 
     return {
@@ -113,6 +137,7 @@ def part_gpu(args) -> dict:
                   "target": 1.05, "ms_min_max": [min(t), max(t)], "baseline_ms_min_max": [min(base), max(base)]}
                  for mode, t in times.items()],
         "finalize_ms_median": statistics.median(finalize),
+        "probe_ops_per_router_call": ops,
         "routers": len(run.meta["routers"]),
     }
 

@@ -81,12 +81,12 @@ def decode_router_output(site, output) -> RouterOut:
                            "(wb.register_adapter(wb.Adapter(..., router_kind=...), override=True))")
     if (isinstance(output, (tuple, list)) and len(output) >= 3 and all(isinstance(o, torch.Tensor) for o in output[:3])
             and not output[2].is_floating_point() and output[0].shape[-1] == e):
-        logits = output[0].reshape(-1, e).float()
+        logits = output[0].reshape(-1, e)
         idx = output[2].reshape(logits.shape[0], -1).long()
         w = output[1].reshape(logits.shape[0], -1).float()
         selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, True)
         if w.shape == idx.shape:
-            weights = torch.zeros_like(logits).scatter_(1, idx, w)
+            weights = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, idx, w)
         elif w.shape[-1] == e:
             weights = torch.where(selected, w, torch.zeros_like(w))
         else:
@@ -94,10 +94,10 @@ def decode_router_output(site, output) -> RouterOut:
                                f"for indices of shape {tuple(output[2].shape)}; expected [tokens, k] or "
                                "[tokens, experts]")
         if kind == "sigmoid_topk":
-            s = torch.sigmoid(logits)
+            s = torch.sigmoid(logits.float())
             probs = s / s.sum(-1, keepdim=True)
         else:
-            probs = torch.softmax(logits, -1)
+            probs = torch.softmax(logits, -1, dtype=torch.float32)
         return RouterOut(selected, weights, probs)
     if isinstance(output, torch.Tensor) and output.shape[-1] == e and e > 0:
         t = output.reshape(-1, e).float()
@@ -125,19 +125,63 @@ def compact(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, to
     """(seq [B, S, U], n_valid [B, 1]): each sequence's valid tokens moved to the front, in order
     (the rest zero). active [B, S, U] bool, already False at invalid positions; valid [B, S] bool
     (left or right padding, or holes)."""
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    order = torch.sort(valid.to(torch.uint8), dim=1, descending=True, stable=True).indices
     seq = active.gather(1, order[..., None].expand(-1, -1, active.shape[-1]))
     return seq, valid.sum(1, keepdim=True)
+
+
+_WINDOWS: dict = {}
+_CUMSUM_MAX = 1 << 23  # window_union_counts: largest B x P x U for the cumulative-sum path
+
+
+def _padded(s: int) -> int:
+    return max(64, 1 << max(int(s) - 1, 0).bit_length())
+
+
+def _window_table(s: int, lengths, dev) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(padded length P >= s, window ends then starts [2W], ends [W], length index [W]) of every
+    window of every length in `lengths` over P positions; P is a power of two (>= 64), so one table serves
+    every call length up to it. Made once per (P, lengths, device): a host-to-device copy."""
+    pad = _padded(s)
+    key = (pad, tuple(lengths), str(dev))
+    hit = _WINDOWS.get(key)
+    if hit is None:
+        st, en, li = [], [], []
+        for j, L in enumerate(lengths):
+            m = pad // L
+            st += range(0, m * L, L)
+            en += range(L, (m + 1) * L, L)
+            li += [j] * m
+        if len(_WINDOWS) > 32:
+            _WINDOWS.clear()
+        bounds = torch.tensor(en + st, dtype=torch.int64, device=dev)
+        hit = _WINDOWS[key] = (pad, bounds, bounds[: len(en)], torch.tensor(li, dtype=torch.int64, device=dev))
+    return hit
 
 
 def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
                         lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CLS_L counts of one call: (active unions summed over windows and units, windows x units),
     int64 [len(lengths)] each, from `compact`'s output. Windows of L valid tokens per sequence,
-    from its first valid token; the tail is dropped. A window length that is a multiple of an
-    earlier one is built from that one's unions (the default 1, 2, 4, ... costs a few kernels)."""
+    from its first valid token; the tail is dropped.
+
+    Few units (router experts): every window of every length at once, from one cumulative sum
+    (a unit is active in a window iff its count grows across it): a fixed number of kernels,
+    int32 temporaries of about 5 x B x S x U. Many units (FFN neurons) or long calls: unions by
+    reshape, a length that is a multiple of an earlier one built from that one's unions (less
+    memory, a few kernels per length)."""
     b, s, u = seq.shape
     dev = seq.device
+    if s > 0 and b * _padded(s) * u <= _CUMSUM_MAX:
+        pad, bounds, ends, lid = _window_table(s, lengths, dev)
+        cs = torch.nn.functional.pad(seq.cumsum(1, dtype=torch.int32), (0, 0, 1, pad - s))  # [B, P + 1, U]
+        at = cs.index_select(1, bounds)  # [B, 2W, U]: at every window's end, then at its start
+        w = ends.shape[0]
+        cnt = (at[:, :w] - at[:, w:] > 0).sum(-1)  # [B, W] unions
+        okw = ends <= n_valid  # [B, W]: the window lies within the sequence's valid tokens
+        both = torch.stack([(cnt * okw).sum(0), okw.sum(0) * u])
+        out = torch.zeros(2, len(lengths), dtype=torch.int64, device=dev).index_add_(1, lid, both)
+        return out[0], out[1]
     if lens is None:  # pass it cached: a host-to-device copy waits for the stream on CUDA
         lens = torch.tensor(list(lengths), dtype=torch.int64, device=dev)
     n_win = n_valid // lens  # [B, n_L]
@@ -159,6 +203,17 @@ def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
     return torch.stack(nums), dens
 
 
+def _arange(n: int, dev) -> torch.Tensor:
+    """arange(n) on `dev`, made once per (n, device) (a few sizes: call lengths)."""
+    key = ("arange", n, str(dev))
+    t = _WINDOWS.get(key)
+    if t is None:
+        if len(_WINDOWS) > 32:
+            _WINDOWS.clear()
+        t = _WINDOWS[key] = torch.arange(n, device=dev)
+    return t
+
+
 def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over consecutive valid pairs with |S_i| > 0 of |S_i n S_i+1| / |S_i| (float64),
     number of such pairs (int64)), from `compact`'s output."""
@@ -166,11 +221,10 @@ def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, 
     if s < 2:
         z = torch.zeros((), device=seq.device)
         return z.double(), z.long()
-    prev, nxt = seq[:, :-1], seq[:, 1:]
-    pair = torch.arange(s - 1, device=seq.device)[None, :] < (n_valid - 1)
-    size = prev.sum(-1)
-    ok = pair & (size > 0)
-    ratio = (prev & nxt).sum(-1).double() / size.clamp_min(1) * ok
+    size = seq[:, :-1].sum(-1)
+    # a pair past the valid tokens meets an all-False row: its intersection (and ratio) is 0
+    ratio = (seq[:, :-1] & seq[:, 1:]).sum(-1).double() / size.clamp_min(1)
+    ok = (size > 0) & (_arange(s, seq.device)[1:] < n_valid)
     return ratio.sum(), ok.sum()
 
 
@@ -286,7 +340,9 @@ class RoutingProbe(_RouterSites):
                     for j, name in enumerate(_SAMPLE_IDS):
                         out[f"{self.name}/{site}/sample_{name}"] = v[:-1, j]
                 elif k in ("sample_weights", "sample_selected", "active_hist"):
-                    out[f"{self.name}/{site}/{k}"] = v[:-1]
+                    out[f"{self.name}/{site}/{k}"] = v[:-1].clone()
+                elif k in _PACK_INT or k in _PACK_FLOAT or k in ("seen", "seqs"):
+                    out[f"{self.name}/{site}/{k}"] = v.clone()  # a view into a packed buffer
                 else:
                     out[f"{self.name}/{site}/{k}"] = v
         return out
@@ -327,31 +383,26 @@ class RoutingProbe(_RouterSites):
             valid = torch.ones(n, dtype=torch.bool, device=dev)
         vcol = valid[:, None]
         sel = sel & vcol
-        w = w * vcol
-        st["tokens"] += valid.sum()
-        st["counts"] += sel.sum(0)
-        st["mass"] += w.sum(0, dtype=torch.float64)
-        k = torch.where(valid, sel.sum(1), e + 1)  # padding goes to the dump slot
-        st["active_hist"].index_add_(0, k, torch.ones_like(k))
-        # a NaN/Inf router output makes p (and so the entropy sum) NaN: checked once, in finish
+        sf = sel.double()
         ent = torch.special.entr(p).sum(-1)
-        st["entropy"] += (ent * valid).sum(dtype=torch.float64)
         if e > 1:
             top2 = p.topk(2, -1).values
-            st["margin"] += ((top2[:, 0] - top2[:, 1]) * valid).sum(dtype=torch.float64)
+            margin = top2[:, 0] - top2[:, 1]
         else:
-            st["margin"] += (p[:, 0] * valid).sum(dtype=torch.float64)
-        sf = sel.float()
-        # exact while one call has < 2^24 tokens; no int matmul on CUDA
-        st["cosel"] += (sf.t() @ sf).round().long()
+            margin = p[:, 0]
+        # one [N, C] float64 table, summed over valid tokens by one matrix product: per expert
+        # selections, the one-hot of the number selected (the last column, the dump slot, stays
+        # 0), tokens, routed weight, entropy, margin. Integer columns stay exact (< 2^53); a NaN
+        # router output reaches the entropy sum (checked once, in finish)
+        cols = self._arange(e + 2, dev)
+        x = torch.cat([sf, sel.sum(1, keepdim=True) == cols, vcol, w, ent[:, None], margin[:, None]], 1)
+        tot = valid.double() @ x  # counts [e], active_hist [e + 2], tokens, mass [e], entropy, margin
+        cosel = sf.t() @ sf
         b = _batch_shape(call, n)
         seq, n_valid = compact(sel.reshape(b, n // b, e), valid.reshape(b, n // b))
         num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev))
-        st["cls_num"] += num
-        st["cls_den"] += den
         rn, rd = reuse_sums(seq, n_valid)
-        st["reuse_num"] += rn
-        st["reuse_den"] += rd
+        ints = [tot[: 2 * e + 3], cosel.reshape(-1), num, den, rd.reshape(1)]
         lab = None
         if call.labels is not None and call.labels.numel():
             self._grow_labels(st, int(call.labels.max()) + 1)  # labels live on the host: no sync
@@ -367,28 +418,85 @@ class RoutingProbe(_RouterSites):
                 t2, v2 = tok.reshape(b, -1), valid.reshape(b, -1)
                 vt = torch.cat([t2[:, 1:], t2[:, :1]], 1).reshape(-1)
                 keep = valid & torch.cat([v2[:, 1:], torch.zeros_like(v2[:, :1])], 1).reshape(-1)
-            keep = keep & (vt < v)
-            ti = torch.where(keep, vt, 0)
-            st["vocab_counts"].index_add_(0, ti, (sel & keep[:, None]).to(torch.int32))
-            st["vocab_tokens"].index_add_(0, ti, keep.to(torch.int32))
+            if self.vocab == "next" or not self._vocab or v < self._vocab:
+                keep = keep & (vt < v)
+                vt = torch.where(keep, vt, 0)
+                vsel = sel & keep[:, None]
+            else:  # ids index the model's embedding, so all are < v; padding rows add 0 (sel is masked)
+                vsel = sel
+            st["vocab_counts"].index_add_(0, vt, vsel.to(torch.int32))
+            st["vocab_tokens"].index_add_(0, vt, keep.to(torch.int32))
         if self.budget:
-            self._sample(st, sel, w, valid, tok, lab, b)
+            ints += self._sample(st, sel, w, valid, tok, lab, b)
+        # every counter of the call in two adds: the fields are views into two packed buffers
+        ibuf, fbuf = self._packed(site.name, st)
+        ibuf += torch.cat(ints).long()
+        fbuf += torch.cat([tot[2 * e + 3:], rn.reshape(1)])
+
+    def _packed(self, name: str, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 buffer, float64 buffer) whose slices are the counter fields of `st` (in
+        _PACK_INT / _PACK_FLOAT order). Made on the first call, and again whenever a field was
+        replaced (a merge, load_state_dict, a cleared state): the fields become views again."""
+        packs = self.__dict__.setdefault("_packs", {})
+        keys = _PACK_INT + (("seen", "seqs") if self.budget else ())
+        pk = packs.get(name)
+        if pk is not None and all(st[k] is v for k, v in pk[2].items()):
+            return pk[0], pk[1]
+        views, bufs = {}, []
+        for ks, dt in ((keys, torch.int64), (_PACK_FLOAT, torch.float64)):
+            buf = torch.cat([st[k].reshape(-1).to(dt) for k in ks])
+            off = 0
+            for k in ks:
+                m = st[k].numel()
+                st[k] = views[k] = buf[off:off + m].view(st[k].shape)
+                off += m
+            bufs.append(buf)
+        packs[name] = (bufs[0], bufs[1], views)
+        return bufs[0], bufs[1]
+
+    def _arange(self, n: int, dev) -> torch.Tensor:
+        """arange(n) on `dev`, made once per (n, device)."""
+        cache = self.__dict__.setdefault("_arange_cache", {})
+        key = (n, str(dev))
+        t = cache.get(key)
+        if t is None:
+            t = cache[key] = torch.arange(n, device=dev)
+        return t
+
+    def _const(self, value: int, n: int, dev) -> torch.Tensor:
+        """An int64 [n] tensor filled with `value` on `dev`, made once (never written to)."""
+        cache = self.__dict__.setdefault("_const_cache", {})
+        key = (value, n, str(dev))
+        t = cache.get(key)
+        if t is None:
+            if len(cache) > 64:
+                cache.clear()
+            t = cache[key] = torch.full((n,), value, dtype=torch.int64, device=dev)
+        return t
 
     def _sample(self, st, sel, w, valid, tok, lab, b):
         n = sel.shape[0]
         dev = sel.device
+        if not n:
+            return [self._const(0, 1, dev), self._const(0, 1, dev)]
+        dev = sel.device
         bud = self.budget
-        rank = st["seen"] + valid.long().cumsum(0) - 1
-        dest = torch.where(valid & (rank < bud), rank, bud)  # the rest to the dump slot
-        pos = valid.reshape(b, -1).long().cumsum(1).reshape(-1) - 1
-        seq = st["seqs"] + torch.arange(b, device=dev).repeat_interleave(n // b)
-        minus = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        csum = valid.cumsum(0)
+        before = csum - 1
+        rank = st["seen"] + before
+        dest = torch.where(valid, rank, bud).clamp_max_(bud)  # the rest to the dump slot
+        if b == 1:
+            pos, seq = before, st["seqs"].expand(n)
+        else:
+            pos = valid.reshape(b, -1).cumsum(1).reshape(-1) - 1
+            seq = st["seqs"] + self._arange(n, dev) // (n // b)
+        minus = self._const(-1, n, dev) if tok is None or lab is None else None
         ids = torch.stack([tok if tok is not None else minus, rank, seq, pos, lab if lab is not None else minus], 1)
         st["sample_ids"].index_copy_(0, dest, ids)
         st["sample_weights"].index_copy_(0, dest, w)
         st["sample_selected"].index_copy_(0, dest, sel)
-        st["seen"] += valid.sum()
-        st["seqs"] += b
+        # the tokens and sequences seen: added to st["seen"], st["seqs"] with the other counters
+        return [csum[-1:], self._const(b, 1, dev)]
 
     def _merge_site(self, mine, theirs):
         theirs = {k: v.to(mine["tokens"].device) for k, v in theirs.items()}
@@ -444,6 +552,9 @@ class RoutingProbe(_RouterSites):
 
 
 _SAMPLE_IDS = ("token", "rank", "seq", "pos", "label")
+# RoutingProbe's counters, in the order of its packed buffers (see RoutingProbe._packed)
+_PACK_INT = ("counts", "active_hist", "tokens", "cosel", "cls_num", "cls_den", "reuse_den")
+_PACK_FLOAT = ("mass", "entropy", "margin", "reuse_num")
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str] | None:
