@@ -150,7 +150,11 @@ class StateProbe(SiteProbe):
         conv = F.conv1d(full.transpose(1, 2), mix.conv1d.weight[:n_xb].float(),
                         None if mix.conv1d.bias is None else mix.conv1d.bias[:n_xb].float(),
                         groups=n_xb)  # valid conv: L outputs
-        xbc = mix.act(conv).transpose(1, 2)
+        act = mix.act(conv)  # [b, C, L]
+        # token means over P (x) and N (B) in this channel-major layout: contiguous reductions
+        x_mean = act[:, : h * p].reshape(b, h, p, L).mean(2).transpose(1, 2)  # [b, L, h]
+        B_mean = act[:, h * p: h * p + g * n].reshape(b, g, n, L).mean(2).transpose(1, 2)  # [b, L, g]
+        xbc = act.transpose(1, 2)
         x = xbc[..., : h * p].reshape(b, L, h, p)
         B = xbc[..., h * p: h * p + g * n].reshape(b, L, g, n)  # per group; head k uses group k // (h // g)
         dt = F.softplus(dt + mix.dt_bias.float())
@@ -160,7 +164,7 @@ class StateProbe(SiteProbe):
         A = -torch.exp(mix.A_log.float())  # [h]
         logdec = dt * A  # [b, L, h]
         self._pending[site.name] = {"x": x, "B": B, "dt": dt, "logdec": logdec, "L": L,
-                                    "x_mean": x.mean(-1), "B_mean": B.mean(-1).repeat_interleave(h // g, dim=2),
+                                    "x_mean": x_mean, "B_mean": B_mean.repeat_interleave(h // g, dim=2),
                                     "dec_mean": torch.exp(logdec), "dt_mean": dt}
 
     def _observe_mamba(self, site, call):
