@@ -52,6 +52,18 @@ def default_edges() -> torch.Tensor:
     return torch.cat([-pos.flip(0), torch.zeros(1, dtype=torch.float64), pos]).float()
 
 
+def _median(v: torch.Tensor) -> torch.Tensor:
+    """torch.median over the last dim (the lower of the two middle values for an even count).
+    On the CPU the same value from numpy's partial sort (introselect): several times faster than
+    torch's median on many short rows, and no device sync there."""
+    if v.device.type != "cpu" or v.requires_grad or v.isnan().any():
+        return v.contiguous().median(-1).values
+    import numpy as np
+
+    k = (v.shape[-1] - 1) // 2
+    return torch.from_numpy(np.partition(v.contiguous().numpy(), k, axis=-1)[..., k].copy())
+
+
 class StateProbe(SiteProbe):
     """Per layer / head / position-bucket statistics of the SSM state (see the module doc)."""
 
@@ -138,7 +150,11 @@ class StateProbe(SiteProbe):
         conv = F.conv1d(full.transpose(1, 2), mix.conv1d.weight[:n_xb].float(),
                         None if mix.conv1d.bias is None else mix.conv1d.bias[:n_xb].float(),
                         groups=n_xb)  # valid conv: L outputs
-        xbc = mix.act(conv).transpose(1, 2)
+        act = mix.act(conv)  # [b, C, L]
+        # token means over P (x) and N (B) in this channel-major layout: contiguous reductions
+        x_mean = act[:, : h * p].reshape(b, h, p, L).mean(2).transpose(1, 2)  # [b, L, h]
+        B_mean = act[:, h * p: h * p + g * n].reshape(b, g, n, L).mean(2).transpose(1, 2)  # [b, L, g]
+        xbc = act.transpose(1, 2)
         x = xbc[..., : h * p].reshape(b, L, h, p)
         B = xbc[..., h * p: h * p + g * n].reshape(b, L, g, n)  # per group; head k uses group k // (h // g)
         dt = F.softplus(dt + mix.dt_bias.float())
@@ -148,7 +164,7 @@ class StateProbe(SiteProbe):
         A = -torch.exp(mix.A_log.float())  # [h]
         logdec = dt * A  # [b, L, h]
         self._pending[site.name] = {"x": x, "B": B, "dt": dt, "logdec": logdec, "L": L,
-                                    "x_mean": x.mean(-1), "B_mean": B.mean(-1).repeat_interleave(h // g, dim=2),
+                                    "x_mean": x_mean, "B_mean": B_mean.repeat_interleave(h // g, dim=2),
                                     "dec_mean": torch.exp(logdec), "dt_mean": dt}
 
     def _observe_mamba(self, site, call):
@@ -172,27 +188,33 @@ class StateProbe(SiteProbe):
         J = -(-L // bk)
         if J == 1:
             return h_end[:, None]
-        # earlier bucket ends: the exact recurrence, one bucket at a time (chunk states of SSD)
+        # earlier bucket ends (all full buckets): each bucket's own contribution S_j (the
+        # chunk-state step of SSD) for all of them in one batched op, then the exact recurrence
+        # h_j = exp(sum of the bucket's dt A) h_(j-1) + S_j over the few bucket ends
         x, B, dt, ld = pend["x"], pend["B"], pend["dt"], pend["logdec"]
+        n = (J - 1) * bk
+        b = x.shape[0]
+        cum = ld[:, :n].reshape(b, J - 1, bk, *ld.shape[2:]).cumsum(2)  # [b, J-1, l, H] (Mamba: [.., d, n])
+        last = cum[:, :, -1]
+        if kind == "mamba2":
+            w = torch.exp(last[:, :, None] - cum) * dt[:, :n].reshape(b, J - 1, bk, -1)  # [b, J-1, l, H]
+            H, P = x.shape[2], x.shape[3]
+            g = B.shape[2]
+            xs = x[:, :n].reshape(b, J - 1, bk, H, P) * w[..., None]
+            # one matmul per group: (H/g * P, l) @ (l, N)
+            S = torch.einsum("bjlgq,bjlgn->bjgqn", xs.reshape(b, J - 1, bk, g, (H // g) * P),
+                             B[:, :n].reshape(b, J - 1, bk, g, -1))
+            S = S.reshape(b, J - 1, H, P, -1)
+            dec = torch.exp(last)[..., None, None]  # [b, J-1, H, 1, 1]
+        else:
+            w = torch.exp(last[:, :, None] - cum) * dt[:, :n].reshape(b, J - 1, bk, -1)[..., None]
+            S = torch.einsum("bjldn,bjld,bjln->bjdn", w, x[:, :n, 0].reshape(b, J - 1, bk, -1),
+                             B[:, :n, 0].reshape(b, J - 1, bk, -1))[:, :, None]  # [b, J-1, 1, d, n]
+            dec = torch.exp(last)[:, :, None]  # [b, J-1, 1, d, n]
         out = []
         h = h0
         for j in range(J - 1):
-            s = slice(j * bk, (j + 1) * bk)
-            if kind == "mamba2":
-                cum = ld[:, s].cumsum(1)  # [b, l, H]
-                w = torch.exp(cum[:, -1:] - cum) * dt[:, s]  # [b, l, H]
-                xs = x[:, s] * w[..., None]  # [b, l, H, P]
-                bb, ll, H, P = xs.shape
-                g = B.shape[2]
-                # one matmul per group: (H/g * P, l) @ (l, N)
-                S = torch.einsum("blgq,blgn->bgqn", xs.reshape(bb, ll, g, (H // g) * P), B[:, s])
-                S = S.reshape(bb, H, P, -1)
-                h = torch.exp(cum[:, -1])[..., None, None] * h + S
-            else:
-                cum = ld[:, s].cumsum(1)  # [b, l, d, n]
-                w = torch.exp(cum[:, -1:] - cum) * dt[:, s, :, None]  # [b, l, d, n]
-                S = torch.einsum("bldn,bld,bln->bdn", w, x[:, s, 0], B[:, s, 0])
-                h = (torch.exp(cum[:, -1]) * h[:, 0] + S)[:, None]
+            h = dec[:, j] * h + S[:, j]
             out.append(h)
         out.append(h_end)
         return torch.stack(out, 1)
@@ -297,7 +319,7 @@ class StateProbe(SiteProbe):
         s2 = nb_.sum(1).double()  # [Ly, J, H]
         # median estimate: the exact median of every k-th value, k = values // median_sample
         step = max(1, flat.shape[-1] // self.median_sample)
-        med = flat[..., ::step].contiguous().median(-1).values * b  # [Ly, J, H]
+        med = _median(flat[..., ::step]) * b  # [Ly, J, H]
         # cosine with the previous bucket's state (none for a sequence's first bucket)
         first = h_prev[:, :, None] if h_prev is not None else states[:, :, :1]
         prev = torch.cat([first, states[:, :, :-1]], 2)
