@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-NAME = re.compile(r"[a-z0-9_]+_h100_[0-9-]+(?:_[a-z0-9]+)*\.json")
+NAME = re.compile(r"[a-z0-9_-]+_(?:h100|h200|cpu)(?:_[a-z0-9-]+)*\.json")
 
 
 def quoted() -> dict[str, set[str]]:

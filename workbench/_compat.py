@@ -31,3 +31,12 @@ def output_cache(out, old: str = "past_key_values"):
     if "cache" in keys:
         return out["cache"]
     return getattr(out, old)
+
+
+def recurrent_state(cache, layer_idx: int):
+    """The SSM (recurrent) state of layer `layer_idx` in a transformers cache: `get_recurrent_state`
+    from transformers 5.2x, `layers[i].recurrent_states[0]` in 5.17 (the GPU machine's)."""
+    get = getattr(cache, "get_recurrent_state", None)
+    if get is not None:
+        return get(layer_idx)
+    return cache.layers[layer_idx].recurrent_states[0]

@@ -35,13 +35,13 @@ def case(request):
 
 def _states_after(model, ids, t):
     """Brute force: one forward over the first t tokens; the cache's SSM state per layer."""
-    from workbench._compat import output_cache
+    from workbench._compat import output_cache, recurrent_state
 
     out = model(input_ids=ids[:, :t], use_cache=True)
     c = output_cache(out, old="cache_params")
     hs = []
     for i in range(model.config.num_hidden_layers):
-        h = c.get_recurrent_state(i).double()
+        h = recurrent_state(c, i).double()
         hs.append(h[:, None] if h.dim() == 3 else h)  # Mamba: one head
     return hs
 

@@ -36,7 +36,7 @@ def drift(model):
 
 
 def test_fast_scan_matches_reference(model):
-    from workbench._compat import output_cache
+    from workbench._compat import output_cache, recurrent_state
     from workbench.models.ssd import fast_scan
 
     ids = torch.randint(2, 4096, (1, 200), generator=torch.Generator().manual_seed(0))
@@ -46,8 +46,8 @@ def test_fast_scan_matches_reference(model):
             fast = model(input_ids=ids, use_cache=True)
     assert (ref.logits - fast.logits).abs().max() < 1e-3
     for i in range(model.config.num_hidden_layers):
-        a = output_cache(ref, old="cache_params").get_recurrent_state(i)
-        b = output_cache(fast, old="cache_params").get_recurrent_state(i)
+        a = recurrent_state(output_cache(ref, old="cache_params"), i)
+        b = recurrent_state(output_cache(fast, old="cache_params"), i)
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workbench._compat import recurrent_state
 from workbench.capture.probes import HookPoint, ModelSite, SiteProbe
 from workbench.errors import CaptureError
 
@@ -291,7 +292,7 @@ class StateProbe(SiteProbe):
             if pend["L"] != L:
                 raise CaptureError(f"{m.name}: saw {pend['L']} tokens but the model call had {L}; the state "
                                    "probe needs the plain forward (no inputs_embeds, no packing)")
-            h_end = cache.get_recurrent_state(m.module.layer_idx).float()
+            h_end = recurrent_state(cache, m.module.layer_idx).float()
             if m.kind == "mamba":
                 h_end = h_end[:, None]  # one head: [b, 1, d_inner, N]
             h0 = self._prev.get(m.name)
