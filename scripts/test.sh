@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what is missing (with the viz and dev extras), lint, then run every test: the package
 # tests, the Triton kernels under the interpreter, and the notebooks through nbval, spread over
-# the machine's cores (pytest-xdist, --dist loadgroup: the root conftest.py keeps each notebook's
-# cells together on one worker, every other test goes to whichever worker is free).
+# the machine's cores (pytest-xdist, --dist loadfile: each test file, so each notebook's cells in
+# order on one kernel, runs on one worker; --dist loadgroup split notebooks' kernels in a clean venv).
 # WB_TEST_WORKERS=N sets the number of workers (default: one per logical CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +16,5 @@ kdir=$(mktemp -d)
 trap 'rm -rf "$kdir"' EXIT
 export JUPYTER_PATH="$kdir/share/jupyter${JUPYTER_PATH:+:$JUPYTER_PATH}"
 "$PY" -m ipykernel install --prefix "$kdir" --name python3 >/dev/null
-"$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${WB_TEST_WORKERS:-logical}" --dist loadgroup \
+"$PY" -m pytest -q -p no:cacheprovider -p no:benchmark -n "${WB_TEST_WORKERS:-logical}" --dist loadfile \
   --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg tests "$@"

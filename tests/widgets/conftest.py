@@ -57,3 +57,25 @@ def tiny_bf16_model():
     from tests.tiny import build
 
     return build("llama").to(torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def analysis_run_dirs(tmp_path_factory):
+    """Tiny real runs of the routing, recurrent-state and bricks analyses (a few seconds)."""
+    import workbench as wb
+    import workbench.metrics as wm
+    from tests import tiny
+    from workbench.metrics import state as ms
+
+    root = tmp_path_factory.mktemp("analyses")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, tiny.VOCAB, (8, 24), generator=g)
+    wb.profile(tiny.build("mixtral"), ids, probes=[wb.RoutingProbe(budget=64)], labels=["a", "b"] * 4,
+               progress=False).save(root / "routing-tiny")
+    ms.state_scan(tiny.build("mamba2"), torch.randint(1, tiny.VOCAB, (1, 256), generator=g), bucket=32, chunk=64,
+                  data={"train_len": 64}).save(root / "state-tiny")
+    res = wm.brick_analysis(tiny.build("llama"), torch.randint(1, tiny.VOCAB, (16, 24), generator=g),
+                            labels=["x", "y"] * 8, eval_data=torch.randint(1, tiny.VOCAB, (8, 24), generator=g),
+                            eval_labels=["x", "y"] * 4, k=4, seeds=2)
+    res.run.save(root / "bricks-tiny")
+    return {"Routing": root / "routing-tiny", "Recurrent state": root / "state-tiny", "Bricks": root / "bricks-tiny"}

@@ -25,11 +25,11 @@ if not os.path.exists(CHROMIUM):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run_dir, damaged_run_dir, tiny_bf16_model):
+def server(tiny_run_dir, damaged_run_dir, tiny_bf16_model, analysis_run_dirs):
     from workbench.widgets.app import make_server
 
-    srv = make_server([tiny_run_dir, damaged_run_dir], model=tiny_bf16_model, backend="torch", port=0,
-                      threaded=True)
+    srv = make_server([tiny_run_dir, damaged_run_dir, *analysis_run_dirs.values()], model=tiny_bf16_model,
+                      backend="torch", port=0, threaded=True)
     url = f"http://127.0.0.1:{srv.port_used}/"
     for _ in range(100):  # the server thread is up once it answers
         try:
@@ -101,6 +101,35 @@ def test_every_view_renders_a_plot_without_console_errors(server, browser):
         time.sleep(0.1)
     assert n >= 2
     assert page.get_by_text("torch reference path runs").first.is_visible()
+    assert page.console_errors == []
+    page.context.close()
+
+
+def test_analysis_views_render_their_runs(server, browser, analysis_run_dirs):
+    """The routing, recurrent-state and bricks views draw real (tiny) runs of their analyses."""
+    page = open_page(browser, server)
+    for tab, path in analysis_run_dirs.items():
+        select(page, path.name, path.name)
+        plot = page.locator(".js-plotly-plot >> visible=true").first
+        for attempt in range(4):  # the tabs are rebuilt for the new run: click once they are
+            time.sleep(0.5)
+            page.locator(".bk-tab", has_text=tab).first.click()
+            try:
+                plot.wait_for(timeout=10000)
+                break
+            except sync_api.TimeoutError:
+                if attempt == 3:
+                    raise
+        assert tab in page.locator(".bk-tab.bk-active").first.inner_text(), tab
+        end = time.time() + 20
+        n = 0
+        while time.time() < end and not n:
+            try:
+                n = plot.evaluate("el => (el.data || []).length")
+            except Exception:  # noqa: BLE001 - the plot is being replaced
+                n = 0
+            time.sleep(0.1)
+        assert n > 0, tab
     assert page.console_errors == []
     page.context.close()
 
