@@ -90,6 +90,7 @@ class StateProbe(SiteProbe):
         self._prev: dict[str, torch.Tensor] = {}  # state after the previous call, per layer
         self._carry: dict[str, torch.Tensor] = {}  # Mamba-2: last conv_kernel-1 conv inputs
         self._mixers: list = []
+        self._bufs: dict[str, torch.Tensor] = {}  # scratch reused across calls (no fresh pages per call)
         self.model_state: dict[str, torch.Tensor] = {}
         self.nb = 0
 
@@ -146,18 +147,21 @@ class StateProbe(SiteProbe):
         carry = self._carry.get(site.name)
         if carry is None or carry.shape[0] != b:
             carry = xbc.new_zeros(b, k - 1, xbc.shape[-1])
-        full = torch.cat([carry, xbc], 1)
-        self._carry[site.name] = full[:, -(k - 1):] if k > 1 else full[:, :0]
-        conv = F.conv1d(full.transpose(1, 2), mix.conv1d.weight[:n_xb].float(),
-                        None if mix.conv1d.bias is None else mix.conv1d.bias[:n_xb].float(),
-                        groups=n_xb)  # valid conv: L outputs
-        act = mix.act(conv)  # [b, C, L]
-        # token means over P (x) and N (B) in this channel-major layout: contiguous reductions
-        x_mean = act[:, : h * p].reshape(b, h, p, L).mean(2).transpose(1, 2)  # [b, L, h]
-        B_mean = act[:, h * p: h * p + g * n].reshape(b, g, n, L).mean(2).transpose(1, 2)  # [b, L, g]
-        xbc = act.transpose(1, 2)
-        x = xbc[..., : h * p].reshape(b, L, h, p)
-        B = xbc[..., h * p: h * p + g * n].reshape(b, L, g, n)  # per group; head k uses group k // (h // g)
+        full = torch.cat([carry, xbc], 1)  # [b, k-1+L, C], token-major
+        self._carry[site.name] = full[:, L:].clone()
+        # the depthwise causal conv as k shifted multiply-adds in this token-major layout (the
+        # same sum as F.conv1d; no channel-major copy of the input, x and B come out token-major)
+        w = mix.conv1d.weight[:n_xb, 0].float().t().contiguous()  # [k, C]: contiguous taps
+        bias = mix.conv1d.bias
+        conv = (full[:, :L] * w[0] if bias is None
+                else torch.addcmul(bias[:n_xb].float(), full[:, :L], w[0]))
+        for i in range(1, k):
+            conv.addcmul_(full[:, i: i + L], w[i])
+        act = mix.act(conv)  # [b, L, C]
+        x = act[..., : h * p].view(b, L, h, p)
+        B = act[..., h * p: h * p + g * n].view(b, L, g, n)  # per group; head k uses group k // (h // g)
+        x_mean = x.mean(-1)  # [b, L, h]
+        B_mean = B.mean(-1)  # [b, L, g]
         dt = F.softplus(dt + mix.dt_bias.float())
         lo, hi = mix.time_step_limit
         if lo > 0.0 or hi != float("inf"):
@@ -183,12 +187,23 @@ class StateProbe(SiteProbe):
             "x_mean": x.mean(-1, keepdim=True), "B_mean": B.mean(-1, keepdim=True),
             "dec_mean": torch.exp(logdec).mean((-1, -2))[..., None], "dt_mean": dt.mean(-1, keepdim=True)}
 
-    def _bucket_states(self, site, pend, h0, h_end, kind):
-        """States after the last token of each bucket ending in this call: [b, J, H, P, N]."""
+    def _scratch(self, key, shape, dtype, device) -> torch.Tensor:
+        """A scratch tensor kept across calls (freed in finish): the large per-call temporaries
+        reuse their memory instead of being allocated afresh each call (on the CPU each fresh
+        allocation of this size costs page faults that dominated the probe's time)."""
+        t = self._bufs.get(key)
+        if t is None or t.shape != tuple(shape) or t.dtype != dtype or t.device != device:
+            t = self._bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+        return t
+
+    def _bucket_states(self, pend, out, h_end, kind):
+        """Fill out[:, 1:J+1] ([b, J+1, H, P, N]; out[:, 0] holds the state before the call) with
+        the states after the last token of each bucket ending in this call."""
         L, bk = pend["L"], self.bucket
         J = -(-L // bk)
+        out[:, J].copy_(h_end)
         if J == 1:
-            return h_end[:, None]
+            return
         # earlier bucket ends (all full buckets): each bucket's own contribution S_j (the
         # chunk-state step of SSD) for all of them in one batched op, then the exact recurrence
         # h_j = exp(sum of the bucket's dt A) h_(j-1) + S_j over the few bucket ends
@@ -203,22 +218,21 @@ class StateProbe(SiteProbe):
             g = B.shape[2]
             xs = x[:, :n].reshape(b, J - 1, bk, H, P) * w[..., None]
             # one matmul per group: (H/g * P, l) @ (l, N)
-            S = torch.einsum("bjlgq,bjlgn->bjgqn", xs.reshape(b, J - 1, bk, g, (H // g) * P),
-                             B[:, :n].reshape(b, J - 1, bk, g, -1))
-            S = S.reshape(b, J - 1, H, P, -1)
+            if b == 1 and g == 1:  # straight into the scratch slots
+                torch.bmm(xs.view(J - 1, bk, H * P).transpose(1, 2), B[0, :n, 0].view(J - 1, bk, -1),
+                          out=out[0, 1:J].view(J - 1, H * P, -1))
+            else:
+                S = torch.einsum("bjlgq,bjlgn->bjgqn", xs.reshape(b, J - 1, bk, g, (H // g) * P),
+                                 B[:, :n].reshape(b, J - 1, bk, g, -1))
+                out[:, 1:J] = S.reshape(b, J - 1, H, P, -1)
             dec = torch.exp(last)[..., None, None]  # [b, J-1, H, 1, 1]
         else:
             w = torch.exp(last[:, :, None] - cum) * dt[:, :n].reshape(b, J - 1, bk, -1)[..., None]
-            S = torch.einsum("bjldn,bjld,bjln->bjdn", w, x[:, :n, 0].reshape(b, J - 1, bk, -1),
-                             B[:, :n, 0].reshape(b, J - 1, bk, -1))[:, :, None]  # [b, J-1, 1, d, n]
+            out[:, 1:J, 0] = torch.einsum("bjldn,bjld,bjln->bjdn", w, x[:, :n, 0].reshape(b, J - 1, bk, -1),
+                                          B[:, :n, 0].reshape(b, J - 1, bk, -1))  # [b, J-1, d, n]
             dec = torch.exp(last)[:, :, None]  # [b, J-1, 1, d, n]
-        out = []
-        h = h0
-        for j in range(J - 1):
-            h = dec[:, j] * h + S[:, j]
-            out.append(h)
-        out.append(h_end)
-        return torch.stack(out, 1)
+        for j in range(1, J):  # h_j = S_j + dec_j h_(j-1), in place
+            out[:, j].addcmul_(out[:, j - 1], dec[:, j - 1])
 
     def _grow(self, st: dict, nb: int, fields_h, fields_b, H: int, device):
         cur = st["s1"].shape[1] if "s1" in st else 0
@@ -262,7 +276,11 @@ class StateProbe(SiteProbe):
         idx = torch.arange(j0, j0 + J, device=device)
         # token loss per bucket: predictions made at positions pos .. pos+L-1 (the previous
         # call's last logits predict this call's first token)
-        lp = F.log_softmax(out.logits.float(), -1)
+        logits = out.logits.float()
+        buf = self._bufs.get("lp")
+        if buf is None or buf.shape != logits.shape or buf.device != logits.device:
+            buf = self._bufs["lp"] = torch.empty_like(logits)
+        lp = torch.log_softmax(logits, -1, out=buf)
         ms = self.model_state
         if "loss" not in ms or ms["loss"].shape[0] < self.nb:
             new = max(self.nb, 2 * (ms["loss"].shape[0] if "loss" in ms else 0), 8)
@@ -282,7 +300,7 @@ class StateProbe(SiteProbe):
         cnt[L - 1:] = 0
         ms["loss"].index_add_(0, idx, nll_p.double().sum((0, 2)))
         ms["loss_n"].index_add_(0, idx, (cnt.reshape(J, bk).sum(1) * b).double())
-        ms["last_lp"] = lp[:, -1]
+        ms["last_lp"] = lp[:, -1].clone()
         # per-layer state statistics (layers of one shape reduced together)
         groups: dict[tuple, list] = {}
         for m in self._mixers:
@@ -292,56 +310,76 @@ class StateProbe(SiteProbe):
             if pend["L"] != L:
                 raise CaptureError(f"{m.name}: saw {pend['L']} tokens but the model call had {L}; the state "
                                    "probe needs the plain forward (no inputs_embeds, no packing)")
-            h_end = recurrent_state(cache, m.module.layer_idx).float()
+            h_end = recurrent_state(cache, m.module.layer_idx)
             if m.kind == "mamba":
                 h_end = h_end[:, None]  # one head: [b, 1, d_inner, N]
-            h0 = self._prev.get(m.name)
-            if h0 is None:
-                h0 = torch.zeros_like(h_end)
-            states = self._bucket_states(m, pend, h0, h_end, m.kind)  # [b, J, H, P, N]
-            self._prev[m.name] = h_end.clone()
-            groups.setdefault(tuple(states.shape), []).append((m.name, states, h0, pend))
-        for group in groups.values():
-            names, sts, h0s, pends = zip(*group)
-            self._reduce(list(names), torch.stack(sts), torch.stack(h0s) if self.pos > 0 else None,
-                         list(pends), idx, j0, J, L, b)
+            groups.setdefault((m.kind, tuple(h_end.shape)), []).append((m, pend, h_end))
+        for (kind, shape), group in groups.items():
+            # the group's states before the call (slot 0) and at each bucket end (slots 1..J):
+            # [Ly, b, J+1, H, P, N], one scratch tensor reused across calls
+            buf = self._scratch(("states", kind, shape, J), (len(group), shape[0], J + 1, *shape[1:]),
+                                torch.float32, device)
+            for i, (m, pend, h_end) in enumerate(group):
+                h0 = self._prev.get(m.name)
+                if h0 is None:
+                    buf[i, :, 0].zero_()
+                else:
+                    buf[i, :, 0].copy_(h0)
+                self._bucket_states(pend, buf[i], h_end, kind)
+            for i, (m, _, _) in enumerate(group):
+                # the next call's slot 0: a copy (this scratch tensor is rewritten by the next call)
+                prev = self._prev.get(m.name)
+                if prev is None or prev.shape != buf.shape[1:2] + buf.shape[3:]:
+                    self._prev[m.name] = buf[i, :, J].clone()
+                else:
+                    prev.copy_(buf[i, :, J])
+            self._reduce([m.name for m, _, _ in group], buf, self.pos > 0, [p for _, p, _ in group],
+                         idx, j0, J, L, b)
         self.pos += L
 
-    def _reduce(self, names, states, h_prev, pends, idx, j0, J, L, b):
-        """Fold the bucket-end states [Ly, b, J, H, P, N] of `names` (layers of one shape, done
-        together: a few large ops instead of many small ones) into the per-bucket sums."""
+    def _reduce(self, names, buf, has_prev, pends, idx, j0, J, L, b):
+        """Fold the bucket-end states buf[:, :, 1:] ([Ly, b, J+1, H, P, N]; slot 0: the state
+        before the call) of `names` (layers of one shape, done together: a few large ops instead
+        of many small ones) into the per-bucket sums."""
         bk = self.bucket
-        Ly, _, _, H, P, N = states.shape
-        device = states.device
-        flat = states.permute(0, 2, 3, 1, 4, 5).reshape(Ly, J, H, -1)  # [Ly, J, H, b*P*N]
-        sq_pn = states.pow(2).sum(-2)  # [Ly, b, J, H, N]: squared channel norms
-        nb_ = sq_pn.sum(-1)  # [Ly, b, J, H]: squared state norms
-        s1 = flat.sum(-1).double()
+        Ly, _, _, H, P, N = buf.shape
+        device = buf.device
+        states = buf[:, :, 1:]  # [Ly, b, J, H, P, N]
+        # channel norms (the N columns' norms over P) of every slot: usage, and squared state norms
+        sq = (buf * buf).sum(-2)  # [Ly, b, J+1, H, N] (linalg.vector_norm over P: ~25x slower on the CPU)
+        n2 = sq.sum(-1)  # [Ly, b, J+1, H]
+        na, nb_ = n2[:, :, :-1], n2[:, :, 1:]
+        s1 = states.sum((1, -1, -2)).double()  # [Ly, J, H]
         s2 = nb_.sum(1).double()  # [Ly, J, H]
         # median estimate: the exact median of every k-th value, k = values // median_sample
+        flat = states.permute(0, 2, 3, 1, 4, 5).reshape(Ly, J, H, -1)  # [Ly, J, H, b*P*N]
         step = max(1, flat.shape[-1] // self.median_sample)
         med = _median(flat[..., ::step]) * b  # [Ly, J, H]
         # cosine with the previous bucket's state (none for a sequence's first bucket)
-        first = h_prev[:, :, None] if h_prev is not None else states[:, :, :1]
-        prev = torch.cat([first, states[:, :, :-1]], 2)
-        dot = (prev * states).sum((-1, -2))  # [Ly, b, J, H]
-        na0 = h_prev.pow(2).sum((-1, -2))[:, :, None] if h_prev is not None else nb_[:, :, :1]
-        na = torch.cat([na0, nb_[:, :, :-1]], 2)
+        fb = buf.flatten(-2)  # [Ly, b, J+1, H, P*N]
+        dot = torch.stack([torch.linalg.vecdot(fb[:, :, j], fb[:, :, j + 1]) for j in range(J)], 2)  # [Ly, b, J, H]
         cos = dot / (na * nb_).sqrt().clamp_min(1e-30)
         cos_l = dot.sum(-1) / (na.sum(-1) * nb_.sum(-1)).sqrt().clamp_min(1e-30)  # [Ly, b, J]
         valid = torch.ones(J, device=device)
-        if h_prev is None:
+        if not has_prev:
             valid[0] = 0
         cos = (cos * valid[:, None]).sum(1)  # [Ly, J, H]
         cos_l = (cos_l * valid).sum(1)  # [Ly, J]
         # usage: fraction of the N channels whose norm over P exceeds usage_tol x the largest
-        cn = sq_pn.sqrt()  # [Ly, b, J, H, N]
+        cn = sq[:, :, 1:].sqrt()  # [Ly, b, J, H, N]
         used = (cn > self.usage_tol * cn.amax(-1, keepdim=True)).float().mean(-1).sum(1)  # [Ly, J, H]
         # singular values from the eigenvalues of the smaller Gram matrix (float64): a P x N
         # SVD per head costs ~3x more on the CPU
-        hd = states.double()
-        gram = hd @ hd.transpose(-1, -2) if P <= N else hd.transpose(-1, -2) @ hd
-        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # [Ly, b, J, H, min(P, N)]
+        hd = self._scratch("hd", states.shape, torch.float64, device)
+        hd.copy_(states)
+        hv = hd.view(-1, P, N)
+        m = min(P, N)
+        gram = self._scratch("gram", (hv.shape[0], m, m), torch.float64, device)
+        if P <= N:
+            torch.bmm(hv, hv.transpose(-1, -2), out=gram)
+        else:
+            torch.bmm(hv.transpose(-1, -2), hv, out=gram)
+        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().view(Ly, b, J, H, m)
         pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
         erank = torch.exp(-(pr * torch.log(pr.clamp_min(1e-30))).sum(-1)).sum(1).float()  # [Ly, J, H]
         pad = J * bk - L
@@ -419,6 +457,7 @@ class StateProbe(SiteProbe):
         return out
 
     def finish(self, run) -> None:
+        self._bufs.clear()
         run.meta["state"] = {
             "bucket": self.bucket, "hist_positions": self.hist_positions, "usage_tol": self.usage_tol,
             "mixers": [{"layer": m.layer, "name": m.name, "kind": m.kind} for m in self._mixers],
