@@ -57,12 +57,15 @@ def _median(v: torch.Tensor) -> torch.Tensor:
     """torch.median over the last dim (the lower of the two middle values for an even count).
     On the CPU the same value from numpy's partial sort (introselect): several times faster than
     torch's median on many short rows, and no device sync there."""
-    if v.device.type != "cpu" or v.requires_grad or v.isnan().any():
+    if v.device.type != "cpu" or v.requires_grad:
         return v.contiguous().median(-1).values
     import numpy as np
 
+    a = v.contiguous().numpy()
+    if np.isnan(a).any():  # torch's NaN semantics (numpy's NaN check: ~10x cheaper than torch's here)
+        return v.contiguous().median(-1).values
     k = (v.shape[-1] - 1) // 2
-    return torch.from_numpy(np.partition(v.contiguous().numpy(), k, axis=-1)[..., k].copy())
+    return torch.from_numpy(np.partition(a, k, axis=-1)[..., k].copy())
 
 
 class StateProbe(SiteProbe):
@@ -90,6 +93,8 @@ class StateProbe(SiteProbe):
         self._prev: dict[str, torch.Tensor] = {}  # state after the previous call, per layer
         self._carry: dict[str, torch.Tensor] = {}  # Mamba-2: last conv_kernel-1 conv inputs
         self._mixers: list = []
+        self._slot: dict[str, tuple] = {}
+        self._groups: dict[tuple, list] = {}
         self._bufs: dict[str, torch.Tensor] = {}  # scratch reused across calls (no fresh pages per call)
         self.model_state: dict[str, torch.Tensor] = {}
         self.nb = 0
@@ -108,6 +113,15 @@ class StateProbe(SiteProbe):
                 "probe needs a recurrent model; passkey retrieval (workbench.metrics.passkey."
                 "passkey_grid) works on any causal LM.")
         self._mixers = mixers
+        # layers whose states have one shape [H, P, N] are reduced together, from one scratch
+        # tensor: each mixer's (group, index in the group)
+        self._slot, self._groups = {}, {}
+        for m in mixers:
+            mod = m.module
+            key = ((m.kind, mod.num_heads, mod.head_dim, mod.ssm_state_size) if m.kind == "mamba2"
+                   else (m.kind, 1, mod.intermediate_size, mod.ssm_state_size))
+            self._slot[m.name] = (key, len(self._groups.setdefault(key, [])))
+            self._groups[key].append(m)
         return [*mixers, ModelSite(model)]
 
     def points(self, site):
@@ -144,20 +158,24 @@ class StateProbe(SiteProbe):
         xbc = proj[..., 2 * d_mlp + mix.intermediate_size: 2 * d_mlp + mix.intermediate_size + n_xb]
         dt = proj[..., -mix.num_heads:]
         k = mix.conv_kernel_size
-        carry = self._carry.get(site.name)
+        carry = self._carry.get(site.name)  # the last k-1 conv inputs of the previous call
         if carry is None or carry.shape[0] != b:
             carry = xbc.new_zeros(b, k - 1, xbc.shape[-1])
-        full = torch.cat([carry, xbc], 1)  # [b, k-1+L, C], token-major
-        self._carry[site.name] = full[:, L:].clone()
-        # the depthwise causal conv as k shifted multiply-adds in this token-major layout (the
-        # same sum as F.conv1d; no channel-major copy of the input, x and B come out token-major)
+        # the depthwise causal conv over [carry; xbc] (F.conv1d's sum) as k shifted multiply-adds
+        # in this token-major layout: no concatenated or channel-major copy of the input, x and
+        # B come out token-major (~3x faster on the CPU than F.conv1d with its transposing copy)
         w = mix.conv1d.weight[:n_xb, 0].float().t().contiguous()  # [k, C]: contiguous taps
         bias = mix.conv1d.bias
-        conv = (full[:, :L] * w[0] if bias is None
-                else torch.addcmul(bias[:n_xb].float(), full[:, :L], w[0]))
-        for i in range(1, k):
-            conv.addcmul_(full[:, i: i + L], w[i])
-        act = mix.act(conv)  # [b, L, C]
+        conv = (xbc * w[k - 1] if bias is None
+                else torch.addcmul(bias[:n_xb].float(), xbc, w[k - 1]))
+        for i in range(k - 1):
+            sh = k - 1 - i  # tap i reads input t + i - (k-1): the carry for the first sh outputs
+            if sh < L:
+                conv[:, sh:].addcmul_(xbc[:, : L - sh], w[i])
+            conv[:, :sh].addcmul_(carry[:, i: i + min(sh, L)], w[i])
+        self._carry[site.name] = (xbc[:, L - (k - 1):].clone() if L >= k - 1
+                                  else torch.cat([carry[:, L:], xbc], 1))
+        act = F.silu(conv, inplace=True) if mix.activation == "silu" else mix.act(conv)  # [b, L, C]
         x = act[..., : h * p].view(b, L, h, p)
         B = act[..., h * p: h * p + g * n].view(b, L, g, n)  # per group; head k uses group k // (h // g)
         x_mean = x.mean(-1)  # [b, L, h]
@@ -168,9 +186,8 @@ class StateProbe(SiteProbe):
             dt = dt.clamp(min=lo, max=hi)
         A = -torch.exp(mix.A_log.float())  # [h]
         logdec = dt * A  # [b, L, h]
-        self._pending[site.name] = {"x": x, "B": B, "dt": dt, "logdec": logdec, "L": L,
-                                    "x_mean": x_mean, "B_mean": B_mean.repeat_interleave(h // g, dim=2),
-                                    "dec_mean": torch.exp(logdec), "dt_mean": dt}
+        self._inner_states(site, x, B, dt, logdec, L,
+                           (dt, torch.exp(logdec), x_mean, B_mean.repeat_interleave(h // g, dim=2)))
 
     def _observe_mamba(self, site, call):
         mix = site.module
@@ -182,10 +199,9 @@ class StateProbe(SiteProbe):
         dt = F.softplus(F.linear(ts, mix.dt_proj.weight.float(), mix.dt_proj.bias.float()))  # [b, L, d]
         A = -torch.exp(mix.A_log.float())  # [d, n]
         logdec = dt[..., None] * A  # [b, L, d, n]
-        self._pending[site.name] = {
-            "x": x[:, :, None], "B": B[:, :, None], "dt": dt, "logdec": logdec, "L": L,
-            "x_mean": x.mean(-1, keepdim=True), "B_mean": B.mean(-1, keepdim=True),
-            "dec_mean": torch.exp(logdec).mean((-1, -2))[..., None], "dt_mean": dt.mean(-1, keepdim=True)}
+        self._inner_states(site, x[:, :, None], B[:, :, None], dt, logdec, L,
+                           (dt.mean(-1, keepdim=True), torch.exp(logdec).mean((-1, -2))[..., None],
+                            x.mean(-1, keepdim=True), B.mean(-1, keepdim=True)))
 
     def _scratch(self, key, shape, dtype, device) -> torch.Tensor:
         """A scratch tensor kept across calls (freed in finish): the large per-call temporaries
@@ -196,23 +212,29 @@ class StateProbe(SiteProbe):
             t = self._bufs[key] = torch.empty(shape, dtype=dtype, device=device)
         return t
 
-    def _bucket_states(self, pend, out, h_end, kind):
-        """Fill out[:, 1:J+1] ([b, J+1, H, P, N]; out[:, 0] holds the state before the call) with
-        the states after the last token of each bucket ending in this call."""
-        L, bk = pend["L"], self.bucket
+    def _inner_states(self, site, x, B, dt, ld, L, means):
+        """At the mixer's call: each full bucket's own contribution S_j to the state (all but the
+        last bucket of the call; the chunk-state step of SSD, one batched op) written into the
+        slots 1..J-1 of the group's scratch tensor, so that x and B are not kept until the model
+        call; pending: the bucket decays exp(sum of dt A) and the bucket sums of the token means
+        of dt, decay, x and B. The model call completes the exact recurrence
+        h_j = decay_j h_(j-1) + S_j from the state before the call (slot 0)."""
+        bk = self.bucket
         J = -(-L // bk)
-        out[:, J].copy_(h_end)
+        b = x.shape[0]
+        key, i = self._slot[site.name]
+        shape = (len(self._groups[key]), b, J + 1, *key[1:])
+        out = self._scratch(("states", key, b, J), shape, torch.float32, x.device)[i]  # [b, J+1, H, P, N]
+        pad = J * bk - L
+        sums = F.pad(torch.stack(means), (0, 0, 0, pad)).reshape(4, b, J, bk, -1).sum((1, 3))  # [4, J, H]
+        pend = {"L": L, "sums": sums.transpose(1, 2), "dec": None}  # sums: [4, H, J]
+        self._pending[site.name] = pend
         if J == 1:
             return
-        # earlier bucket ends (all full buckets): each bucket's own contribution S_j (the
-        # chunk-state step of SSD) for all of them in one batched op, then the exact recurrence
-        # h_j = exp(sum of the bucket's dt A) h_(j-1) + S_j over the few bucket ends
-        x, B, dt, ld = pend["x"], pend["B"], pend["dt"], pend["logdec"]
         n = (J - 1) * bk
-        b = x.shape[0]
         cum = ld[:, :n].reshape(b, J - 1, bk, *ld.shape[2:]).cumsum(2)  # [b, J-1, l, H] (Mamba: [.., d, n])
         last = cum[:, :, -1]
-        if kind == "mamba2":
+        if site.kind == "mamba2":
             w = torch.exp(last[:, :, None] - cum) * dt[:, :n].reshape(b, J - 1, bk, -1)  # [b, J-1, l, H]
             H, P = x.shape[2], x.shape[3]
             g = B.shape[2]
@@ -225,14 +247,12 @@ class StateProbe(SiteProbe):
                 S = torch.einsum("bjlgq,bjlgn->bjgqn", xs.reshape(b, J - 1, bk, g, (H // g) * P),
                                  B[:, :n].reshape(b, J - 1, bk, g, -1))
                 out[:, 1:J] = S.reshape(b, J - 1, H, P, -1)
-            dec = torch.exp(last)[..., None, None]  # [b, J-1, H, 1, 1]
+            pend["dec"] = torch.exp(last)[..., None, None]  # [b, J-1, H, 1, 1]
         else:
             w = torch.exp(last[:, :, None] - cum) * dt[:, :n].reshape(b, J - 1, bk, -1)[..., None]
             out[:, 1:J, 0] = torch.einsum("bjldn,bjld,bjln->bjdn", w, x[:, :n, 0].reshape(b, J - 1, bk, -1),
                                           B[:, :n, 0].reshape(b, J - 1, bk, -1))  # [b, J-1, d, n]
-            dec = torch.exp(last)[:, :, None]  # [b, J-1, 1, d, n]
-        for j in range(1, J):  # h_j = S_j + dec_j h_(j-1), in place
-            out[:, j].addcmul_(out[:, j - 1], dec[:, j - 1])
+            pend["dec"] = torch.exp(last)[:, :, None]  # [b, J-1, 1, d, n]
 
     def _grow(self, st: dict, nb: int, fields_h, fields_b, H: int, device):
         cur = st["s1"].shape[1] if "s1" in st else 0
@@ -251,6 +271,23 @@ class StateProbe(SiteProbe):
             if old is not None:
                 t[:cur] = old
             st[f] = t
+
+    def _token_nll(self, logits, ids):
+        """The next-token NLL at positions 0..L-2 of the call ([b, L-1]) and the log-probabilities
+        at its last position ([b, V], for the next call's first token). log_softmax + gather:
+        the cheapest exact form measured on the CPU (logsumexp - logit: ~2x slower). On the CPU
+        in blocks of rows through a ~1 MB scratch that stays in cache (one [b, L, V] float32
+        result costs more in memory traffic than the softmax); elsewhere one block."""
+        b, L, V = logits.shape
+        ch = max(1, (1 << 18) // V) if logits.device.type == "cpu" else max(L - 1, 1)
+        buf = self._scratch("lp", (b, min(ch, max(L - 1, 1)), V), torch.float32, logits.device)
+        parts = []
+        for r in range(0, L - 1, ch):
+            e = min(r + ch, L - 1)
+            lp = torch.log_softmax(logits[:, r:e].float(), -1, out=buf[:, : e - r])
+            parts.append(lp.gather(-1, ids[:, r + 1: e + 1, None])[..., 0])
+        nll = torch.cat(parts, 1).neg_() if parts else logits.new_zeros(b, 0, dtype=torch.float32)
+        return nll, torch.log_softmax(logits[:, -1].float(), -1)
 
     def _observe_model(self, site, call):
         from workbench._compat import output_cache
@@ -276,11 +313,7 @@ class StateProbe(SiteProbe):
         idx = torch.arange(j0, j0 + J, device=device)
         # token loss per bucket: predictions made at positions pos .. pos+L-1 (the previous
         # call's last logits predict this call's first token)
-        logits = out.logits.float()
-        buf = self._bufs.get("lp")
-        if buf is None or buf.shape != logits.shape or buf.device != logits.device:
-            buf = self._bufs["lp"] = torch.empty_like(logits)
-        lp = torch.log_softmax(logits, -1, out=buf)
+        nll, last_lp = self._token_nll(out.logits, ids)  # [b, L-1] at positions pos..pos+L-2
         ms = self.model_state
         if "loss" not in ms or ms["loss"].shape[0] < self.nb:
             new = max(self.nb, 2 * (ms["loss"].shape[0] if "loss" in ms else 0), 8)
@@ -289,7 +322,6 @@ class StateProbe(SiteProbe):
                 if f in ms:
                     t[: ms[f].shape[0]] = ms[f]
                 ms[f] = t
-        nll = -lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [b, L-1] at positions pos..pos+L-2
         if "last_lp" in ms and self.pos > 0:
             first = -ms["last_lp"].gather(-1, ids[:, :1])[:, 0]  # position pos-1
             ms["loss"][j0 - 1] += first.double().sum()
@@ -300,44 +332,37 @@ class StateProbe(SiteProbe):
         cnt[L - 1:] = 0
         ms["loss"].index_add_(0, idx, nll_p.double().sum((0, 2)))
         ms["loss_n"].index_add_(0, idx, (cnt.reshape(J, bk).sum(1) * b).double())
-        ms["last_lp"] = lp[:, -1].clone()
+        ms["last_lp"] = last_lp
         # per-layer state statistics (layers of one shape reduced together)
-        groups: dict[tuple, list] = {}
-        for m in self._mixers:
-            pend = self._pending.pop(m.name, None)
-            if pend is None:
-                raise CaptureError(f"{m.name}: the mixer's projection was not called during the model call")
-            if pend["L"] != L:
-                raise CaptureError(f"{m.name}: saw {pend['L']} tokens but the model call had {L}; the state "
-                                   "probe needs the plain forward (no inputs_embeds, no packing)")
-            h_end = recurrent_state(cache, m.module.layer_idx)
-            if m.kind == "mamba":
-                h_end = h_end[:, None]  # one head: [b, 1, d_inner, N]
-            groups.setdefault((m.kind, tuple(h_end.shape)), []).append((m, pend, h_end))
-        for (kind, shape), group in groups.items():
+        for key, group in self._groups.items():
             # the group's states before the call (slot 0) and at each bucket end (slots 1..J):
-            # [Ly, b, J+1, H, P, N], one scratch tensor reused across calls
-            buf = self._scratch(("states", kind, shape, J), (len(group), shape[0], J + 1, *shape[1:]),
-                                torch.float32, device)
-            for i, (m, pend, h_end) in enumerate(group):
+            # [Ly, b, J+1, H, P, N], a scratch tensor reused across calls
+            buf = self._bufs.get(("states", key, b, J))
+            sums = []
+            for i, m in enumerate(group):
+                pend = self._pending.pop(m.name, None)
+                if pend is None or buf is None:
+                    raise CaptureError(f"{m.name}: the mixer's projection was not called during the model call")
+                if pend["L"] != L:
+                    raise CaptureError(f"{m.name}: saw {pend['L']} tokens but the model call had {L}; the state "
+                                       "probe needs the plain forward (no inputs_embeds, no packing)")
+                out = buf[i]
                 h0 = self._prev.get(m.name)
                 if h0 is None:
-                    buf[i, :, 0].zero_()
+                    out[:, 0].zero_()
                 else:
-                    buf[i, :, 0].copy_(h0)
-                self._bucket_states(pend, buf[i], h_end, kind)
-            for i, (m, _, _) in enumerate(group):
-                # the next call's slot 0: a copy (this scratch tensor is rewritten by the next call)
-                prev = self._prev.get(m.name)
-                if prev is None or prev.shape != buf.shape[1:2] + buf.shape[3:]:
-                    self._prev[m.name] = buf[i, :, J].clone()
-                else:
-                    prev.copy_(buf[i, :, J])
-            self._reduce([m.name for m, _, _ in group], buf, self.pos > 0, [p for _, p, _ in group],
-                         idx, j0, J, L, b)
+                    out[:, 0].copy_(h0)  # before slot J is rewritten (h0 may be a view of it)
+                h_end = recurrent_state(cache, m.module.layer_idx)
+                out[:, J].copy_(h_end if m.kind == "mamba2" else h_end[:, None])  # Mamba: one head
+                for j in range(1, J):  # h_j = S_j + decay_j h_(j-1), in place
+                    out[:, j].addcmul_(out[:, j - 1], pend["dec"][:, j - 1])
+                # the next call's slot 0: read before this slot is rewritten
+                self._prev[m.name] = out[:, J]
+                sums.append(pend["sums"])
+            self._reduce([m.name for m in group], buf, self.pos > 0, sums, idx, j0, J, L, b)
         self.pos += L
 
-    def _reduce(self, names, buf, has_prev, pends, idx, j0, J, L, b):
+    def _reduce(self, names, buf, has_prev, sums, idx, j0, J, L, b):
         """Fold the bucket-end states buf[:, :, 1:] ([Ly, b, J+1, H, P, N]; slot 0: the state
         before the call) of `names` (layers of one shape, done together: a few large ops instead
         of many small ones) into the per-bucket sums."""
@@ -387,10 +412,7 @@ class StateProbe(SiteProbe):
         snaps = torch.full((J,), float(b), device=device)
         elems = torch.full((J,), float(b * P * N), device=device)
 
-        def bsum(t):  # [b, L, H] -> [H, J]
-            return F.pad(t, (0, 0, 0, pad)).reshape(b, J, bk, -1).sum((0, 2)).T
-
-        for i, (name, pend) in enumerate(zip(names, pends)):
+        for i, name in enumerate(names):
             st = self.state.setdefault(name, {})
             self._grow(st, j0 + J, HEAD_FIELDS, BUCKET_FIELDS, H, device)
             st["s1"].index_add_(1, idx, s1[i].T)
@@ -403,10 +425,8 @@ class StateProbe(SiteProbe):
             st["cos_n"].index_add_(0, idx, valid * b)
             st["usage"].index_add_(1, idx, used[i].T)
             st["erank"].index_add_(1, idx, erank[i].T)
-            st["dt"].index_add_(1, idx, bsum(pend["dt_mean"]))
-            st["decay"].index_add_(1, idx, bsum(pend["dec_mean"]))
-            st["x"].index_add_(1, idx, bsum(pend["x_mean"]))
-            st["B"].index_add_(1, idx, bsum(pend["B_mean"]))
+            for k, f in enumerate(("dt", "decay", "x", "B")):  # bucket sums of the token means
+                st[f].index_add_(1, idx, sums[i][k])
             st["tokens"].index_add_(0, idx, tok)
             # histograms at the chosen positions
             for k, p in enumerate(self.hist_positions):
