@@ -412,22 +412,28 @@ class StateProbe(SiteProbe):
         snaps = torch.full((J,), float(b), device=device)
         elems = torch.full((J,), float(b * P * N), device=device)
 
+        # fold into the per-layer sums: one foreach add over all layers and fields (bucket
+        # slice j0..j0+J) instead of ~15 index_add_ calls per layer
+        sl = slice(j0, j0 + J)
+        cos_n = valid * b
+        dst, src = [], []
         for i, name in enumerate(names):
             st = self.state.setdefault(name, {})
             self._grow(st, j0 + J, HEAD_FIELDS, BUCKET_FIELDS, H, device)
-            st["s1"].index_add_(1, idx, s1[i].T)
-            st["s2"].index_add_(1, idx, s2[i].T)
-            st["med"].index_add_(1, idx, med[i].T)
-            st["snaps"].index_add_(0, idx, snaps)
-            st["elems"].index_add_(0, idx, elems)
-            st["cos"].index_add_(1, idx, cos[i].T)
-            st["cos_layer"].index_add_(0, idx, cos_l[i])
-            st["cos_n"].index_add_(0, idx, valid * b)
-            st["usage"].index_add_(1, idx, used[i].T)
-            st["erank"].index_add_(1, idx, erank[i].T)
-            for k, f in enumerate(("dt", "decay", "x", "B")):  # bucket sums of the token means
-                st[f].index_add_(1, idx, sums[i][k])
-            st["tokens"].index_add_(0, idx, tok)
+            for f, v in (("s1", s1[i]), ("s2", s2[i]), ("med", med[i]), ("cos", cos[i]), ("usage", used[i]),
+                         ("erank", erank[i])):  # [J, H]
+                dst.append(st[f][:, sl])
+                src.append(v.T)
+            for k, f in enumerate(("dt", "decay", "x", "B")):  # bucket sums of the token means: [H, J]
+                dst.append(st[f][:, sl])
+                src.append(sums[i][k])
+            for f, v in (("snaps", snaps), ("elems", elems), ("cos_layer", cos_l[i]), ("cos_n", cos_n),
+                         ("tokens", tok)):  # [J]
+                dst.append(st[f][sl])
+                src.append(v)
+        torch._foreach_add_(dst, src)
+        for i, name in enumerate(names):
+            st = self.state[name]
             # histograms at the chosen positions
             for k, p in enumerate(self.hist_positions):
                 j = p // bk - 1 - j0
