@@ -286,7 +286,9 @@ class StateProbe(SiteProbe):
             e = min(r + ch, L - 1)
             lp = torch.log_softmax(logits[:, r:e].float(), -1, out=buf[:, : e - r])
             parts.append(lp.gather(-1, ids[:, r + 1: e + 1, None])[..., 0])
-        nll = torch.cat(parts, 1).neg_() if parts else logits.new_zeros(b, 0, dtype=torch.float32)
+        if not parts:
+            return logits.new_zeros(b, 0, dtype=torch.float32), torch.log_softmax(logits[:, -1].float(), -1)
+        nll = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)).neg_()
         return nll, torch.log_softmax(logits[:, -1].float(), -1)
 
     def _observe_model(self, site, call):
@@ -483,7 +485,9 @@ class StateProbe(SiteProbe):
         return out
 
     def finish(self, run) -> None:
-        self._bufs.clear()
+        self._bufs.clear()  # scratch and carried states: not needed once the capture ends
+        self._prev.clear()
+        self._carry.clear()
         run.meta["state"] = {
             "bucket": self.bucket, "hist_positions": self.hist_positions, "usage_tol": self.usage_tol,
             "mixers": [{"layer": m.layer, "name": m.name, "kind": m.kind} for m in self._mixers],
