@@ -28,6 +28,7 @@ calls. Nothing here reads a device value back to the host during the capture.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -284,6 +285,7 @@ _INT_FIELDS = (("counts", lambda e, nl: (e,)), ("active_hist", lambda e, nl: (e 
 _FLOAT_FIELDS = (("mass", lambda e, nl: (e,)), ("entropy", lambda e, nl: ()), ("margin", lambda e, nl: ()),
                  ("reuse_num", lambda e, nl: ()), ("shared_gate", lambda e, nl: ()))
 _STASH_MAX_BYTES = 256 << 20  # router outputs held back within one forward call before an early update
+_BATCH_BYTES = 256 << 20  # largest float64 table of one batch of layers counted together
 
 
 def _numel(shape) -> int:
@@ -305,8 +307,11 @@ class _Bank:
     Each router's fields in ``probe.state[name]`` are views into its row (``views``); a field that
     was replaced from outside (a merge, load_state_dict) is copied back in before the next update."""
 
+    _uids = itertools.count()
+
     def __init__(self, names: list[str], e: int, nl: int, v: int, budget: int, device):
         self.names, self.e, self.budget, self.device = list(names), e, budget, device
+        self.uid, self.version = next(_Bank._uids), 0  # CUDA graphs are made per (uid, version)
         self.row = {n: i for i, n in enumerate(self.names)}
         ly = len(self.names)
         z = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
@@ -382,6 +387,7 @@ class _Bank:
         have = self.t["label_tokens"].shape[1]
         if n <= have:
             return
+        self.version += 1  # the label tensors move: graphs made before are stale
         for k in ("label_counts", "label_tokens"):
             old = self.t[k]
             new = old.new_zeros(old.shape[0], n, *old.shape[2:])
@@ -425,8 +431,9 @@ class RoutingProbe(_RouterSites):
     name = "routing"
 
     def __init__(self, budget: int = 2048, lengths=LENGTHS, max_labels: int = 64, vocab_cells: int = 1 << 22,
-                 vocab: str = "input"):
+                 vocab: str = "input", cuda_graphs: bool = True):
         super().__init__()
+        self.cuda_graphs = bool(cuda_graphs)
         if vocab not in ("input", "next"):
             raise CaptureError(f"vocab must be 'input' (the token routed) or 'next' (the true next token), got {vocab!r}")
         self.vocab = vocab
@@ -452,7 +459,7 @@ class RoutingProbe(_RouterSites):
     def __getstate__(self):  # deep copies (distributed blanks) carry no banks or held outputs
         d = dict(self.__dict__)
         d["_stash"], d["_stash_bytes"], d["_banks"] = [], 0, {}
-        for k in ("_lens_cache", "_arange_cache", "_const_cache"):
+        for k in ("_lens_cache", "_arange_cache", "_const_cache", "_ones_cache", "_graphs", "_graph_keys"):
             d.pop(k, None)
         return d
 
@@ -586,20 +593,88 @@ class RoutingProbe(_RouterSites):
         bank.column("shared_gate_tokens").index_add_(0, rows, t)
 
     def _count_routers(self, sites, items) -> None:
+        parts0 = items[0][0]
+        first = parts0[0] if isinstance(parts0, tuple) else parts0
+        n, e = first.shape[0], int(sites[0].n_experts)
+        # layers per batch: the [G, n, ~3E] float64 temporaries stay under _BATCH_BYTES
+        per = max(1, _BATCH_BYTES // max(1, n * (3 * e + 8) * 8))
+        for i in range(0, len(items), per):
+            self._count_batch(sites[i:i + per], items[i:i + per], n, e, first.device)
+
+    def _count_batch(self, sites, items, n, e, dev) -> None:
         parts0, valid, tok, lab, n_labels, b = items[0]
-        if isinstance(parts0, tuple):
-            cat = tuple(torch.cat([it[0][j] for it in items]) for j in range(3))
-        else:
-            cat = torch.cat([it[0] for it in items])
-        out = decode_router_output(sites[0], cat)
-        G, e = len(items), int(sites[0].n_experts)
-        n = out.selected.shape[0] // G
-        dev = out.selected.device
         bank, rows = self._bank(sites, dev)
         if n_labels:
             bank.grow_labels(n_labels)
         if valid is None:
-            valid = torch.ones(n, dtype=torch.bool, device=dev)
+            valid = self._ones(n, dev)
+        tup = isinstance(parts0, tuple)
+        if self.cuda_graphs and dev.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            key = (bank.uid, bank.version, tuple(s.name for s in sites), n, b, tok is None, lab is None,
+                   tuple((p.dtype, p.shape[1]) for p in parts0) if tup else parts0.dtype)
+            if self._replay(key, sites, items, bank, rows, valid, tok, lab, b):
+                return
+        cat = tuple(torch.cat([it[0][j] for it in items]) for j in range(3)) if tup else torch.cat([it[0] for it in items])
+        self._count_core(sites[0], bank, rows, cat, valid, tok, lab, b)
+
+    def _replay(self, key, sites, items, bank, rows, valid, tok, lab, b) -> bool:
+        """CUDA: count through a CUDA graph of _count_core made for this key (the routers, the call
+        shape, the bank): the inputs are copied into the graph's buffers and the graph replayed,
+        a handful of launches instead of about a hundred. A key seen for the first time is
+        counted eagerly (that also makes every cached constant); the second time the graph is
+        captured. False: count eagerly."""
+        graphs = self.__dict__.setdefault("_graphs", {})
+        hit = graphs.get(key)
+        tup = isinstance(items[0][0], tuple)
+        if hit is None:
+            seen = self.__dict__.setdefault("_graph_keys", set())
+            if key not in seen or self.__dict__.get("_graphs_failed"):
+                if len(seen) > 64:
+                    seen.clear()
+                seen.add(key)
+                return False
+            parts = [torch.cat([it[0][j] for it in items]) for j in range(3)] if tup else [torch.cat([it[0] for it in items])]
+            static = {"parts": parts, "valid": valid.clone(), "tok": None if tok is None else tok.clone(),
+                      "lab": None if lab is None else lab.clone()}
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self._count_core(sites[0], bank, rows, tuple(parts) if tup else parts[0], static["valid"],
+                                     static["tok"], static["lab"], b)
+            except Exception:  # noqa: BLE001 - an op that cannot be captured here: stay eager
+                self._graphs_failed = True
+                return False
+            if len(graphs) >= 16:
+                graphs.pop(next(iter(graphs)))
+            graphs[key] = hit = (graph, static)
+        else:
+            graph, static = hit
+            if tup:
+                for j, buf in enumerate(static["parts"]):
+                    torch.cat([it[0][j] for it in items], out=buf)
+            else:
+                torch.cat([it[0] for it in items], out=static["parts"][0])
+            static["valid"].copy_(valid)
+            for k, t in (("tok", tok), ("lab", lab)):
+                if t is not None:
+                    static[k].copy_(t)
+        hit[0].replay()
+        return True
+
+    def _ones(self, n: int, dev) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_ones_cache", {})
+        t = cache.get((n, str(dev)))
+        if t is None:
+            t = cache[(n, str(dev))] = torch.ones(n, dtype=torch.bool, device=dev)
+        return t
+
+    def _count_core(self, site, bank, rows, cat, valid, tok, lab, b) -> None:
+        """Count one batch of G routers' outputs (`cat`: their outputs stacked by rows) into the
+        bank rows `rows`. Device work only, fixed shapes: no host sync, and capturable."""
+        out = decode_router_output(site, cat)
+        G, e = rows.shape[0], int(site.n_experts)
+        n = out.selected.shape[0] // G
+        dev = out.selected.device
         sel = out.selected.reshape(G, n, e) & valid[:, None]
         w = out.weights.reshape(G, n, e)
         p = out.probs.reshape(G, n, e)
