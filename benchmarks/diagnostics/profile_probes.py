@@ -10,6 +10,7 @@ profiler tables of one probed forward. state: one 512-token chunk of the 370M Ma
 profiler tables of the probed and the plain chunk. Prints tables; writes chrome traces to DIR.
 """
 
+# ruff: noqa: B023 (the timed lambdas run inside their loop)
 from __future__ import annotations
 
 import argparse
