@@ -36,6 +36,8 @@ never reads a device value back to the host.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +67,68 @@ def _median(v: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.partition(v.contiguous().numpy(), k, axis=-1)[..., k].copy())
 
 
+def erank_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Effective rank exp(entropy of the normalised singular values) of matrices M from their
+    Gram matrices M M^T [..., k, k] (the smaller side; float64): singular values are the square
+    roots of the Gram's eigenvalues."""
+    sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
+    return torch.exp(-(pr * torch.log(pr.clamp_min(1e-30))).sum(-1))
+
+
+def _erank_part(gram: torch.Tensor, event) -> torch.Tensor:
+    if event is not None:
+        event.synchronize()  # the copy to this pinned buffer has landed (waits in a worker thread)
+    return erank_from_gram(gram)
+
+
+class _HostLinalg:
+    """Effective ranks of CUDA states, computed on the host while the GPU carries on.
+
+    torch.linalg.eigvalsh on CUDA decomposes matrices larger than 32 x 32 one at a time (cuSOLVER
+    syevd in a loop, ~0.1 ms each; the batched solver is used only up to 32 x 32), and a Mamba-2
+    370M call has 48 layers x 32 heads x 4 buckets of 64 x 64 Gram matrices. So on CUDA each
+    call's Gram matrices are copied to a pinned host buffer (an asynchronous copy and an event:
+    no sync), and a thread pool decomposes them in parallel on the CPU cores while the forward
+    goes on. The results are folded into the state (``apply``) in call order, when the state is
+    read (state_dict, finish, merge) or when more than ``depth`` calls wait."""
+
+    def __init__(self, workers: int | None = None, depth: int = 2):
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers = int(workers or max(1, min(16, (os.cpu_count() or 2) - 1)))
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="wb-state-linalg")
+        self.depth = depth
+        self.jobs: list = []
+        self.free: dict[tuple, list] = {}
+
+    def submit(self, gram: torch.Tensor, apply) -> None:
+        shape = tuple(gram.shape)
+        bufs = self.free.setdefault(shape, [])
+        host = bufs.pop() if bufs else torch.empty(shape, dtype=gram.dtype, pin_memory=gram.is_cuda)
+        host.copy_(gram, non_blocking=gram.is_cuda)
+        event = None
+        if gram.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        flat = host.view(-1, shape[-2], shape[-1])
+        parts = [p for p in torch.tensor_split(flat, self.workers) if p.shape[0]]
+        self.jobs.append(([self.pool.submit(_erank_part, p, event) for p in parts], host, shape, apply))
+        while len(self.jobs) > self.depth:
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        futs, host, shape, apply = self.jobs.pop(0)
+        er = torch.cat([f.result() for f in futs]).view(shape[:-2])
+        self.free[shape].append(host)
+        apply(er)
+
+    def drain(self) -> None:
+        while self.jobs:
+            self._collect_one()
+
+
 class StateProbe(SiteProbe):
     """Per layer / head / position-bucket statistics of the SSM state (see the module doc)."""
 
@@ -72,8 +136,11 @@ class StateProbe(SiteProbe):
     site_kind = "mixer"
 
     def __init__(self, bucket: int = 128, hist_positions=(), usage_tol: float = 1e-2,
-                 edges: torch.Tensor | None = None, median_sample: int = 1024):
+                 edges: torch.Tensor | None = None, median_sample: int = 1024, host_linalg: bool | None = None):
         super().__init__()
+        # effective ranks on the host, overlapped with the forward (see _HostLinalg): None = on CUDA
+        self.host_linalg = host_linalg
+        self._linalg: _HostLinalg | None = None
         if bucket < 1:
             raise CaptureError(f"bucket must be a positive number of tokens, got {bucket}")
         self.bucket = int(bucket)
@@ -220,6 +287,34 @@ class StateProbe(SiteProbe):
         out.append(h_end)
         return torch.stack(out, 1)
 
+    def _use_host_linalg(self, device) -> bool:
+        return self.host_linalg if self.host_linalg is not None else torch.device(device).type == "cuda"
+
+    def _host(self) -> _HostLinalg:
+        if self._linalg is None:
+            self._linalg = _HostLinalg()
+        return self._linalg
+
+    def _fold_erank(self, names, idx, er: torch.Tensor) -> None:
+        """Add host-computed effective ranks [Ly, b, J, H] (float64, CPU) of `names` at buckets `idx`."""
+        er = er.sum(1).float()
+        dev = idx.device
+        if dev.type == "cuda":
+            er = er.pin_memory().to(dev, non_blocking=True)
+        for i, name in enumerate(names):
+            self.state[name]["erank"].index_add_(1, idx, er[i].T)
+
+    def _drain(self) -> None:
+        if self._linalg is not None:
+            self._linalg.drain()
+
+    def __getstate__(self):  # copies (distributed blanks) carry no thread pool
+        d = dict(self.__dict__)
+        if d.get("_linalg") is not None:
+            self._linalg.drain()
+        d["_linalg"] = None
+        return d
+
     def _grow(self, st: dict, nb: int, fields_h, fields_b, H: int, device):
         cur = st["s1"].shape[1] if "s1" in st else 0
         if nb <= cur:
@@ -341,9 +436,11 @@ class StateProbe(SiteProbe):
         # SVD per head costs ~3x more on the CPU
         hd = states.double()
         gram = hd @ hd.transpose(-1, -2) if P <= N else hd.transpose(-1, -2) @ hd
-        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()  # [Ly, b, J, H, min(P, N)]
-        pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
-        erank = torch.exp(-(pr * torch.log(pr.clamp_min(1e-30))).sum(-1)).sum(1).float()  # [Ly, J, H]
+        if self._use_host_linalg(device):  # folded in later (see _HostLinalg)
+            self._host().submit(gram, functools.partial(self._fold_erank, list(names), idx))
+            erank = None
+        else:
+            erank = erank_from_gram(gram).sum(1).float()  # [Ly, J, H]
         pad = J * bk - L
         tok = F.pad(torch.ones(L, device=device), (0, pad)).reshape(J, bk).sum(1) * b
         snaps = torch.full((J,), float(b), device=device)
@@ -364,7 +461,8 @@ class StateProbe(SiteProbe):
             st["cos_layer"].index_add_(0, idx, cos_l[i])
             st["cos_n"].index_add_(0, idx, valid * b)
             st["usage"].index_add_(1, idx, used[i].T)
-            st["erank"].index_add_(1, idx, erank[i].T)
+            if erank is not None:
+                st["erank"].index_add_(1, idx, erank[i].T)
             st["dt"].index_add_(1, idx, bsum(pend["dt_mean"]))
             st["decay"].index_add_(1, idx, bsum(pend["dec_mean"]))
             st["x"].index_add_(1, idx, bsum(pend["x_mean"]))
@@ -394,6 +492,9 @@ class StateProbe(SiteProbe):
                 mine[k] += v
 
     def merge(self, other):
+        self._drain()
+        if isinstance(other, StateProbe):
+            other._drain()
         super().merge(other)
         self.nb = max(self.nb, other.nb)
         for k, v in other.model_state.items():
@@ -408,6 +509,7 @@ class StateProbe(SiteProbe):
         return self
 
     def state_dict(self):
+        self._drain()
         out = {}
         for site, fields in self.state.items():
             for k, v in fields.items():
@@ -419,6 +521,7 @@ class StateProbe(SiteProbe):
         return out
 
     def finish(self, run) -> None:
+        self._drain()
         run.meta["state"] = {
             "bucket": self.bucket, "hist_positions": self.hist_positions, "usage_tol": self.usage_tol,
             "mixers": [{"layer": m.layer, "name": m.name, "kind": m.kind} for m in self._mixers],
