@@ -137,7 +137,9 @@ def state(args):
     state_scan(model, ids[:, : 2 * args.chunk], bucket=128, chunk=args.chunk)
     plain()
     from torch.profiler import ProfilerActivity, profile
-    for name, fn in (("plain", plain), ("probe", lambda: state_scan(model, ids, bucket=128, chunk=args.chunk))):
+    for name, fn in (("plain", plain), ("probe", lambda: state_scan(model, ids, bucket=128, chunk=args.chunk)),
+                     ("probe, eigvalsh on the GPU", lambda: state_scan(model, ids, bucket=128, chunk=args.chunk,
+                                                                       host_linalg=False))):
         torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
