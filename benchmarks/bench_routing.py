@@ -105,7 +105,8 @@ def part_gpu(args) -> dict:
     for _ in range(3):
         fwd()
     modes = {"routing-probe": lambda: [wb.RoutingProbe(budget=args.budget)],
-             "routing-probe-no-sample": lambda: [wb.RoutingProbe(budget=0)]}
+             "routing-probe-no-sample": lambda: [wb.RoutingProbe(budget=0)],
+             "routing-probe-no-cuda-graphs": lambda: [wb.RoutingProbe(budget=args.budget, cuda_graphs=False)]}
     base: list[float] = []
     times: dict[str, list[float]] = {m: [] for m in modes}
     finalize = []
@@ -113,7 +114,8 @@ def part_gpu(args) -> dict:
         base += timed(fwd, args.reps)
         for mode, make in modes.items():
             with wb.capture(model, probes=make()) as run:
-                fwd()  # warm-up inside the capture
+                fwd()  # warm-up inside the capture: the first call shape is counted eagerly,
+                fwd()  # the second makes the CUDA graph that later calls replay
                 times[mode] += timed(fwd, args.reps)
                 t0 = time.perf_counter()
             finalize.append((time.perf_counter() - t0) * 1e3)
@@ -124,6 +126,7 @@ def part_gpu(args) -> dict:
     plain = _count_ops(fwd)
     for mode, make in modes.items():
         with wb.capture(model, probes=make()) as run2:
+            fwd()
             fwd()
             ops[mode] = (_count_ops(fwd) - plain) / len(run2.meta["routers"])
     import transformers as tf

@@ -10,6 +10,7 @@ profiler tables of one probed forward. state: one 512-token chunk of the 370M Ma
 profiler tables of the probed and the plain chunk. Prints tables; writes chrome traces to DIR.
 """
 
+# ruff: noqa: B023 (the timed lambdas run inside their loop)
 from __future__ import annotations
 
 import argparse
@@ -136,7 +137,9 @@ def state(args):
     state_scan(model, ids[:, : 2 * args.chunk], bucket=128, chunk=args.chunk)
     plain()
     from torch.profiler import ProfilerActivity, profile
-    for name, fn in (("plain", plain), ("probe", lambda: state_scan(model, ids, bucket=128, chunk=args.chunk))):
+    for name, fn in (("plain", plain), ("probe", lambda: state_scan(model, ids, bucket=128, chunk=args.chunk)),
+                     ("probe, eigvalsh on the GPU", lambda: state_scan(model, ids, bucket=128, chunk=args.chunk,
+                                                                       host_linalg=False))):
         torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
@@ -154,9 +157,39 @@ def state(args):
     print(_table(prof2, "self_cuda_time_total", 15))
 
 
+def linalg(args):
+    """Singular values of many small state matrices on the GPU: which routine is fast."""
+    def t(fn, reps=3):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    for batch, p, n in ((6144, 64, 128), (1536, 64, 128), (192, 32, 128)):
+        x = torch.randn(batch, p, n, device="cuda")
+        g64 = x.double() @ x.double().transpose(-1, -2)
+        g32 = x @ x.transpose(-1, -2)
+        rows = {"eigvalsh f64": lambda: torch.linalg.eigvalsh(g64),
+                "eigvalsh f32": lambda: torch.linalg.eigvalsh(g32),
+                "svdvals f32": lambda: torch.linalg.svdvals(x),
+                "svd gesvdj f32": lambda: torch.linalg.svd(x, full_matrices=False, driver="gesvdj"),
+                "svd gesvda f32 (n x p)": lambda: torch.linalg.svd(x.transpose(-1, -2), full_matrices=False,
+                                                                  driver="gesvda"),
+                "host eigvalsh f64 (copy + cpu)": lambda: torch.linalg.eigvalsh(g64.cpu())}
+        for name, fn in rows.items():
+            try:
+                print(f"LINALG [{batch}, {p}, {n}] {name}: {t(fn):.2f} ms")
+            except Exception as e:  # noqa: BLE001
+                print(f"LINALG [{batch}, {p}, {n}] {name}: failed {type(e).__name__}: {str(e)[:100]}")
+    print("torch threads", torch.get_num_threads())
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["routing", "state"], required=True)
+    ap.add_argument("--part", choices=["routing", "state", "linalg"], required=True)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--budget", type=int, default=2048)
@@ -164,7 +197,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    {"routing": routing, "state": state}[a.part](a)
+    {"routing": routing, "state": state, "linalg": linalg}[a.part](a)
 
 
 if __name__ == "__main__":

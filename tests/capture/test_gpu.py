@@ -49,3 +49,27 @@ def test_fused_path_is_used_on_cuda(monkeypatch):
     model = tiny.build("llama").cuda()
     wb.profile(model, torch.randint(1, tiny.VOCAB, (2, 8)), progress=False)
     assert calls
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "blockffn"])
+def test_routing_probe_cuda_graphs_equal_eager(family):
+    """RoutingProbe's CUDA-graph replays (a call shape seen twice) count exactly what the eager
+    path counts, through shape changes, labels and a merge."""
+    from tests.capture.test_routing_probe import _assert_states_equal, _calls
+    from workbench.capture import Capture
+    from workbench.capture.routing import RoutingProbe
+
+    model = tiny.build_router(family).cuda()
+    calls = (_calls("left") + _calls("right")) * 2  # each shape three or more times
+    states = []
+    for graphs in (False, True):
+        probe = RoutingProbe(budget=40, cuda_graphs=graphs)
+        with Capture(model, probes=[probe]) as cap:
+            for ids, mask, labels in calls:
+                cap.set_labels(labels)
+                model(input_ids=ids.cuda(), attention_mask=mask.cuda())
+        states.append({k: v.cpu() for k, v in probe.state_dict().items()})
+        if graphs:
+            assert probe.__dict__.get("_graphs"), "no CUDA graph was made"
+            assert not probe.__dict__.get("_graphs_failed")
+    _assert_states_equal(states[1], states[0])

@@ -218,6 +218,58 @@ def test_merge_equals_one_capture():
             assert merged[k].tolist() == v.tolist(), k
 
 
+def _assert_states_equal(got, want):
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6)
+        else:
+            assert got[k].tolist() == v.tolist(), k
+
+
+def test_state_round_trip_and_counting_on_after_a_merge():
+    """state_dict -> load_state_dict gives the same state (checkpoints, distributed folds), and a
+    probe that merged another one counts on correctly in a later capture."""
+    model = tiny.build_router("qwen2_moe")
+    calls = _calls("left") + _calls("right")
+    whole, a, b = RoutingProbe(budget=30), RoutingProbe(budget=30), RoutingProbe(budget=30)
+    with Capture(model, probes=[whole]) as cap:
+        for ids, mask, labels in calls:
+            cap.set_labels(labels)
+            model(input_ids=ids, attention_mask=mask)
+    for probe, part in ((a, calls[:1]), (b, calls[1:2])):
+        with Capture(model, probes=[probe]) as cap:
+            for ids, mask, labels in part:
+                cap.set_labels(labels)
+                model(input_ids=ids, attention_mask=mask)
+    loaded = RoutingProbe(budget=30)
+    loaded.load_state_dict(b.state_dict())
+    _assert_states_equal(loaded.state_dict(), b.state_dict())
+    a.merge(loaded)
+    with Capture(model, probes=[a]) as cap:  # the merged state goes back into the stacked state
+        for ids, mask, labels in calls[2:]:
+            cap.set_labels(labels)
+            model(input_ids=ids, attention_mask=mask)
+    _assert_states_equal(a.state_dict(), whole.state_dict())
+
+
+def test_routers_counted_once_per_model_call(monkeypatch):
+    """Every router of a forward call is decoded and counted in one batch, at the end of the call."""
+    from workbench.capture import routing
+
+    model = tiny.build_router("mixtral")
+    n_routers = len(wb.locate(model).routers)
+    assert n_routers >= 2
+    seen = []
+    real = routing.decode_router_output
+    monkeypatch.setattr(routing, "decode_router_output", lambda site, out: seen.append(out[0].shape) or real(site, out))
+    with wb.capture(model, probes=[RoutingProbe()]):
+        for ids, mask, _ in _calls("left"):
+            model(input_ids=ids, attention_mask=mask)
+    assert len(seen) == 2  # two forward calls
+    assert [s[0] for s in seen] == [n_routers * 3 * 13, n_routers * 2 * 9]
+
+
 def test_sample_text_pieces_from_the_tokenizer():
     class Tok:
         def decode(self, ids):

@@ -157,6 +157,29 @@ def test_chunked_and_unchunked_agree():
             torch.testing.assert_close(a.state_dict()[k].double(), v.double(), rtol=1e-5, atol=1e-6)
 
 
+def test_host_linalg_equals_the_device_path():
+    """The effective ranks computed on the host thread pool (the CUDA path) equal the in-line
+    ones, through several calls, a merge and a state read mid-run."""
+    import workbench as wb
+
+    model = tiny.build("mamba2")
+    ids = torch.randint(2, tiny.VOCAB, (2, 96), generator=torch.Generator().manual_seed(4))
+    states = []
+    for host in (False, True):
+        a, b = StateProbe(bucket=BK, host_linalg=host), StateProbe(bucket=BK, host_linalg=host)
+        for p, x in ((a, ids[:1]), (b, ids[1:])):
+            with wb.capture(model, probes=[p]):
+                for s in range(0, 96, 32):  # three calls: more than the pool's queue depth
+                    model(input_ids=x[:, : s + 32], use_cache=True)
+                    if s == 32:
+                        p.state_dict()  # a read mid-run folds what is pending
+        a.merge(b)
+        states.append(a.state_dict())
+    assert states[1].keys() == states[0].keys()
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=0, atol=0, msg=k)
+
+
 def test_histograms_and_collapse():
     model = tiny.build("mamba2")
     ids = torch.randint(2, tiny.VOCAB, (2, 48), generator=torch.Generator().manual_seed(5))

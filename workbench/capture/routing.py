@@ -28,12 +28,13 @@ calls. Nothing here reads a device value back to the host during the capture.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from workbench.adapters.base import GATED
-from workbench.capture.probes import HookPoint, SiteProbe
+from workbench.capture.probes import HookPoint, ModelSite, SiteProbe
 from workbench.capture.rules import Rule
 from workbench.errors import AdapterError, CaptureError
 
@@ -121,17 +122,19 @@ def decode_router_output(site, output) -> RouterOut:
 
 # -- device-side counts over [B, S, U] activity (no host sync) ---------------------------------
 
-def compact(active: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(seq [B, S, U], n_valid [B, 1]): each sequence's valid tokens moved to the front, in order
-    (the rest zero). active [B, S, U] bool, already False at invalid positions; valid [B, S] bool
-    (left or right padding, or holes)."""
+def compact(active: torch.Tensor, valid: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq [G*B, S, U], n_valid [B, 1]): each sequence's valid tokens moved to the front, in order
+    (the rest zero). active [G*B, S, U] bool: G groups (layers) of the same B sequences, group-major,
+    already False at invalid positions; valid [B, S] bool (left or right padding, or holes)."""
     order = torch.sort(valid.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    seq = active.gather(1, order[..., None].expand(-1, -1, active.shape[-1]))
-    return seq, valid.sum(1, keepdim=True)
+    b, s = valid.shape
+    u = active.shape[-1]
+    seq = active.reshape(groups, b, s, u).gather(2, order[None, ..., None].expand(groups, -1, -1, u))
+    return seq.reshape(groups * b, s, u), valid.sum(1, keepdim=True)
 
 
 _WINDOWS: dict = {}
-_CUMSUM_MAX = 1 << 23  # window_union_counts: largest B x P x U for the cumulative-sum path
+_CUMSUM_MAX = 1 << 23  # window_union_counts: largest G x B x P x U for the cumulative-sum path
 
 
 def _padded(s: int) -> int:
@@ -160,28 +163,37 @@ def _window_table(s: int, lengths, dev) -> tuple[int, torch.Tensor, torch.Tensor
 
 
 def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
-                        lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLS_L counts of one call: (active unions summed over windows and units, windows x units),
-    int64 [len(lengths)] each, from `compact`'s output. Windows of L valid tokens per sequence,
-    from its first valid token; the tail is dropped.
+                        lens: torch.Tensor | None = None, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLS_L counts from `compact`'s output: (active unions summed over windows and units,
+    windows x units), int64 [len(lengths)] each; with groups G > 1 (seq [G*B, S, U], G layers of
+    the same sequences) the unions are [G, len(lengths)] (the windows x units are the same for
+    every group). Windows of L valid tokens per sequence, from its first valid token; the tail
+    is dropped.
 
     Few units (router experts): every window of every length at once, from one cumulative sum
     (a unit is active in a window iff its count grows across it): a fixed number of kernels,
-    int32 temporaries of about 5 x B x S x U. Many units (FFN neurons) or long calls: unions by
-    reshape, a length that is a multiple of an earlier one built from that one's unions (less
+    int32 temporaries of about 5 x G x B x S x U. Many units (FFN neurons) or long calls: unions
+    by reshape, a length that is a multiple of an earlier one built from that one's unions (less
     memory, a few kernels per length)."""
-    b, s, u = seq.shape
+    gb, s, u = seq.shape
+    b = gb // groups
     dev = seq.device
-    if s > 0 and b * _padded(s) * u <= _CUMSUM_MAX:
+    nl = len(lengths)
+    if s > 0 and gb * _padded(s) * u <= _CUMSUM_MAX:
         pad, bounds, ends, lid = _window_table(s, lengths, dev)
-        cs = torch.nn.functional.pad(seq.cumsum(1, dtype=torch.int32), (0, 0, 1, pad - s))  # [B, P + 1, U]
-        at = cs.index_select(1, bounds)  # [B, 2W, U]: at every window's end, then at its start
+        cs = torch.nn.functional.pad(seq.cumsum(1, dtype=torch.int32), (0, 0, 1, pad - s))  # [G*B, P + 1, U]
+        at = cs.index_select(1, bounds)  # [G*B, 2W, U]: at every window's end, then at its start
         w = ends.shape[0]
-        cnt = (at[:, :w] - at[:, w:] > 0).sum(-1)  # [B, W] unions
+        cnt = (at[:, :w] - at[:, w:] > 0).sum(-1)  # [G*B, W] unions
         okw = ends <= n_valid  # [B, W]: the window lies within the sequence's valid tokens
-        both = torch.stack([(cnt * okw).sum(0), okw.sum(0) * u])
-        out = torch.zeros(2, len(lengths), dtype=torch.int64, device=dev).index_add_(1, lid, both)
-        return out[0], out[1]
+        if groups == 1:
+            both = torch.stack([(cnt * okw).sum(0), okw.sum(0) * u])
+            out = torch.zeros(2, nl, dtype=torch.int64, device=dev).index_add_(1, lid, both)
+            return out[0], out[1]
+        # [G + 1, W]: each group's unions, then the windows x units (the same for every group)
+        both = torch.cat([(cnt.reshape(groups, b, w) * okw).sum(1), (okw.sum(0) * u)[None]])
+        out = torch.zeros(groups + 1, nl, dtype=torch.int64, device=dev).index_add_(1, lid, both)
+        return out[:groups], out[groups]
     if lens is None:  # pass it cached: a host-to-device copy waits for the stream on CUDA
         lens = torch.tensor(list(lengths), dtype=torch.int64, device=dev)
     n_win = n_valid // lens  # [B, n_L]
@@ -195,12 +207,13 @@ def window_union_counts(seq: torch.Tensor, n_valid: torch.Tensor, lengths,
             cur, f = unions[base], L // base
             w = cur.shape[1]
             if w % f:
-                cur = torch.cat([cur, cur.new_zeros(b, f - w % f, u)], 1)
-            unions[L] = cur.reshape(b, -1, f, u).any(2)
+                cur = torch.cat([cur, cur.new_zeros(gb, f - w % f, u)], 1)
+            unions[L] = cur.reshape(gb, -1, f, u).any(2)
         cur = unions[L]
-        ok = pos[: cur.shape[1]][None, :] < n_win[:, j:j + 1]
-        nums.append((cur & ok[..., None]).sum())
-    return torch.stack(nums), dens
+        ok = pos[: cur.shape[1]][None, :] < n_win[:, j:j + 1]  # [B, W]
+        nums.append((cur.reshape(groups, b, -1, u) & ok[None, ..., None]).sum((1, 2, 3)))
+    num = torch.stack(nums, -1)  # [G, n_L]
+    return (num[0], dens) if groups == 1 else (num, dens)
 
 
 def _arange(n: int, dev) -> torch.Tensor:
@@ -214,18 +227,20 @@ def _arange(n: int, dev) -> torch.Tensor:
     return t
 
 
-def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reuse_sums(seq: torch.Tensor, n_valid: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over consecutive valid pairs with |S_i| > 0 of |S_i n S_i+1| / |S_i| (float64),
-    number of such pairs (int64)), from `compact`'s output."""
-    b, s, u = seq.shape
+    number of such pairs (int64)), from `compact`'s output; [G] each with groups G > 1."""
+    gb, s, u = seq.shape
     if s < 2:
-        z = torch.zeros((), device=seq.device)
+        z = torch.zeros(() if groups == 1 else (groups,), device=seq.device)
         return z.double(), z.long()
     size = seq[:, :-1].sum(-1)
     # a pair past the valid tokens meets an all-False row: its intersection (and ratio) is 0
     ratio = (seq[:, :-1] & seq[:, 1:]).sum(-1).double() / size.clamp_min(1)
-    ok = (size > 0) & (_arange(s, seq.device)[1:] < n_valid)
-    return ratio.sum(), ok.sum()
+    ok = (size.reshape(groups, gb // groups, s - 1) > 0) & (_arange(s, seq.device)[1:] < n_valid)
+    if groups == 1:
+        return ratio.sum(), ok.sum()
+    return ratio.reshape(groups, -1).sum(1), ok.reshape(groups, -1).sum(1)
 
 
 def _lens(probe, device) -> torch.Tensor:
@@ -260,6 +275,143 @@ class _RouterSites(SiteProbe):
         return found
 
 
+_SAMPLE_IDS = ("token", "rank", "seq", "pos", "label")
+# RoutingProbe's per-layer counters, packed in one int64 and one float64 row per layer (see
+# _Bank): (field, shape given e experts and n_l window lengths). The router update writes the
+# leading columns up to and including "seqs"; the shared-expert gate the last one.
+_INT_FIELDS = (("counts", lambda e, nl: (e,)), ("active_hist", lambda e, nl: (e + 2,)), ("tokens", lambda e, nl: ()),
+               ("cosel", lambda e, nl: (e, e)), ("cls_num", lambda e, nl: (nl,)), ("cls_den", lambda e, nl: (nl,)),
+               ("reuse_den", lambda e, nl: ()), ("seqs", lambda e, nl: ()), ("shared_gate_tokens", lambda e, nl: ()))
+_FLOAT_FIELDS = (("mass", lambda e, nl: (e,)), ("entropy", lambda e, nl: ()), ("margin", lambda e, nl: ()),
+                 ("reuse_num", lambda e, nl: ()), ("shared_gate", lambda e, nl: ()))
+_STASH_MAX_BYTES = 256 << 20  # router outputs held back within one forward call before an early update
+_BATCH_BYTES = 256 << 20  # largest float64 table of one batch of layers counted together
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _Bank:
+    """The state of all routers with the same expert count on one device, stacked by layer:
+    ``ints [layers, K_i]`` / ``floats [layers, K_f]`` (the counters of _INT_FIELDS / _FLOAT_FIELDS
+    side by side), ``label_counts [layers, labels, E]``, ``label_tokens [layers, labels]``,
+    ``vocab_counts [layers, V, E]``, ``vocab_tokens [layers, V]`` and the token sample
+    ``sample_ids [layers, budget + 1, 5]``, ``sample_weights`` / ``sample_selected [layers,
+    budget + 1, E]`` (the last slot is the dump slot that padding and tokens past the budget are
+    written to: fixed shapes, no host sync). One update covers every layer of a forward call.
+
+    Each router's fields in ``probe.state[name]`` are views into its row (``views``); a field that
+    was replaced from outside (a merge, load_state_dict) is copied back in before the next update."""
+
+    _uids = itertools.count()
+
+    def __init__(self, names: list[str], e: int, nl: int, v: int, budget: int, device):
+        self.names, self.e, self.budget, self.device = list(names), e, budget, device
+        self.uid, self.version = next(_Bank._uids), 0  # CUDA graphs are made per (uid, version)
+        self.row = {n: i for i, n in enumerate(self.names)}
+        ly = len(self.names)
+        z = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
+        self.ispec = [(k, f(e, nl)) for k, f in _INT_FIELDS]
+        self.fspec = [(k, f(e, nl)) for k, f in _FLOAT_FIELDS]
+        self.n_router_ints = sum(_numel(s) for k, s in self.ispec[:-1])
+        self.n_router_floats = sum(_numel(s) for k, s in self.fspec[:-1])
+        self.t = {"ints": z(ly, sum(_numel(s) for _, s in self.ispec)),
+                  "floats": z(ly, sum(_numel(s) for _, s in self.fspec), dt=torch.float64),
+                  "label_counts": z(ly, 0, e), "label_tokens": z(ly, 0),
+                  "vocab_counts": z(ly, v, e, dt=torch.int32), "vocab_tokens": z(ly, v, dt=torch.int32)}
+        if budget:
+            self.t.update(sample_ids=torch.full((ly, budget + 1, len(_SAMPLE_IDS)), -1, dtype=torch.int64, device=device),
+                          sample_weights=z(ly, budget + 1, e, dt=torch.float32),
+                          sample_selected=z(ly, budget + 1, e, dt=torch.bool))
+        self.views: dict[str, dict] = {}
+        self.fresh = dict.fromkeys(self.names, True)  # rows never handed out (still all zero / -1)
+        self._snap: dict[str, dict] = {}
+        self._index: dict[tuple, torch.Tensor] = {}
+        self._col = {}
+        off = 0
+        for k, s in self.ispec:
+            self._col[k] = off
+            off += _numel(s)
+        off = 0
+        for k, s in self.fspec:
+            self._col[k] = off
+            off += _numel(s)
+        for n in self.names:
+            self._make_views(n)
+
+    def _make_views(self, name: str) -> None:
+        i = self.row[name]
+        d = {}
+        for buf, spec in (("ints", self.ispec), ("floats", self.fspec)):
+            off = 0
+            for k, s in spec:
+                m = _numel(s)
+                d[k] = self.t[buf][i, off:off + m].view(s)
+                off += m
+        for k, t in self.t.items():
+            if k not in ("ints", "floats"):
+                d[k] = t[i]
+        self.views[name] = d
+        self._snap[name] = dict(d)
+
+    def intact(self, name: str, state: dict | None) -> bool:
+        snap = self._snap[name]
+        return state is self.views[name] and len(state) == len(snap) and all(state.get(k) is v for k, v in snap.items())
+
+    def adopt(self, name: str, state: dict) -> dict:
+        """Copy a router's state dict (from a merge or load_state_dict; {} = cleared) into its row;
+        a fresh dict of views into the row."""
+        src_all = dict(state)  # `state` may be the views dict itself, with replaced fields
+        labels = max((src_all[k].shape[0] for k in ("label_counts", "label_tokens") if k in src_all), default=0)
+        self.grow_labels(labels)
+        d = dict(self._snap[name])
+        for k, v in d.items():
+            src = src_all.get(k)
+            if src is None:
+                v.fill_(-1) if k == "sample_ids" else v.zero_()
+                continue
+            src = src.to(v.device)
+            if k in ("label_counts", "label_tokens"):
+                v.zero_()
+                v[: src.shape[0]] = src
+            else:
+                v.copy_(src.reshape(v.shape))
+        self.views[name] = d
+        return d
+
+    def grow_labels(self, n: int) -> None:
+        have = self.t["label_tokens"].shape[1]
+        if n <= have:
+            return
+        self.version += 1  # the label tensors move: graphs made before are stale
+        for k in ("label_counts", "label_tokens"):
+            old = self.t[k]
+            new = old.new_zeros(old.shape[0], n, *old.shape[2:])
+            new[:, :have] = old
+            self.t[k] = new
+            for name in self.names:
+                view = new[self.row[name]]
+                if self.views[name].get(k) is self._snap[name][k]:  # not replaced from outside
+                    self.views[name][k] = view
+                self._snap[name][k] = view
+
+    def index(self, names: tuple) -> torch.Tensor:
+        """The rows of `names` as a device tensor (made once per tuple)."""
+        t = self._index.get(names)
+        if t is None:
+            t = self._index[names] = torch.tensor([self.row[n] for n in names], dtype=torch.int64, device=self.device)
+        return t
+
+    def column(self, field: str) -> torch.Tensor:
+        """The [layers] column of a scalar counter."""
+        buf = "ints" if any(k == field for k, _ in self.ispec) else "floats"
+        return self.t[buf][:, self._col[field]]
+
+
 class RoutingProbe(_RouterSites):
     """Streaming routing statistics of every router (see the module docstring).
 
@@ -269,13 +421,19 @@ class RoutingProbe(_RouterSites):
     not counted; the bound is stated in run.meta["routing"]). vocab: count per "input" token id
     (the token routed) or per "next" token id (the true next token, OLMoE's other variant; the
     last token of each sequence has none). Memory per layer is independent of the token count.
+
+    The router hooks only keep a reference to each router's output; at the end of the model call
+    (a hook on the model's own forward) the outputs of all routers with the same expert count
+    are decoded and counted together, stacked by layer: one set of kernels per forward call
+    instead of one per router, so the probe's cost does not grow with the number of layers.
     """
 
     name = "routing"
 
     def __init__(self, budget: int = 2048, lengths=LENGTHS, max_labels: int = 64, vocab_cells: int = 1 << 22,
-                 vocab: str = "input"):
+                 vocab: str = "input", cuda_graphs: bool = True):
         super().__init__()
+        self.cuda_graphs = bool(cuda_graphs)
         if vocab not in ("input", "next"):
             raise CaptureError(f"vocab must be 'input' (the token routed) or 'next' (the true next token), got {vocab!r}")
         self.vocab = vocab
@@ -290,19 +448,35 @@ class RoutingProbe(_RouterSites):
         self._vocab = None
         self._tokenizer = None
         self._sites = []
+        self._stash: list = []
+        self._stash_bytes = 0
+        self._banks: dict = {}
 
     def config(self):
         return {"budget": self.budget, "lengths": list(self.lengths), "max_labels": self.max_labels,
                 "vocab_cells": self.vocab_cells, "vocab": self.vocab}
+
+    def __getstate__(self):  # deep copies (distributed blanks) carry no banks or held outputs
+        d = dict(self.__dict__)
+        d["_stash"], d["_stash_bytes"], d["_banks"] = [], 0, {}
+        for k in ("_lens_cache", "_arange_cache", "_const_cache", "_ones_cache", "_graphs", "_graph_keys"):
+            d.pop(k, None)
+        return d
 
     def sites(self, layout, model):
         found = super().sites(layout, model)
         self._vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         self._tokenizer = getattr(model, "tokenizer", None)
         self._sites = found
-        return found
+        self._site_device = {}
+        for r in found:
+            w = next(r.module.parameters(), None)
+            self._site_device[r.name] = str(w.device) if w is not None else None
+        return [*found, ModelSite(model)] if found else []
 
     def points(self, site):
+        if isinstance(site, ModelSite):
+            return [HookPoint(site.module, "model_output", "post")]
         pts = [HookPoint(site.module, "router", "post")]
         if getattr(site, "shared_gate", None) is not None:
             pts.append(HookPoint(site.shared_gate, "shared_gate", "post"))
@@ -313,105 +487,225 @@ class RoutingProbe(_RouterSites):
             return 0
         return int(min(self._vocab, self.vocab_cells // e))
 
-    def _init(self, site, device) -> dict:
-        e, nl = int(site.n_experts), len(self.lengths)
-        z = lambda *shape, dt=torch.int64: torch.zeros(*shape, dtype=dt, device=device)  # noqa: E731
-        v = self._vocab_rows(e)
-        # active_hist and the sample buffers carry one dump slot (the last row) that padding and
-        # tokens past the budget are written to: fixed shapes, no host sync; state_dict drops it
-        st = {"tokens": z(()), "counts": z(e), "mass": z(e, dt=torch.float64), "active_hist": z(e + 2),
-              "entropy": z((), dt=torch.float64), "margin": z((), dt=torch.float64), "cosel": z(e, e),
-              "reuse_num": z((), dt=torch.float64), "reuse_den": z(()), "cls_num": z(nl), "cls_den": z(nl),
-              "label_counts": z(0, e), "label_tokens": z(0),
-              "vocab_counts": z(v, e, dt=torch.int32), "vocab_tokens": z(v, dt=torch.int32),
-              "shared_gate": z((), dt=torch.float64), "shared_gate_tokens": z(())}
-        if self.budget:
-            bud = self.budget
-            st.update(sample_ids=torch.full((bud + 1, len(_SAMPLE_IDS)), -1, dtype=torch.int64, device=device),
-                      sample_weights=z(bud + 1, e, dt=torch.float32), sample_selected=z(bud + 1, e, dt=torch.bool),
-                      seen=z(()), seqs=z(()))
-        return st
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for site, st in self.state.items():
-            for k, v in st.items():
-                if k == "sample_ids":
-                    for j, name in enumerate(_SAMPLE_IDS):
-                        out[f"{self.name}/{site}/sample_{name}"] = v[:-1, j]
-                elif k in ("sample_weights", "sample_selected", "active_hist"):
-                    out[f"{self.name}/{site}/{k}"] = v[:-1].clone()
-                elif k in _PACK_INT or k in _PACK_FLOAT or k in ("seen", "seqs"):
-                    out[f"{self.name}/{site}/{k}"] = v.clone()  # a view into a packed buffer
-                else:
-                    out[f"{self.name}/{site}/{k}"] = v
-        return out
-
-    def _grow_labels(self, st, n: int) -> None:
-        if n > self.max_labels:
-            raise CaptureError(f"the data carries {n} labels but RoutingProbe(max_labels={self.max_labels}) "
-                               "counts at most that many: pass a larger max_labels")
-        have = st["label_tokens"].shape[0]
-        if n > have:
-            e = st["label_counts"].shape[1]
-            st["label_counts"] = torch.cat([st["label_counts"], st["label_counts"].new_zeros(n - have, e)])
-            st["label_tokens"] = torch.cat([st["label_tokens"], st["label_tokens"].new_zeros(n - have)])
-
+    # -- per call: keep the output; per model call: count ------------------------------------
     def observe(self, site, call):
+        if isinstance(site, ModelSite):
+            self._flush()
+            return
         if call.role == "shared_gate":
             g = call.output
             g = g.reshape(-1, g.shape[-1])[:, 0]
             valid, _ = call.rows(g.shape[0], g.device)
-            st = self.state.get(site.name)
-            if st is None:
-                st = self.state[site.name] = self._init(site, g.device)
-            s = torch.sigmoid(g.double())
-            if valid is not None:
-                s = s * valid
-            st["shared_gate"] += s.sum()
-            st["shared_gate_tokens"] += valid.sum() if valid is not None else g.shape[0]
+            self._hold(("gate", call.call_index, g.shape[0], str(g.device)), site, (g, valid), g.numel() * g.element_size())
             return
-        out = decode_router_output(site, call.output)
-        sel, w, p = out.selected, out.weights, out.probs
-        n, e = sel.shape
-        dev = sel.device
-        st = self.state.get(site.name)
-        if st is None:
-            st = self.state[site.name] = self._init(site, dev)
+        out = call.output
+        if (isinstance(out, (tuple, list)) and len(out) >= 3 and all(isinstance(o, torch.Tensor) for o in out[:3])
+                and not out[2].is_floating_point() and out[0].shape[-1] == int(site.n_experts)):
+            e = int(site.n_experts)
+            n = out[0].numel() // e
+            parts = (out[0].reshape(n, e), out[1].reshape(n, -1), out[2].reshape(n, -1))
+            sig = ("tuple",) + tuple((p.dtype, p.shape[1]) for p in parts)
+        elif isinstance(out, torch.Tensor) and int(site.n_experts) > 0 and out.shape[-1] == int(site.n_experts):
+            e = int(site.n_experts)
+            n = out.numel() // e
+            parts = out.reshape(n, e)
+            sig = ("tensor", parts.dtype)
+        else:
+            decode_router_output(site, out)  # raises the AdapterError naming what to register
+            raise AssertionError("unreachable")
+        if site.kind not in ROUTER_KINDS:
+            decode_router_output(site, out)
+        dev = parts[0].device if isinstance(parts, tuple) else parts.device
         valid, tok = call.rows(n, dev)
+        lab, n_labels = None, 0
+        if call.labels is not None and call.labels.numel():
+            n_labels = int(call.labels.max()) + 1  # labels live on the host: no sync
+            if n_labels > self.max_labels:
+                raise CaptureError(f"the data carries {n_labels} labels but RoutingProbe(max_labels={self.max_labels}) "
+                                   "counts at most that many: pass a larger max_labels")
+            lab = call.row_labels(n, dev)
+        key = ("router", call.call_index, n, e, site.kind, site.top_k, sig, str(dev))
+        size = sum(p.numel() * p.element_size() for p in (parts if isinstance(parts, tuple) else (parts,)))
+        self._hold(key, site, (parts, valid, tok, lab, n_labels, _batch_shape(call, n)), size)
+
+    def _hold(self, key, site, item, size):
+        self._stash.append((key, site, item))
+        self._stash_bytes += size
+        if self._stash_bytes > _STASH_MAX_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Count every held router output: the routers of one call and one shape together."""
+        if not self._stash:
+            return
+        stash, self._stash, self._stash_bytes = self._stash, [], 0
+        groups: dict = {}
+        for key, site, item in stash:
+            g = groups.setdefault(key, ([], []))
+            if site.name in {s.name for s in g[0]}:  # a router called twice in one model call
+                g = groups.setdefault(key + (len(groups),), ([], []))
+            g[0].append(site)
+            g[1].append(item)
+        for key, (sites, items) in groups.items():
+            if key[0] == "gate":
+                self._count_gates(sites, items)
+            else:
+                self._count_routers(sites, items)
+
+    def _bank(self, sites, device) -> tuple[_Bank, torch.Tensor]:
+        """The bank of these routers (same expert count, one device), made on first use, with
+        every router's fields as views into it; and the rows of `sites`."""
+        e = int(sites[0].n_experts)
+        key = (e, str(device))
+        bank = self._banks.get(key)
+        if bank is None or any(s.name not in bank.row for s in sites):
+            # the routers of this expert count whose weights are on this device (a model split
+            # over devices has one bank per device), and any router seen here that is not
+            place = getattr(self, "_site_device", {})
+            names = [s.name for s in self._sites if int(s.n_experts) == e and place.get(s.name) in (None, str(device))]
+            names += [n for n in (bank.names if bank is not None else []) if n not in names]
+            names += [s.name for s in sites if s.name not in names]
+            old = bank
+            bank = self._banks[key] = _Bank(names, e, len(self.lengths), self._vocab_rows(e), self.budget, device)
+            if old is not None:  # a router seen late (another device's bank): keep what was counted
+                for n in old.names:
+                    if self.state.get(n) is old.views[n]:
+                        self.state[n] = dict(old.views[n])
+        for s in sites:
+            st = self.state.get(s.name)
+            if st is None:  # a row never handed out is still zero; another is cleared first
+                self.state[s.name] = bank.views[s.name] if bank.fresh.pop(s.name, False) else bank.adopt(s.name, {})
+            elif not bank.intact(s.name, st):
+                self.state[s.name] = bank.adopt(s.name, st)
+        return bank, bank.index(tuple(s.name for s in sites))
+
+    def _count_gates(self, sites, items) -> None:
+        g = torch.stack([it[0] for it in items])  # [G, n]
+        valid = items[0][1]
+        bank, rows = self._bank(sites, g.device)
+        s = torch.sigmoid(g.double())
+        if valid is not None:
+            s = s * valid
+            t = valid.sum().expand(len(items))
+        else:
+            t = torch.full((len(items),), g.shape[1], dtype=torch.int64, device=g.device)
+        bank.column("shared_gate").index_add_(0, rows, s.sum(1))
+        bank.column("shared_gate_tokens").index_add_(0, rows, t)
+
+    def _count_routers(self, sites, items) -> None:
+        parts0 = items[0][0]
+        first = parts0[0] if isinstance(parts0, tuple) else parts0
+        n, e = first.shape[0], int(sites[0].n_experts)
+        # layers per batch: the [G, n, ~3E] float64 temporaries stay under _BATCH_BYTES
+        per = max(1, _BATCH_BYTES // max(1, n * (3 * e + 8) * 8))
+        for i in range(0, len(items), per):
+            self._count_batch(sites[i:i + per], items[i:i + per], n, e, first.device)
+
+    def _count_batch(self, sites, items, n, e, dev) -> None:
+        parts0, valid, tok, lab, n_labels, b = items[0]
+        bank, rows = self._bank(sites, dev)
+        if n_labels:
+            bank.grow_labels(n_labels)
         if valid is None:
-            valid = torch.ones(n, dtype=torch.bool, device=dev)
-        vcol = valid[:, None]
-        sel = sel & vcol
+            valid = self._ones(n, dev)
+        tup = isinstance(parts0, tuple)
+        if self.cuda_graphs and dev.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            key = (bank.uid, bank.version, tuple(s.name for s in sites), n, b, tok is None, lab is None,
+                   tuple((p.dtype, p.shape[1]) for p in parts0) if tup else parts0.dtype)
+            if self._replay(key, sites, items, bank, rows, valid, tok, lab, b):
+                return
+        cat = tuple(torch.cat([it[0][j] for it in items]) for j in range(3)) if tup else torch.cat([it[0] for it in items])
+        self._count_core(sites[0], bank, rows, cat, valid, tok, lab, b)
+
+    def _replay(self, key, sites, items, bank, rows, valid, tok, lab, b) -> bool:
+        """CUDA: count through a CUDA graph of _count_core made for this key (the routers, the call
+        shape, the bank): the inputs are copied into the graph's buffers and the graph replayed,
+        a handful of launches instead of about a hundred. A key seen for the first time is
+        counted eagerly (that also makes every cached constant); the second time the graph is
+        captured. False: count eagerly."""
+        graphs = self.__dict__.setdefault("_graphs", {})
+        hit = graphs.get(key)
+        tup = isinstance(items[0][0], tuple)
+        if hit is None:
+            seen = self.__dict__.setdefault("_graph_keys", set())
+            if key not in seen or self.__dict__.get("_graphs_failed"):
+                if len(seen) > 64:
+                    seen.clear()
+                seen.add(key)
+                return False
+            parts = [torch.cat([it[0][j] for it in items]) for j in range(3)] if tup else [torch.cat([it[0] for it in items])]
+            static = {"parts": parts, "valid": valid.clone(), "tok": None if tok is None else tok.clone(),
+                      "lab": None if lab is None else lab.clone()}
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self._count_core(sites[0], bank, rows, tuple(parts) if tup else parts[0], static["valid"],
+                                     static["tok"], static["lab"], b)
+            except Exception:  # noqa: BLE001 - an op that cannot be captured here: stay eager
+                self._graphs_failed = True
+                return False
+            if len(graphs) >= 16:
+                graphs.pop(next(iter(graphs)))
+            graphs[key] = hit = (graph, static)
+        else:
+            graph, static = hit
+            if tup:
+                for j, buf in enumerate(static["parts"]):
+                    torch.cat([it[0][j] for it in items], out=buf)
+            else:
+                torch.cat([it[0] for it in items], out=static["parts"][0])
+            static["valid"].copy_(valid)
+            for k, t in (("tok", tok), ("lab", lab)):
+                if t is not None:
+                    static[k].copy_(t)
+        hit[0].replay()
+        return True
+
+    def _ones(self, n: int, dev) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_ones_cache", {})
+        t = cache.get((n, str(dev)))
+        if t is None:
+            t = cache[(n, str(dev))] = torch.ones(n, dtype=torch.bool, device=dev)
+        return t
+
+    def _count_core(self, site, bank, rows, cat, valid, tok, lab, b) -> None:
+        """Count one batch of G routers' outputs (`cat`: their outputs stacked by rows) into the
+        bank rows `rows`. Device work only, fixed shapes: no host sync, and capturable."""
+        out = decode_router_output(site, cat)
+        G, e = rows.shape[0], int(site.n_experts)
+        n = out.selected.shape[0] // G
+        dev = out.selected.device
+        sel = out.selected.reshape(G, n, e) & valid[:, None]
+        w = out.weights.reshape(G, n, e)
+        p = out.probs.reshape(G, n, e)
         sf = sel.double()
-        ent = torch.special.entr(p).sum(-1)
+        ent = torch.special.entr(p).sum(-1)  # [G, n]
         if e > 1:
             top2 = p.topk(2, -1).values
-            margin = top2[:, 0] - top2[:, 1]
+            margin = top2[..., 0] - top2[..., 1]
         else:
-            margin = p[:, 0]
-        # one [N, C] float64 table, summed over valid tokens by one matrix product: per expert
-        # selections, the one-hot of the number selected (the last column, the dump slot, stays
-        # 0), tokens, routed weight, entropy, margin. Integer columns stay exact (< 2^53); a NaN
-        # router output reaches the entropy sum (checked once, in finish)
+            margin = p[..., 0]
+        # one [G, n, C] float64 table, summed over valid tokens by one batched matrix product:
+        # per expert selections, the one-hot of the number selected (the last column, the dump
+        # slot, stays 0), tokens, routed weight, entropy, margin. Integer columns stay exact
+        # (< 2^53); a NaN router output reaches the entropy sum (checked once, in finish)
         cols = self._arange(e + 2, dev)
-        x = torch.cat([sf, sel.sum(1, keepdim=True) == cols, vcol, w, ent[:, None], margin[:, None]], 1)
-        tot = valid.double() @ x  # counts [e], active_hist [e + 2], tokens, mass [e], entropy, margin
-        cosel = sf.t() @ sf
-        b = _batch_shape(call, n)
-        seq, n_valid = compact(sel.reshape(b, n // b, e), valid.reshape(b, n // b))
-        num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev))
-        rn, rd = reuse_sums(seq, n_valid)
-        ints = [tot[: 2 * e + 3], cosel.reshape(-1), num, den, rd.reshape(1)]
-        lab = None
-        if call.labels is not None and call.labels.numel():
-            self._grow_labels(st, int(call.labels.max()) + 1)  # labels live on the host: no sync
-            lab = call.row_labels(n, dev)
+        x = torch.cat([sf, sel.sum(-1, keepdim=True) == cols, valid[:, None].expand(G, n, 1), w, ent[..., None],
+                       margin[..., None]], -1)
+        tot = valid.double() @ x  # [G, C]: counts [e], active_hist [e + 2], tokens, mass [e], entropy, margin
+        cosel = sf.transpose(1, 2) @ sf  # [G, e, e]
+        seq, n_valid = compact(sel.reshape(G * b, n // b, e), valid.reshape(b, n // b), groups=G)
+        num, den = window_union_counts(seq, n_valid, self.lengths, _lens(self, dev), groups=G)
+        rn, rd = reuse_sums(seq, n_valid, groups=G)
+        if G == 1:
+            num, rn, rd = num[None], rn.reshape(1), rd.reshape(1)
+        if lab is not None:
             keep = valid & (lab >= 0)
-            li = lab.clamp_min(0)
-            st["label_counts"].index_add_(0, li, (sel & keep[:, None]).long())
-            st["label_tokens"].index_add_(0, li, keep.long())
-        v = st["vocab_tokens"].shape[0]
+            nlab = bank.t["label_tokens"].shape[1]
+            idx = (rows[:, None] * nlab + lab.clamp_min(0)).reshape(-1)
+            bank.t["label_counts"].view(-1, e).index_add_(0, idx, (sel & keep[:, None]).long().reshape(-1, e))
+            bank.t["label_tokens"].view(-1).index_add_(0, idx, keep.long().expand(G, n).reshape(-1))
+        v = bank.t["vocab_tokens"].shape[1]
         if tok is not None and v:
             vt, keep = tok, valid
             if self.vocab == "next":  # the token at the next position of the same sequence
@@ -424,35 +718,15 @@ class RoutingProbe(_RouterSites):
                 vsel = sel & keep[:, None]
             else:  # ids index the model's embedding, so all are < v; padding rows add 0 (sel is masked)
                 vsel = sel
-            st["vocab_counts"].index_add_(0, vt, vsel.to(torch.int32))
-            st["vocab_tokens"].index_add_(0, vt, keep.to(torch.int32))
-        if self.budget:
-            ints += self._sample(st, sel, w, valid, tok, lab, b)
-        # every counter of the call in two adds: the fields are views into two packed buffers
-        ibuf, fbuf = self._packed(site.name, st)
-        ibuf += torch.cat(ints).long()
-        fbuf += torch.cat([tot[2 * e + 3:], rn.reshape(1)])
-
-    def _packed(self, name: str, st: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int64 buffer, float64 buffer) whose slices are the counter fields of `st` (in
-        _PACK_INT / _PACK_FLOAT order). Made on the first call, and again whenever a field was
-        replaced (a merge, load_state_dict, a cleared state): the fields become views again."""
-        packs = self.__dict__.setdefault("_packs", {})
-        keys = _PACK_INT + (("seen", "seqs") if self.budget else ())
-        pk = packs.get(name)
-        if pk is not None and all(st[k] is v for k, v in pk[2].items()):
-            return pk[0], pk[1]
-        views, bufs = {}, []
-        for ks, dt in ((keys, torch.int64), (_PACK_FLOAT, torch.float64)):
-            buf = torch.cat([st[k].reshape(-1).to(dt) for k in ks])
-            off = 0
-            for k in ks:
-                m = st[k].numel()
-                st[k] = views[k] = buf[off:off + m].view(st[k].shape)
-                off += m
-            bufs.append(buf)
-        packs[name] = (bufs[0], bufs[1], views)
-        return bufs[0], bufs[1]
+            idx = (rows[:, None] * v + vt).reshape(-1)
+            bank.t["vocab_counts"].view(-1, e).index_add_(0, idx, vsel.to(torch.int32).reshape(-1, e))
+            bank.t["vocab_tokens"].view(-1).index_add_(0, idx, keep.to(torch.int32).expand(G, n).reshape(-1))
+        if self.budget:  # before the counters: it reads the tokens and sequences seen so far
+            self._sample(bank, rows, sel, w, valid, tok, lab, b)
+        ints = torch.cat([tot[:, : 2 * e + 3], cosel.reshape(G, -1), num, den.expand(G, -1), rd[:, None],
+                          self._const(b, G, dev)[:, None]], 1).long()
+        bank.t["ints"][:, : bank.n_router_ints].index_add_(0, rows, ints)
+        bank.t["floats"][:, : bank.n_router_floats].index_add_(0, rows, torch.cat([tot[:, 2 * e + 3:], rn[:, None]], 1))
 
     def _arange(self, n: int, dev) -> torch.Tensor:
         """arange(n) on `dev`, made once per (n, device)."""
@@ -474,29 +748,76 @@ class RoutingProbe(_RouterSites):
             t = cache[key] = torch.full((n,), value, dtype=torch.int64, device=dev)
         return t
 
-    def _sample(self, st, sel, w, valid, tok, lab, b):
-        n = sel.shape[0]
-        dev = sel.device
+    def _sample(self, bank, rows, sel, w, valid, tok, lab, b):
+        G, n, e = sel.shape
         if not n:
-            return [self._const(0, 1, dev), self._const(0, 1, dev)]
+            return
         dev = sel.device
         bud = self.budget
-        csum = valid.cumsum(0)
-        before = csum - 1
-        rank = st["seen"] + before
+        before = valid.cumsum(0) - 1
+        rank = bank.column("tokens").index_select(0, rows)[:, None] + before  # [G, n]
         dest = torch.where(valid, rank, bud).clamp_max_(bud)  # the rest to the dump slot
+        seqs = bank.column("seqs").index_select(0, rows)[:, None]
         if b == 1:
-            pos, seq = before, st["seqs"].expand(n)
+            pos, seq = before.expand(G, n), seqs.expand(G, n)
         else:
-            pos = valid.reshape(b, -1).cumsum(1).reshape(-1) - 1
-            seq = st["seqs"] + self._arange(n, dev) // (n // b)
-        minus = self._const(-1, n, dev) if tok is None or lab is None else None
-        ids = torch.stack([tok if tok is not None else minus, rank, seq, pos, lab if lab is not None else minus], 1)
-        st["sample_ids"].index_copy_(0, dest, ids)
-        st["sample_weights"].index_copy_(0, dest, w)
-        st["sample_selected"].index_copy_(0, dest, sel)
-        # the tokens and sequences seen: added to st["seen"], st["seqs"] with the other counters
-        return [csum[-1:], self._const(b, 1, dev)]
+            pos = (valid.reshape(b, -1).cumsum(1).reshape(-1) - 1).expand(G, n)
+            seq = seqs + self._arange(n, dev) // (n // b)
+        minus = self._const(-1, n, dev)
+        ids = torch.stack([(tok if tok is not None else minus).expand(G, n), rank, seq, pos,
+                           (lab if lab is not None else minus).expand(G, n)], -1)
+        flat = (rows[:, None] * (bud + 1) + dest).reshape(-1)
+        bank.t["sample_ids"].view(-1, len(_SAMPLE_IDS)).index_copy_(0, flat, ids.reshape(-1, len(_SAMPLE_IDS)))
+        bank.t["sample_weights"].view(-1, e).index_copy_(0, flat, w.reshape(-1, e))
+        bank.t["sample_selected"].view(-1, e).index_copy_(0, flat, sel.reshape(-1, e))
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self._flush()
+        out = {}
+        for site, st in self.state.items():
+            for k, v in st.items():
+                if k == "sample_ids":
+                    for j, name in enumerate(_SAMPLE_IDS):
+                        out[f"{self.name}/{site}/sample_{name}"] = v[:-1, j].clone()
+                elif k in ("sample_weights", "sample_selected", "active_hist"):
+                    out[f"{self.name}/{site}/{k}"] = v[:-1].clone()
+                elif k == "seqs" and not self.budget:
+                    continue
+                else:
+                    out[f"{self.name}/{site}/{k}"] = v.clone()
+            if self.budget and "tokens" in st:
+                out[f"{self.name}/{site}/seen"] = st["tokens"].clone()
+        return out
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
+        """The inverse of state_dict: each router's fields, with the dump slots back."""
+        prefix = self.name + "/"
+        loaded: dict[str, dict] = {}
+        for key, v in flat.items():
+            if key.startswith(prefix):
+                site, field = key[len(prefix):].rsplit("/", 1)
+                loaded.setdefault(site, {})[field] = v
+        for site, f in loaded.items():
+            st = {}
+            ids = [f.pop(f"sample_{k}", None) for k in _SAMPLE_IDS]
+            if all(t is not None for t in ids):
+                st["sample_ids"] = torch.cat([torch.stack(ids, 1), ids[0].new_full((1, len(_SAMPLE_IDS)), -1)])
+            for k in ("sample_weights", "sample_selected", "active_hist"):
+                if k in f:
+                    t = f.pop(k)
+                    st[k] = torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+            f.pop("seen", None)
+            if "seqs" not in f and "tokens" in f:
+                f["seqs"] = torch.zeros_like(f["tokens"])
+            st.update(f)
+            self.state[site] = st
+
+    def merge(self, other):
+        self._flush()
+        if isinstance(other, RoutingProbe):
+            other._flush()
+        return super().merge(other)
 
     def _merge_site(self, mine, theirs):
         theirs = {k: v.to(mine["tokens"].device) for k, v in theirs.items()}
@@ -505,7 +826,7 @@ class RoutingProbe(_RouterSites):
             bud = self.budget
             other = theirs["sample_ids"][:-1].clone()
             filled = other[:, 1] >= 0
-            other[:, 1] = torch.where(filled, other[:, 1] + mine["seen"], -1)
+            other[:, 1] = torch.where(filled, other[:, 1] + mine["tokens"], -1)
             other[:, 2] = torch.where(filled, other[:, 2] + mine["seqs"], -1)
             ids = torch.cat([mine["sample_ids"][:-1], other])
             ranks = ids[:, 1]
@@ -526,6 +847,7 @@ class RoutingProbe(_RouterSites):
                 mine[k] = mine[k] + v
 
     def finish(self, run) -> None:
+        self._flush()
         calls = (run.meta.get("data") or {}).get("forward_calls") or 0
         silent = [s.name for s in self._sites if s.name not in self.state]
         if calls and silent:
@@ -549,12 +871,6 @@ class RoutingProbe(_RouterSites):
             ids = first["sample_ids"][:-1, 0].cpu().tolist()
             meta["sample_text"] = _pieces(self._tokenizer, ids)
         run.meta["routing"] = meta
-
-
-_SAMPLE_IDS = ("token", "rank", "seq", "pos", "label")
-# RoutingProbe's counters, in the order of its packed buffers (see RoutingProbe._packed)
-_PACK_INT = ("counts", "active_hist", "tokens", "cosel", "cls_num", "cls_den", "reuse_den")
-_PACK_FLOAT = ("mass", "entropy", "margin", "reuse_num")
 
 
 def _pieces(tokenizer, ids: list[int]) -> list[str] | None:

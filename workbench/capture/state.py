@@ -36,6 +36,8 @@ never reads a device value back to the host.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +70,68 @@ def _median(v: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.partition(a, k, axis=-1)[..., k].copy())
 
 
+def erank_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Effective rank exp(entropy of the normalised singular values) of matrices M from their
+    Gram matrices M M^T [..., k, k] (the smaller side; float64): singular values are the square
+    roots of the Gram's eigenvalues."""
+    sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
+    return torch.exp(-(pr * torch.log(pr.clamp_min(1e-30))).sum(-1))
+
+
+def _erank_part(gram: torch.Tensor, event) -> torch.Tensor:
+    if event is not None:
+        event.synchronize()  # the copy to this pinned buffer has landed (waits in a worker thread)
+    return erank_from_gram(gram)
+
+
+class _HostLinalg:
+    """Effective ranks of CUDA states, computed on the host while the GPU carries on.
+
+    torch.linalg.eigvalsh on CUDA decomposes matrices larger than 32 x 32 one at a time (cuSOLVER
+    syevd in a loop, ~0.1 ms each; the batched solver is used only up to 32 x 32), and a Mamba-2
+    370M call has 48 layers x 32 heads x 4 buckets of 64 x 64 Gram matrices. So on CUDA each
+    call's Gram matrices are copied to a pinned host buffer (an asynchronous copy and an event:
+    no sync), and a thread pool decomposes them in parallel on the CPU cores while the forward
+    goes on. The results are folded into the state (``apply``) in call order, when the state is
+    read (state_dict, finish, merge) or when more than ``depth`` calls wait."""
+
+    def __init__(self, workers: int | None = None, depth: int = 2):
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers = int(workers or max(1, min(16, (os.cpu_count() or 2) - 1)))
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="wb-state-linalg")
+        self.depth = depth
+        self.jobs: list = []
+        self.free: dict[tuple, list] = {}
+
+    def submit(self, gram: torch.Tensor, apply) -> None:
+        shape = tuple(gram.shape)
+        bufs = self.free.setdefault(shape, [])
+        host = bufs.pop() if bufs else torch.empty(shape, dtype=gram.dtype, pin_memory=gram.is_cuda)
+        host.copy_(gram, non_blocking=gram.is_cuda)
+        event = None
+        if gram.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        flat = host.view(-1, shape[-2], shape[-1])
+        parts = [p for p in torch.tensor_split(flat, self.workers) if p.shape[0]]
+        self.jobs.append(([self.pool.submit(_erank_part, p, event) for p in parts], host, shape, apply))
+        while len(self.jobs) > self.depth:
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        futs, host, shape, apply = self.jobs.pop(0)
+        er = torch.cat([f.result() for f in futs]).view(shape[:-2])
+        self.free[shape].append(host)
+        apply(er)
+
+    def drain(self) -> None:
+        while self.jobs:
+            self._collect_one()
+
+
 class StateProbe(SiteProbe):
     """Per layer / head / position-bucket statistics of the SSM state (see the module doc)."""
 
@@ -75,8 +139,11 @@ class StateProbe(SiteProbe):
     site_kind = "mixer"
 
     def __init__(self, bucket: int = 128, hist_positions=(), usage_tol: float = 1e-2,
-                 edges: torch.Tensor | None = None, median_sample: int = 1024):
+                 edges: torch.Tensor | None = None, median_sample: int = 1024, host_linalg: bool | None = None):
         super().__init__()
+        # effective ranks on the host, overlapped with the forward (see _HostLinalg): None = on CUDA
+        self.host_linalg = host_linalg
+        self._linalg: _HostLinalg | None = None
         if bucket < 1:
             raise CaptureError(f"bucket must be a positive number of tokens, got {bucket}")
         self.bucket = int(bucket)
@@ -254,6 +321,34 @@ class StateProbe(SiteProbe):
                                           B[:, :n, 0].reshape(b, J - 1, bk, -1))  # [b, J-1, d, n]
             pend["dec"] = torch.exp(last)[:, :, None]  # [b, J-1, 1, d, n]
 
+    def _use_host_linalg(self, device) -> bool:
+        return self.host_linalg if self.host_linalg is not None else torch.device(device).type == "cuda"
+
+    def _host(self) -> _HostLinalg:
+        if self._linalg is None:
+            self._linalg = _HostLinalg()
+        return self._linalg
+
+    def _fold_erank(self, names, idx, er: torch.Tensor) -> None:
+        """Add host-computed effective ranks [Ly, b, J, H] (float64, CPU) of `names` at buckets `idx`."""
+        er = er.sum(1).float()
+        dev = idx.device
+        if dev.type == "cuda":
+            er = er.pin_memory().to(dev, non_blocking=True)
+        for i, name in enumerate(names):
+            self.state[name]["erank"].index_add_(1, idx, er[i].T)
+
+    def _drain(self) -> None:
+        if self._linalg is not None:
+            self._linalg.drain()
+
+    def __getstate__(self):  # copies (distributed blanks) carry no thread pool
+        d = dict(self.__dict__)
+        if d.get("_linalg") is not None:
+            self._linalg.drain()
+        d["_linalg"] = None
+        return d
+
     def _grow(self, st: dict, nb: int, fields_h, fields_b, H: int, device):
         cur = st["s1"].shape[1] if "s1" in st else 0
         if nb <= cur:
@@ -406,9 +501,12 @@ class StateProbe(SiteProbe):
             torch.bmm(hv, hv.transpose(-1, -2), out=gram)
         else:
             torch.bmm(hv.transpose(-1, -2), hv, out=gram)
-        sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().view(Ly, b, J, H, m)
-        pr = sv / sv.sum(-1, keepdim=True).clamp_min(1e-30)
-        erank = torch.exp(-(pr * torch.log(pr.clamp_min(1e-30))).sum(-1)).sum(1).float()  # [Ly, J, H]
+        gram = gram.view(Ly, b, J, H, m, m)
+        if self._use_host_linalg(device):  # folded in later (see _HostLinalg; copies gram at once)
+            self._host().submit(gram, functools.partial(self._fold_erank, list(names), idx))
+            erank = None
+        else:
+            erank = erank_from_gram(gram).sum(1).float()  # [Ly, J, H]
         pad = J * bk - L
         tok = F.pad(torch.ones(L, device=device), (0, pad)).reshape(J, bk).sum(1) * b
         snaps = torch.full((J,), float(b), device=device)
@@ -422,8 +520,10 @@ class StateProbe(SiteProbe):
         for i, name in enumerate(names):
             st = self.state.setdefault(name, {})
             self._grow(st, j0 + J, HEAD_FIELDS, BUCKET_FIELDS, H, device)
-            for f, v in (("s1", s1[i]), ("s2", s2[i]), ("med", med[i]), ("cos", cos[i]), ("usage", used[i]),
-                         ("erank", erank[i])):  # [J, H]
+            heads = [("s1", s1[i]), ("s2", s2[i]), ("med", med[i]), ("cos", cos[i]), ("usage", used[i])]
+            if erank is not None:
+                heads.append(("erank", erank[i]))
+            for f, v in heads:  # [J, H]
                 dst.append(st[f][:, sl])
                 src.append(v.T)
             for k, f in enumerate(("dt", "decay", "x", "B")):  # bucket sums of the token means: [H, J]
@@ -460,6 +560,9 @@ class StateProbe(SiteProbe):
                 mine[k] += v
 
     def merge(self, other):
+        self._drain()
+        if isinstance(other, StateProbe):
+            other._drain()
         super().merge(other)
         self.nb = max(self.nb, other.nb)
         for k, v in other.model_state.items():
@@ -474,6 +577,7 @@ class StateProbe(SiteProbe):
         return self
 
     def state_dict(self):
+        self._drain()
         out = {}
         for site, fields in self.state.items():
             for k, v in fields.items():
@@ -485,6 +589,7 @@ class StateProbe(SiteProbe):
         return out
 
     def finish(self, run) -> None:
+        self._drain()
         self._bufs.clear()  # scratch and carried states: not needed once the capture ends
         self._prev.clear()
         self._carry.clear()

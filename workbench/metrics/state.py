@@ -51,12 +51,14 @@ def _as_ids(ids) -> torch.Tensor:
 @torch.no_grad()
 def state_scan(model, ids, *, bucket: int = 128, chunk: int | None = None, hist_positions=(),
                usage_tol: float = 1e-2, median_sample: int = 1024, batch_size: int | None = None,
-               data: dict | None = None):
+               data: dict | None = None, host_linalg: bool | None = None):
     """Run `model` (Mamba / Mamba-2 causal LM) over `ids` [n_seq, tokens] chunk by chunk
     (`chunk` tokens per forward, a multiple of `bucket`; default `bucket`) with its cache carried
     over, under a capture with a StateProbe; returns the Run (see the module doc).
 
     Sequences go through `batch_size` at a time (default all); each batch starts a new state.
+    host_linalg: effective ranks on a host thread pool, overlapped with the forward (default: on
+    CUDA, where torch decomposes matrices over 32 x 32 one at a time; see StateProbe).
     Mamba (v1): one forward per sequence (transformers' Mamba scan drops the cached state on
     multi-token calls), the probe's per-bucket statistics unchanged."""
     from transformers import DynamicCache
@@ -88,7 +90,7 @@ def state_scan(model, ids, *, bucket: int = 128, chunk: int | None = None, hist_
         raise StateError(f"the input has {total} tokens, shorter than one bucket ({bucket}); use "
                          "longer sequences or a smaller bucket")
     probe = StateProbe(bucket=bucket, hist_positions=[p for p in hist_positions if p <= total],
-                       usage_tol=usage_tol, median_sample=median_sample)
+                       usage_tol=usage_tol, median_sample=median_sample, host_linalg=host_linalg)
     device = next(model.parameters()).device
     was = model.training
     model.eval()
