@@ -347,6 +347,8 @@ class StateProbe(SiteProbe):
         if d.get("_linalg") is not None:
             self._linalg.drain()
         d["_linalg"] = None
+        d["_bufs"] = {}  # scratch: made again on demand
+        d["_prev"] = {k: v.clone() for k, v in self._prev.items()}  # views of the scratch: own copies
         return d
 
     def _grow(self, st: dict, nb: int, fields_h, fields_b, H: int, device):
