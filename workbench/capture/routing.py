@@ -644,6 +644,11 @@ class RoutingProbe(_RouterSites):
             except Exception:  # noqa: BLE001 - an op that cannot be captured here: stay eager
                 self._graphs_failed = True
                 return False
+            # the graph reads the cached constants (window tables, aranges, lengths) and the bank at
+            # the addresses they had when it was captured: keep them alive as long as the graph
+            static["keep"] = (list(_WINDOWS.values()), dict(self.__dict__.get("_arange_cache", {})),
+                              dict(self.__dict__.get("_const_cache", {})), dict(self.__dict__.get("_lens_cache", {})),
+                              dict(self.__dict__.get("_ones_cache", {})), bank, rows)
             if len(graphs) >= 16:
                 graphs.pop(next(iter(graphs)))
             graphs[key] = hit = (graph, static)
