@@ -106,7 +106,7 @@ def part_gpu(args) -> dict:
         fwd()
     modes = {"routing-probe": lambda: [wb.RoutingProbe(budget=args.budget)],
              "routing-probe-no-sample": lambda: [wb.RoutingProbe(budget=0)],
-             "routing-probe-no-cuda-graphs": lambda: [wb.RoutingProbe(budget=args.budget, cuda_graphs=False)]}
+             "routing-probe-cuda-graphs": lambda: [wb.RoutingProbe(budget=args.budget, cuda_graphs=True)]}
     base: list[float] = []
     times: dict[str, list[float]] = {m: [] for m in modes}
     finalize = []

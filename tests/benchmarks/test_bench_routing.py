@@ -23,7 +23,7 @@ def test_bench_routing_smoke():
     args = br.parse_args(["--smoke-cpu"])
     gpu = br.part_gpu(args)
     assert gpu["device"] == "cpu (smoke test)" and gpu["routers"] == 2
-    assert {x["mode"] for x in gpu["rows"]} == {"routing-probe", "routing-probe-no-sample", "routing-probe-no-cuda-graphs"}
+    assert {x["mode"] for x in gpu["rows"]} == {"routing-probe", "routing-probe-no-sample", "routing-probe-cuda-graphs"}
     assert all(x["overhead"] > 0 for x in gpu["rows"])
     args.tokens = 256
     small = br._child_profile(args)
