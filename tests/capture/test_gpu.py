@@ -73,3 +73,17 @@ def test_routing_probe_cuda_graphs_equal_eager(family):
             assert probe.__dict__.get("_graphs"), "no CUDA graph was made"
             assert not probe.__dict__.get("_graphs_failed")
     _assert_states_equal(states[1], states[0])
+
+
+def test_state_probe_host_linalg_equals_device_on_cuda():
+    """On CUDA the effective ranks come from the host thread pool (pinned copies, events); they
+    equal torch's CUDA eigvalsh path, and every other statistic is untouched."""
+    from workbench.metrics.state import state_scan
+
+    model = tiny.build("mamba2").cuda()
+    ids = torch.randint(2, tiny.VOCAB, (2, 96), generator=torch.Generator().manual_seed(4))
+    runs = [state_scan(model, ids, bucket=16, chunk=32, host_linalg=h) for h in (False, True)]
+    a, b = runs[0].tensors, runs[1].tensors
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-9, atol=1e-9, msg=k)
