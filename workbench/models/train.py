@@ -131,11 +131,11 @@ def mamba2_drift(model, total: int = 4096, n_seq: int = 8, chunk: int = 128) -> 
     return state_drift(model, long_sequences(total, n_seq), chunk=chunk)
 
 
-PASSKEY_LENGTHS = (1, 4, 16, 64)  # x the training length
+PASSKEY_LENGTHS = (1, 2, 3, 4, 8, 16, 64)  # x the training length
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def passkey_eval(model, tok, seq_len: int, n_keys: int = 4, seed: int = 0) -> dict:
+def passkey_eval(model, tok, seq_len: int, n_keys: int = 16, seed: int = 0) -> dict:
     """The state-capacity card's passkey grid (workbench.metrics.passkey.passkey_grid) at
     PASSKEY_LENGTHS x the training length and PASSKEY_DEPTHS, `n_keys` seeded keys per cell."""
     from workbench.metrics.passkey import passkey_grid
@@ -249,6 +249,18 @@ def state_card(name: str) -> dict:
         m["state_figures"] = state_figures(model, m["recipe"]["seq_len"])
         if m["recipe"].get("passkey_share") and "passkey" not in m:
             m["passkey"] = passkey_eval(model, tok, m["recipe"]["seq_len"])
+    (d / zoo.METRICS).write_text(json.dumps(m, indent=1) + "\n")
+    write_card(d, m)
+    return m
+
+
+def passkey_card(name: str, n_keys: int = 16, seed: int = 0) -> dict:
+    """Re-measure the passkey grid of zoo model `name` (passkey_eval) into its metrics.json and
+    re-render its card."""
+    d = zoo.ZOO_DIR / name
+    m = json.loads((d / zoo.METRICS).read_text())
+    model, tok = load_zoo_model(name)
+    m["passkey"] = passkey_eval(model, tok, m["recipe"]["seq_len"], n_keys=n_keys, seed=seed)
     (d / zoo.METRICS).write_text(json.dumps(m, indent=1) + "\n")
     write_card(d, m)
     return m
@@ -1070,6 +1082,9 @@ def main(argv: list[str] | None = None) -> None:
     fi.add_argument("log")
     sc = sub.add_parser("state-card", help="add the state figures (and passkey grid) to a zoo Mamba-2's card")
     sc.add_argument("names", nargs="+")
+    pk = sub.add_parser("passkey-card", help="re-measure the passkey grid of a zoo model and re-render its card")
+    pk.add_argument("names", nargs="+")
+    pk.add_argument("--n-keys", type=int, default=16)
     pa = sub.add_parser("parallel")
     pa.add_argument("jobs", nargs="+")
     pa.add_argument("--out", required=True)
@@ -1088,6 +1103,9 @@ def main(argv: list[str] | None = None) -> None:
     elif a.cmd == "state-card":
         for n in a.names:
             state_card(n)
+    elif a.cmd == "passkey-card":
+        for n in a.names:
+            passkey_card(n, n_keys=a.n_keys)
     else:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         parallel(a.jobs, a.out, a.time_budget, a.seed)
