@@ -53,6 +53,29 @@ def _mixtral_stack(layers: int, smoke: bool, device: str):
     return model, cfg
 
 
+def cuda_timed(fn, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls of fn, by CUDA events around each call."""
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e))
+    return out
+
+
+def cpu_timed(fn, reps: int) -> list[float]:
+    """Milliseconds of each of `reps` calls of fn, by the wall clock."""
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def _count_ops(fn) -> int:
     """PyTorch ops dispatched while running fn() (TorchDispatchMode: every aten op, views too)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -82,25 +105,7 @@ def part_gpu(args) -> dict:
     def fwd():
         model(input_ids=ids, attention_mask=mask)
 
-    if device == "cuda":
-        def timed(fn, reps):
-            out = []
-            for _ in range(reps):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                e.synchronize()
-                out.append(s.elapsed_time(e))
-            return out
-    else:
-        def timed(fn, reps):
-            out = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t0) * 1e3)
-            return out
+    timed = cuda_timed if device == "cuda" else cpu_timed
 
     for _ in range(3):
         fwd()

@@ -31,8 +31,14 @@ def _table(prof, key, n=25):
     return prof.key_averages().table(sort_by=key, row_limit=n, max_name_column_width=60)
 
 
-def _events(n):
-    return [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+def _profile(fn):
+    """torch.profiler (CPU and CUDA) over one call of fn, synchronised."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof
 
 
 def routing(args):
@@ -50,15 +56,7 @@ def routing(args):
         model(input_ids=ids, attention_mask=mask)
 
     def timed(reps):
-        out = []
-        for _ in range(reps):
-            s, e = _events(2)
-            s.record()
-            fwd()
-            e.record()
-            e.synchronize()
-            out.append(s.elapsed_time(e))
-        return out
+        return br.cuda_timed(fwd, reps)
 
     for _ in range(3):
         fwd()
@@ -85,10 +83,7 @@ def routing(args):
             fwd()
         torch.cuda.set_sync_debug_mode(0)
         syncs = [str(x.message)[:200] for x in w]
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fwd()
-            torch.cuda.synchronize()
+        prof = _profile(fwd)
     b, p = statistics.median(base), statistics.median(probe)
     print(f"ROUTING base {b:.3f} ms  probe {p:.3f} ms  ratio {p / b:.4f}  extra per router call "
           f"{(p - b) / args.layers:.3f} ms; host time in observe per call {per_call_host:.3f} ms")
@@ -107,10 +102,7 @@ def routing(args):
         prof.export_chrome_trace(str(Path(args.out) / "routing_trace.json"))
     RoutingProbe.observe = orig
     # the plain forward's own syncs (the eager MoE loop)
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
-        fwd()
-        torch.cuda.synchronize()
+    prof2 = _profile(fwd)
     print("PLAIN FORWARD")
     print(_table(prof2, "self_cpu_time_total", 15))
 
@@ -136,7 +128,6 @@ def state(args):
 
     state_scan(model, ids[:, : 2 * args.chunk], bucket=128, chunk=args.chunk)
     plain()
-    from torch.profiler import ProfilerActivity, profile
     for name, fn in (("plain", plain), ("probe", lambda: state_scan(model, ids, bucket=128, chunk=args.chunk)),
                      ("probe, eigvalsh on the GPU", lambda: state_scan(model, ids, bucket=128, chunk=args.chunk,
                                                                        host_linalg=False))):
@@ -145,14 +136,10 @@ def state(args):
         fn()
         torch.cuda.synchronize()
         print(f"STATE {name}: {time.perf_counter() - t:.3f} s for {n} tokens")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        state_scan(model, ids, bucket=128, chunk=args.chunk)
-        torch.cuda.synchronize()
+    prof = _profile(lambda: state_scan(model, ids, bucket=128, chunk=args.chunk))
     print(_table(prof, "self_cpu_time_total", 30))
     print(_table(prof, "self_cuda_time_total", 30))
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
-        plain()
-        torch.cuda.synchronize()
+    prof2 = _profile(plain)
     print("PLAIN")
     print(_table(prof2, "self_cuda_time_total", 15))
 

@@ -515,8 +515,6 @@ class RoutingProbe(_RouterSites):
         else:
             decode_router_output(site, out)  # raises the AdapterError naming what to register
             raise AssertionError("unreachable")
-        if site.kind not in ROUTER_KINDS:
-            decode_router_output(site, out)
         dev = parts[0].device if isinstance(parts, tuple) else parts.device
         valid, tok = call.rows(n, dev)
         lab, n_labels = None, 0

@@ -237,33 +237,39 @@ def finish_from_checkpoint(name: str, log_path: str, *, seed: int = 0, n_keys: i
     return metrics
 
 
-def state_card(name: str) -> dict:
-    """Add the state figures (and the passkey grid if missing) of zoo model `name` to its
-    metrics.json and re-render its card."""
+def _recard(name: str, update) -> dict:
+    """Load zoo model `name`, let update(metrics, model, tok) change its metrics, save them and
+    re-render its card."""
     d = zoo.ZOO_DIR / name
     m = json.loads((d / zoo.METRICS).read_text())
     model, tok = load_zoo_model(name)
-    from workbench.models.ssd import fast_scan
-
-    with fast_scan():
-        m["state_figures"] = state_figures(model, m["recipe"]["seq_len"])
-        if m["recipe"].get("passkey_share") and "passkey" not in m:
-            m["passkey"] = passkey_eval(model, tok, m["recipe"]["seq_len"])
+    update(m, model, tok)
     (d / zoo.METRICS).write_text(json.dumps(m, indent=1) + "\n")
     write_card(d, m)
     return m
+
+
+def state_card(name: str) -> dict:
+    """Add the state figures (and the passkey grid if missing) of zoo model `name` to its
+    metrics.json and re-render its card."""
+    def update(m, model, tok):
+        from workbench.models.ssd import fast_scan
+
+        with fast_scan():
+            m["state_figures"] = state_figures(model, m["recipe"]["seq_len"])
+            if m["recipe"].get("passkey_share") and "passkey" not in m:
+                m["passkey"] = passkey_eval(model, tok, m["recipe"]["seq_len"])
+
+    return _recard(name, update)
 
 
 def passkey_card(name: str, n_keys: int = 16, seed: int = 0) -> dict:
     """Re-measure the passkey grid of zoo model `name` (passkey_eval) into its metrics.json and
     re-render its card."""
-    d = zoo.ZOO_DIR / name
-    m = json.loads((d / zoo.METRICS).read_text())
-    model, tok = load_zoo_model(name)
-    m["passkey"] = passkey_eval(model, tok, m["recipe"]["seq_len"], n_keys=n_keys, seed=seed)
-    (d / zoo.METRICS).write_text(json.dumps(m, indent=1) + "\n")
-    write_card(d, m)
-    return m
+    def update(m, model, tok):
+        m["passkey"] = passkey_eval(model, tok, m["recipe"]["seq_len"], n_keys=n_keys, seed=seed)
+
+    return _recard(name, update)
 
 
 def quick_windows(windows, n: int = QUICK_WINDOWS):
