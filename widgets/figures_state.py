@@ -25,10 +25,15 @@ def _need(df: pd.DataFrame, cols, what: str) -> None:
         raise ValueError(f"{what} needs columns {list(cols)}; missing {missing} (have {list(df.columns)})")
 
 
-def _mark(fig: go.Figure, train_len: int | None) -> None:
+def _mark(fig: go.Figure, train_len: int | None, *, log_x: bool = False) -> None:
+    """A dashed line at the training length with its label. On a log x axis plotly places shapes
+    in data units but annotations in log10 units (an annotation at x=256 would stretch the axis to
+    1e256), so the label is added apart, at log10(train_len)."""
     if train_len:
-        fig.add_vline(x=train_len, line_dash="dash", line_color="gray",
-                      annotation_text=f"training length {train_len}", annotation_position="top left")
+        fig.add_vline(x=train_len, line_dash="dash", line_color="gray")
+        fig.add_annotation(x=float(np.log10(train_len)) if log_x else train_len, y=1, yref="paper",
+                           text=f"training length {train_len}", showarrow=False, xanchor="right",
+                           yanchor="top")
 
 
 def state_position_figure(df: pd.DataFrame, stat: str = "rms", *, train_len: int | None = None,
@@ -47,7 +52,7 @@ def state_position_figure(df: pd.DataFrame, stat: str = "rms", *, train_len: int
             d0 = d0.assign(head=0)
         for h, d in d0.groupby("head"):
             fig.add_trace(go.Scatter(x=d.position, y=d[stat], mode="lines", name=f"head {h}"))
-    _mark(fig, train_len)
+    _mark(fig, train_len, log_x=log_x)
     fig.update_layout(title=title or f"state {stat} by position" + (f" (layer {layer})" if layer is not None else ""),
                       xaxis_title="position (tokens, bucket end)", yaxis_title=stat, **_LAYOUT)
     if log_x:
@@ -60,7 +65,7 @@ def loss_position_figure(df: pd.DataFrame, *, train_len: int | None = None, titl
     _need(df, ["position", "loss"], "loss_position_figure")
     d = df.drop_duplicates("position").sort_values("position")
     fig = go.Figure(go.Scatter(x=d.position, y=d.loss, mode="lines+markers", name="loss"))
-    _mark(fig, train_len)
+    _mark(fig, train_len, log_x=True)
     fig.update_layout(title=title or "token loss by position", xaxis_title="position (tokens, bucket end)",
                       yaxis_title="mean NLL (nats)", **_LAYOUT)
     fig.update_xaxes(type="log")

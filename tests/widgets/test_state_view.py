@@ -1,5 +1,6 @@
 """Recurrent-state figures and view: the data lands in the traces; the view follows its controls."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -37,6 +38,12 @@ def test_figures_carry_the_data(run):
     fig = fs.state_position_figure(heads, "erank", layer=0)
     assert len(fig.data) == 8  # one line per head
     layers = ms.layer_stats(run)
+    for f in (fs.state_position_figure(heads, "rms", train_len=16), fs.loss_position_figure(layers, train_len=16)):
+        # log x axis: the line in data units, its label in log10 units (x=16 would stretch the axis to 1e16)
+        assert f.layout.xaxis.type == "log" and f.layout.shapes[0].x0 == 16
+        assert [a.x for a in f.layout.annotations if "training length" in a.text] == pytest.approx([np.log10(16)])
+    lin = fs.state_position_figure(heads, "rms", train_len=16, log_x=False)
+    assert [a.x for a in lin.layout.annotations if "training length" in a.text] == [16]
     assert list(fs.loss_position_figure(layers).data[0].y) == pytest.approx(list(layers[layers.layer == 0].loss))
     hist = ms.histograms(run)
     assert len(fs.state_histogram_figure(hist, layer=0, train_len=16).data) == 2
