@@ -12,6 +12,8 @@
 - Events of different sessions run on a thread pool, so a long operation (a measurement) in one
   session shows its progress there without blocking the others.
 - A damaged or foreign run shows as an error panel with the loader's message.
+- With two or more runs, "compare with" picks a second run: the views that compare (layer
+  sparsity, routing, recurrent state) show it beside the first; the others show the first alone.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Dashboard(pn.viewable.Viewer):
         self._tabs = None
         self._pending: dict[int, object] = {}  # tab index -> factory of the view not built yet
         self._built: list = []
-        self.store.param.watch(lambda _e: self._show_run(), ["run_name"])
+        self.store.param.watch(lambda _e: self._show_run(), ["run_name", "compare_name"])
         self._show_run()
 
     @property
@@ -109,9 +111,17 @@ class Dashboard(pn.viewable.Viewer):
                 entries.append(("Error", lambda exc=exc: pn.pane.Alert(
                     f"### Run `{name}` cannot be shown\n\n{exc}", alert_type="danger", css_classes=["wb-run-error"])))
             else:
+                other, names = None, None
+                try:
+                    other = self.store.other()
+                    names = (name, self.store.compare_name)
+                except WorkbenchError as exc:
+                    entries.append(("Error", lambda exc=exc: pn.pane.Alert(
+                        f"### Run `{self.store.compare_name}` cannot be compared\n\n{exc}", alert_type="danger",
+                        css_classes=["wb-run-error"])))
                 for cls in all_views():
                     if not getattr(cls, "live", False):
-                        entries.append((cls.title, lambda cls=cls: make_view(cls, run, self.store)))
+                        entries.append((cls.title, lambda cls=cls: make_view(cls, run, self.store, other, names)))
         if self.model is not None:
             entries.append(("Acceleration", self._accel_view))
         if not entries:
@@ -128,6 +138,9 @@ class Dashboard(pn.viewable.Viewer):
         header = pn.Row(pn.pane.Markdown(f"## {TITLE}", margin=(0, 20, 0, 10)))
         if len(self.store.names) > 0:
             header.append(pn.widgets.Select.from_param(self.store.param.run_name, name="run", width=320))
+        if len(self.store.names) > 1:
+            header.append(pn.widgets.Select.from_param(self.store.param.compare_name, name="compare with", width=320,
+                                                       css_classes=["wb-compare"]))
         return pn.Column(header, self._body, sizing_mode="stretch_width")
 
 

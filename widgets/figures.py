@@ -3,6 +3,7 @@
 Each builder takes the tidy table a public call returns:
 
 - `layer_sparsity_figure(run.summary())`                     token sparsity per layer
+- `layer_compare_figure({"a": run_a.summary(), "b": ...})`   a summary column per layer, one line per run
 - `rule_sparsity_figure(wm.sparsity_table(...))`             layer x sparsity, one line per rule
 - `cett_curve_figure(wm.cett_curve(...))`                     CETT vs activation ratio per layer
 - `ppl_curve_figure(res.curve, goal=1 + p / 100)`             the PPL-p% outer search
@@ -62,6 +63,30 @@ def layer_sparsity_figure(summary: pd.DataFrame, *, title: str | None = None, co
         fig.add_bar(x=d["layer"], y=d[column], name=str(role or column),
                     hovertext=d["name"] if "name" in d.columns else None)
     fig.update_yaxes(range=[0, 1])
+    return fig
+
+
+def layer_compare_figure(summaries: dict, *, column: str = "token_sparsity", title: str | None = None) -> go.Figure:
+    """`column` per layer for several runs ({name: run.summary()}), one line per run (and FFN role).
+    Runs with different layer counts are put on relative depth, (layer + 0.5) / layers, and the
+    axis says so."""
+    for name, d in summaries.items():
+        _need(d, ["layer", column], f"layer_compare_figure ({name})")
+    counts = {int(d["layer"].nunique()) for d in summaries.values()}
+    depth = len(counts) > 1
+    fig = _fig(title or f"{column.replace('_', ' ')} per layer",
+               "relative depth, (layer + 0.5) / layers (the runs' layer counts differ)" if depth else "layer",
+               column.replace("_", " "))
+    for name, d in summaries.items():
+        n = max(int(d["layer"].max()) + 1, 1)
+        roles = d["role"].unique() if "role" in d.columns and d["role"].nunique() > 1 else [None]
+        for role in roles:
+            r = d if role is None else d[d["role"] == role]
+            g = r.groupby("layer", as_index=False)[column].mean()
+            x = (g["layer"] + 0.5) / n if depth else g["layer"]
+            fig.add_scatter(x=x, y=g[column], mode="lines+markers", name=name if role is None else f"{name} / {role}",
+                            customdata=g["layer"], hovertemplate="layer %{customdata}: %{y:.4f}<extra>" + name
+                            + "</extra>")
     return fig
 
 

@@ -4,7 +4,8 @@ Each builder takes a table of workbench.metrics.state / workbench.metrics.passke
 
 - `state_position_figure(head_stats(run), "rms", train_len=...)`   a statistic against position,
   one line per layer (mean over heads) or per head of one layer; the training length marked
-- `loss_position_figure(layer_stats(run), train_len=...)`          token loss per bucket
+- `state_compare_figure({"a": head_stats(a), "b": ...}, "rms")`     the same for two runs, dashed apart
+- `loss_position_figure(layer_stats(run), train_len=...)`          token loss per bucket (a dict: per run)
 - `state_histogram_figure(histograms(run), layer=0)`               value histograms at positions
 - `collapse_figure(collapse(run, train_len), n_layers, n_heads)`   first flagged position per head
 - `passkey_grid_figure(passkey_grid(...))`                          accuracy over length x depth
@@ -60,11 +61,38 @@ def state_position_figure(df: pd.DataFrame, stat: str = "rms", *, train_len: int
     return fig
 
 
-def loss_position_figure(df: pd.DataFrame, *, train_len: int | None = None, title: str | None = None) -> go.Figure:
-    """Mean next-token NLL per bucket from `layer_stats(run)` (the same in every layer)."""
-    _need(df, ["position", "loss"], "loss_position_figure")
-    d = df.drop_duplicates("position").sort_values("position")
-    fig = go.Figure(go.Scatter(x=d.position, y=d.loss, mode="lines+markers", name="loss"))
+def state_compare_figure(tables: dict, stat: str = "rms", *, train_len: int | None = None, layer: int | None = None,
+                         title: str | None = None, log_x: bool = True) -> go.Figure:
+    """`stat` against position for several runs ({name: head_stats(run)}): one line per run and
+    layer (the mean over heads; with `layer`, that layer only), the runs told apart by dash.
+    `train_len` marks the first run's training length."""
+    fig = go.Figure()
+    dashes = ["solid", "dash", "dot", "dashdot"]
+    for i, (name, df) in enumerate(tables.items()):
+        _need(df, ["layer", "position", stat], f"state_compare_figure ({name})")
+        d0 = df if layer is None else df[df.layer == layer]
+        g = d0.groupby(["layer", "position"], as_index=False)[stat].mean()
+        for lay, d in g.groupby("layer"):
+            fig.add_trace(go.Scatter(x=d.position, y=d[stat], mode="lines", name=f"{name}: layer {lay}",
+                                     line=dict(dash=dashes[i % len(dashes)]), legendgroup=name))
+    _mark(fig, train_len, log_x=log_x)
+    fig.update_layout(title=title or f"state {stat} by position: {' vs '.join(tables)}"
+                      + (f" (layer {layer})" if layer is not None else ""),
+                      xaxis_title="position (tokens, bucket end)", yaxis_title=stat, **_LAYOUT)
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def loss_position_figure(df, *, train_len: int | None = None, title: str | None = None) -> go.Figure:
+    """Mean next-token NLL per bucket from `layer_stats(run)` (the same in every layer); a dict
+    {name: layer_stats(run)} draws one line per run."""
+    tables = df if isinstance(df, dict) else {"loss": df}
+    fig = go.Figure()
+    for name, t in tables.items():
+        _need(t, ["position", "loss"], "loss_position_figure")
+        d = t.drop_duplicates("position").sort_values("position")
+        fig.add_trace(go.Scatter(x=d.position, y=d.loss, mode="lines+markers", name=name))
     _mark(fig, train_len, log_x=True)
     fig.update_layout(title=title or "token loss by position", xaxis_title="position (tokens, bucket end)",
                       yaxis_title="mean NLL (nats)", **_LAYOUT)

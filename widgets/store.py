@@ -77,10 +77,15 @@ def _names(paths: list[Path]) -> dict[str, Path]:
     return out
 
 
+NO_COMPARE = "(none)"
+
+
 class RunStore(pn.viewable.Viewer):
     """Loaded runs (lazily, by name) and the selections shared by the views of one session."""
 
     run_name = param.Selector(default=None, objects=[], doc="the run the views show")
+    compare_name = param.Selector(default=NO_COMPARE, objects=[NO_COMPARE],
+                                  doc="a second run shown beside it by the views that compare two runs")
     layers = param.List(default=[], item_type=int, doc="layers the views show ([] = all)")
 
     def __init__(self, runs=(), **params):
@@ -106,6 +111,7 @@ class RunStore(pn.viewable.Viewer):
         names = list(dict.fromkeys([n for n, _ in items]))
         super().__init__(**params)
         self.param.run_name.objects = names
+        self.param.compare_name.objects = [NO_COMPARE, *names]
         if self.run_name is None and names:
             self.run_name = names[0]
 
@@ -131,6 +137,14 @@ class RunStore(pn.viewable.Viewer):
             raise RunError(f"no run called {name!r} here (runs: {', '.join(self.names) or 'none'}); "
                            "pass its directory when starting: workbench serve RUN_DIR")
         return load_cached(self._paths[name])
+
+    def other(self):
+        """The run chosen to compare with (None when none is chosen, or it is the shown run);
+        raises the RunError of a damaged one."""
+        name = self.compare_name
+        if name in (None, NO_COMPARE) or name == self.run_name:
+            return None
+        return self.run(name)
 
     def error(self, name: str | None = None) -> str | None:
         """The message of the load error of run `name`, or None when it loads."""

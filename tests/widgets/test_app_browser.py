@@ -25,10 +25,10 @@ if not os.path.exists(CHROMIUM):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run_dir, damaged_run_dir, tiny_bf16_model, analysis_run_dirs):
+def server(tiny_run_dir, damaged_run_dir, bare_run_dir, tiny_bf16_model, analysis_run_dirs):
     from workbench.widgets.app import make_server
 
-    srv = make_server([tiny_run_dir, damaged_run_dir, *analysis_run_dirs.values()], model=tiny_bf16_model,
+    srv = make_server([tiny_run_dir, damaged_run_dir, *analysis_run_dirs.values(), bare_run_dir], model=tiny_bf16_model,
                       backend="torch", port=0, threaded=True)
     url = f"http://127.0.0.1:{srv.port_used}/"
     for _ in range(100):  # the server thread is up once it answers
@@ -82,7 +82,16 @@ def wait_title(page, text: str, index: int = 0, timeout: float = 15.0) -> str:
 
 
 def select(page, option: str, value: str) -> None:
-    page.locator(f"select:has(option[value='{option}'])").select_option(value)
+    """Choose `value` in the first select offering `option` (the run select before "compare with")."""
+    page.locator(f"select:has(option[value='{option}'])").first.select_option(value)
+
+
+def trace_names(page, index: int = 0) -> list:
+    try:
+        return page.locator(".js-plotly-plot >> visible=true").nth(index).evaluate(
+            "el => (el.data || []).map(t => t.name)")
+    except Exception:  # noqa: BLE001 - the plot is being replaced
+        return []
 
 
 def test_every_view_renders_a_plot_without_console_errors(server, browser):
@@ -223,3 +232,18 @@ def test_long_operation_shows_progress_without_blocking_other_sessions(server, b
     assert a.console_errors == [] and b.console_errors == []
     a.context.close()
     b.context.close()
+
+
+def test_compare_with_draws_both_runs(server, browser):
+    page = open_page(browser, server)
+    assert len(trace_names(page)) == 1  # one run: one line
+    page.locator(".wb-compare select").select_option("bare")
+    end = time.time() + 20
+    while time.time() < end and trace_names(page) != ["tiny", "bare"]:
+        time.sleep(0.1)
+    assert trace_names(page) == ["tiny", "bare"]
+    assert page.get_by_text("mean token sparsity").first.is_visible()
+    page.locator(".wb-compare select").select_option("damaged")
+    page.get_by_text("cannot be compared").first.wait_for(timeout=20000)
+    assert page.console_errors == []
+    page.context.close()

@@ -68,5 +68,23 @@ def test_view_follows_its_controls(run):
     v.layer = 1
     assert len(v.position_figure().data) == 8
     assert v.collapse_figure() is not None  # train_len from the run's data meta
-    assert v.passkey_figure().data[0].z.tolist() == [[1.0, 0.5], [0.0, 0.5]]
+    assert [f.data[0].z.tolist() for f in v.passkey_figures()] == [[[1.0, 0.5], [0.0, 0.5]]]
     assert "state_scan" in StateView.missing(run)
+
+
+def test_view_compares_two_runs(run):
+    model = tiny.build("mamba2")
+    ids = torch.randint(2, tiny.VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
+    other = ms.state_scan(model, ids, bucket=8, chunk=16, data={"train_len": 16})
+    v = StateView(run=run, other=other, names=("a", "b"))
+    v.__panel__()
+    fig = v.position_figure()
+    names = [t.name for t in fig.data]
+    assert names == ["a: layer 0", "a: layer 1"] + [f"b: layer {i}" for i in range(model.config.num_hidden_layers)]
+    want = ms.head_stats(other).query("layer == 0").groupby("position").rms.mean()
+    assert list(fig.data[2].y) == pytest.approx(list(want))
+    assert [t.line.dash for t in fig.data][-1] == "dash"
+    v.layer = 1
+    assert [t.name for t in v.position_figure().data] == ["a: layer 1", "b: layer 1"]
+    assert [t.name for t in v.loss_figure().data] == ["a", "b"]
+    assert len(v.passkey_figures()) == 1  # only `run` stores a passkey grid

@@ -201,3 +201,32 @@ def test_report_is_self_contained(tiny_run_dir, bare_run_dir, tmp_path):
         assert f"<h2>{title}</h2>" in text
     bare = write_report(bare_run_dir, tmp_path / "bare.html").read_text()
     assert "wm.chunk_table(model, texts)" in bare
+
+
+def test_dashboard_compare_with_puts_a_second_run_beside_the_first(tiny_run_dir, bare_run_dir, damaged_run_dir):
+    from workbench.widgets.app import Dashboard
+    from workbench.widgets.store import NO_COMPARE
+    from workbench.widgets.views.cett import CETTView
+    from workbench.widgets.views.sparsity import SparsityView
+
+    d = Dashboard(runs=[tiny_run_dir, bare_run_dir, damaged_run_dir])
+    assert d.store.param.compare_name.objects == [NO_COMPARE, "tiny", "bare", "damaged"]
+    assert any(getattr(w, "name", "") == "compare with" for w in d.__panel__().select(pn.widgets.Select))
+    one = {type(v).__name__: v for v in d.views}
+    assert one["SparsityView"].other is None
+    d.store.compare_name = "bare"
+    views = {type(v).__name__: v for v in d.views}
+    s = views["SparsityView"]
+    assert s.other is d.store.run("bare") and s.names == ("tiny", "bare")
+    assert [t.name for t in s.figure.data] == ["tiny", "bare"]  # one line per run
+    want = d.store.run("bare").summary().groupby("layer").token_sparsity.mean()
+    assert list(s.figure.data[1].y) == pytest.approx(list(want))
+    assert "**bare**" in s.info()
+    assert isinstance(views["CETTView"], CETTView) and views["CETTView"].other is None  # does not compare
+    d.store.compare_name = "tiny"  # the shown run itself: nothing beside it
+    assert {type(v).__name__: v for v in d.views}["SparsityView"].other is None
+    d.store.compare_name = "damaged"
+    assert d.views  # every tab built
+    errors = [o for o in d._tabs if isinstance(o, pn.pane.Alert) and "cannot be compared" in o.object]
+    assert errors and "re-create it" in errors[0].object
+    assert SparsityView.compares and not CETTView.compares

@@ -48,6 +48,10 @@ class View(pn.viewable.Viewer):
     needs = ""
     run = param.Parameter(doc="the workbench Run this view shows")
     store = param.Parameter(default=None, doc="the shared RunStore (selections), when inside the app")
+    other = param.Parameter(default=None, doc="a second Run shown beside `run` (views with `compares`)")
+    names = param.Tuple(default=("run", "other"), length=2, doc="the two runs' names in titles and legends")
+
+    compares = False  # True: the view shows `other` beside `run` when given one (the app's "compare with")
 
     @classmethod
     def applies(cls, run) -> bool:
@@ -128,9 +132,12 @@ def all_views() -> list[type]:
     return _ordered()
 
 
-def make_view(cls: type, run, store=None):
-    """`cls(run=run, store=store)` when the run feeds it, else an alert with `cls.missing(run)`."""
+def make_view(cls: type, run, store=None, other=None, names=None):
+    """`cls(run=run, store=store)` when the run feeds it, else an alert with `cls.missing(run)`.
+    With `other` (and its `names`), a view that `compares` and that `other` feeds too shows both."""
     if cls.applies(run):
+        if other is not None and cls.compares and cls.applies(other):
+            return cls(run=run, store=store, other=other, names=tuple(names or ("run", "other")))
         return cls(run=run, store=store)
     return pn.pane.Alert(f"**{cls.title}**: {cls.missing(run)}", alert_type="warning")
 

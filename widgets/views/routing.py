@@ -30,11 +30,11 @@ class RoutingView(View):
     layer = param.Selector(objects=[0], default=0, doc="router layer (of the first run)")
     value = param.Selector(objects=["weights", "selected"], default="weights", doc="heatmap cell value")
     metric = param.Selector(objects=METRICS, default="reuse", doc="per-layer metric of the 'layers' figure")
+    compares = True
     other = param.Parameter(default=None, doc="a second Run to compare with (two models on the same tokens, "
                                                "or one model on two datasets)")
     mode = param.Selector(objects=["single", "side", "difference"], default="single",
                           doc="with `other`: side by side, or other - run at matched tokens")
-    names = param.Tuple(default=("run", "other"), length=2, doc="the two runs' names in titles")
     max_columns = param.Integer(default=fr.MAX_COLUMNS, bounds=(8, 4096), doc="token columns before pooling")
 
     def __init__(self, **params):

@@ -3,6 +3,7 @@
 
     run = wm_state.state_scan(model, ids, bucket=128, hist_positions=(256, 4096))
     pn.panel(StateView(run=run, train_len=256))
+    pn.panel(StateView(run=a, other=b, names=("d_state 16", "d_state 64")))   # two runs, one plot each
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class StateView(View):
 
     title = "Recurrent state"
     needs = "state"
+    compares = True  # with `other`: both runs' statistics, losses and passkey grids; flags of `run`
     stat = param.ObjectSelector(default="rms", objects=STATS, doc="the statistic plotted against position")
     layer = param.Integer(default=-1, bounds=(-1, None), doc="-1: every layer (mean over heads); else one layer's heads")
     train_len = param.Integer(default=0, bounds=(0, None), doc="training length to mark (0: from the run's data meta)")
@@ -38,17 +40,28 @@ class StateView(View):
     def _train_len(self) -> int | None:
         return self.train_len or self.run.meta.get("data", {}).get("train_len") or None
 
-    def _tables(self):
+    def _tables(self, run=None):
         from workbench.metrics import state as ms
 
-        if not hasattr(self, "_cache"):
-            self._cache = (ms.head_stats(self.run), ms.layer_stats(self.run), ms.histograms(self.run))
-        return self._cache
+        run = self.run if run is None else run
+        cache = self.__dict__.setdefault("_cache", {})
+        if id(run) not in cache:
+            cache[id(run)] = (ms.head_stats(run), ms.layer_stats(run), ms.histograms(run))
+        return cache[id(run)]
 
     def position_figure(self):
         heads, _, _ = self._tables()
-        return fs.state_position_figure(heads, self.stat, train_len=self._train_len(),
-                                        layer=None if self.layer < 0 else self.layer)
+        layer = None if self.layer < 0 else self.layer
+        if self.other is not None:
+            return fs.state_compare_figure({self.names[0]: heads, self.names[1]: self._tables(self.other)[0]},
+                                           self.stat, train_len=self._train_len(), layer=layer)
+        return fs.state_position_figure(heads, self.stat, train_len=self._train_len(), layer=layer)
+
+    def loss_figure(self):
+        _, layers, _ = self._tables()
+        if self.other is not None:
+            layers = {self.names[0]: layers, self.names[1]: self._tables(self.other)[1]}
+        return fs.loss_position_figure(layers, train_len=self._train_len())
 
     def histogram_figure(self):
         _, _, hist = self._tables()
@@ -64,15 +77,16 @@ class StateView(View):
         flags = ms.collapse(self.run, tl, tol=self.tol)
         return fs.collapse_figure(flags, int(heads.layer.max()) + 1, int(heads["head"].max()) + 1)
 
-    def passkey_figure(self):
+    def passkey_figures(self) -> list:
+        """The passkey grid of each shown run that stores one."""
         from workbench.metrics.store import table
 
-        if "passkey" not in self.run.meta.get("metrics", {}):
-            return None
-        return fs.passkey_grid_figure(table(self.run, "passkey"), train_len=self._train_len())
+        runs = [(self.names[0], self.run)] + ([(self.names[1], self.other)] if self.other is not None else [])
+        return [fs.passkey_grid_figure(table(r, "passkey"), train_len=self._train_len(),
+                                       title=f"passkey retrieval: {name}" if self.other is not None else None)
+                for name, r in runs if "passkey" in r.meta.get("metrics", {})]
 
     def __panel__(self):
-        _, layers, _ = self._tables()
         controls = pn.Param(self.param, parameters=["stat", "layer", "train_len", "tol"], show_name=False)
         pos = pn.bind(lambda stat, layer, tl: pn.pane.Plotly(self.position_figure()), self.param.stat,
                       self.param.layer, self.param.train_len)
@@ -80,8 +94,9 @@ class StateView(View):
         flags = pn.bind(lambda tl, tol: pn.pane.Plotly(f) if (f := self.collapse_figure()) is not None
                         else pn.pane.Markdown("set the training length to see collapse flags"),
                         self.param.train_len, self.param.tol)
-        items = [pos, pn.pane.Plotly(fs.loss_position_figure(layers, train_len=self._train_len())), hist, flags]
-        pk = self.passkey_figure()
-        if pk is not None:
-            items.append(pn.pane.Plotly(pk))
+        loss = pn.bind(lambda tl: pn.pane.Plotly(self.loss_figure()), self.param.train_len)
+        items = [pos, loss, hist, flags]
+        pks = self.passkey_figures()
+        if pks:
+            items.append(pn.Row(*[pn.pane.Plotly(f) for f in pks]))
         return pn.Row(controls, pn.Column(*items))
