@@ -11,7 +11,9 @@ Targets (issue #23): first paint < 3 s, re-render < 1 s (median of 10) per view,
 sessions re-render median < 2 s. CPU only; nothing here needs a GPU.
 
     python benchmarks/bench_dashboard.py                      # builds /tmp/wb_dashboard_run first
-    python benchmarks/bench_dashboard.py --run DIR --screenshots docs/images
+    python benchmarks/bench_dashboard.py --run DIR
+
+(The screenshots of docs/images come from scripts/screenshots.py.)
 
 Writes benchmarks/results/dashboard_cpu_<date>.json (device, date, commit, command, figures).
 """
@@ -162,7 +164,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--screenshots", help="also save a screenshot of every view into this folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--note", default="measured on the 2-core CPU dev machine while other jobs shared the cores")
     args = ap.parse_args()
@@ -217,20 +218,10 @@ def main() -> None:
             tabs = [t for t in CONTROLS if page.locator(".bk-tab", has_text=t).count()]
             for tab in tabs:
                 goto_tab(page, tab)
-                if args.screenshots:
-                    shot(page, tab, Path(args.screenshots))
                 ts = rerender(page, tab, args.reps)
                 views[tab] = {"median_s": statistics.median(ts), "max_s": max(ts), "all": ts,
                               "control": f"{CONTROLS[tab][0]} {CONTROLS[tab][1]} <-> {CONTROLS[tab][2]}"}
                 log(f"re-render {tab}: median {views[tab]['median_s']:.3f} s")
-            if "Acceleration" in tabs and args.screenshots:
-                goto_tab(page, "Acceleration")
-                page.get_by_role("button", name="Measure").click()
-                t0 = time.perf_counter()
-                wait_change(page, "plot", signature(page, "plot"), timeout=300)
-                res["accel_measure_s"] = time.perf_counter() - t0
-                time.sleep(0.5)
-                shot(page, "Acceleration", Path(args.screenshots))
             res["rerender_s"] = views
             res["console_errors"] = list(page.errors)
             page.context.close()
@@ -281,13 +272,6 @@ def main() -> None:
     path = out / f"dashboard_cpu_{doc['date']}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     log("wrote", path, ok)
-
-
-def shot(page, tab: str, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    name = {"Layer sparsity": "sparsity", "CETT and PPL-p%": "cett", "Chunk sparsity": "chunk",
-            "Predictors": "predictor", "Acceleration": "accel"}.get(tab, tab.lower().replace(" ", "_"))
-    page.screenshot(path=str(folder / f"view_{name}.png"), full_page=True)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ class Dashboard(pn.viewable.Viewer):
     def __panel__(self):
         header = pn.Row(pn.pane.Markdown(f"## {TITLE}", margin=(0, 20, 0, 10)))
         if len(self.store.names) > 0:
-            header.append(pn.widgets.Select.from_param(self.store.param.run_name, name="run", width=320))
+            header.append(pn.widgets.Select.from_param(self.store.param.run_name, name="run", width=320,
+                                                       css_classes=["wb-run"]))
         if len(self.store.names) > 1:
             header.append(pn.widgets.Select.from_param(self.store.param.compare_name, name="compare with", width=320,
                                                        css_classes=["wb-compare"]))

@@ -175,7 +175,7 @@ def compare_heatmap_figure(xa: np.ndarray, xb: np.ndarray, tokens: pd.DataFrame,
     if alignment is not None:
         notes.append(f"experts of {names[1]} matched to {names[0]}'s by assignment on selection profiles "
                      f"(quality {alignment.quality:.2f}, random {alignment.baseline:.2f})")
-    note = f"<br><sup>{'; '.join(notes)}</sup>" if notes else ""
+    note = "".join(f"<br><sup>{n}</sup>" for n in notes)
     if mode == "side":
         fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=list(names), vertical_spacing=0.08)
         hi = float(np.nanmax([np.nanmax(pa) if pa.size else 0, np.nanmax(pb) if pb.size else 0, 1e-9]))
@@ -186,6 +186,8 @@ def compare_heatmap_figure(xa: np.ndarray, xb: np.ndarray, tokens: pd.DataFrame,
         fig = go.Figure(_heat(pb - pa, labels, colorscale="RdBu_r", zmid=0, name=f"{names[1]} - {names[0]}"))
         head = f"{names[1]} - {names[0]} at {xa.shape[0]} matched tokens"
     fig.update_layout(title=title or head + note, **_LAYOUT)
+    if notes and title is None:  # room for the note lines above the first panel's title
+        fig.update_layout(margin=dict(t=_LAYOUT["margin"]["t"] + 22 * len(notes) + (20 if mode == "side" else 0)))
     fig.update_xaxes(showticklabels=len(labels) <= 64, type="category")
     fig.update_yaxes(title_text="expert")
     return fig
@@ -198,8 +200,8 @@ def alignment_figure(al, *, names=("a", "b"), title: str | None = None) -> go.Fi
     fig.add_scatter(x=al.table.expert_b, y=al.table.expert_a, mode="markers", name="matched",
                     marker=dict(symbol="square-open", size=14, color="black"))
     fig.update_layout(title=title or (f"Experts of {names[1]} layer {al.layer_b} matched to {names[0]} layer "
-                                      f"{al.layer_a}: quality {al.quality:.3f} (random {al.baseline:.3f}, "
-                                      f"{al.tokens} tokens)"),
+                                      f"{al.layer_a}<br><sup>quality {al.quality:.3f} (random {al.baseline:.3f}, "
+                                      f"{al.tokens} tokens)</sup>"),
                       xaxis_title=f"{names[1]} expert", yaxis_title=f"{names[0]} expert", **_LAYOUT)
     return fig
 

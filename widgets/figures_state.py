@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import plotly.colors as px_colors
 import plotly.graph_objects as go
 
+_COLORS = px_colors.qualitative.Plotly
 _LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="h", y=-0.2))
 
 
@@ -64,7 +66,8 @@ def state_position_figure(df: pd.DataFrame, stat: str = "rms", *, train_len: int
 def state_compare_figure(tables: dict, stat: str = "rms", *, train_len: int | None = None, layer: int | None = None,
                          title: str | None = None, log_x: bool = True) -> go.Figure:
     """`stat` against position for several runs ({name: head_stats(run)}): one line per run and
-    layer (the mean over heads; with `layer`, that layer only), the runs told apart by dash.
+    layer (the mean over heads; with `layer`, that layer only): the colour is the layer, the dash
+    the run.
     `train_len` marks the first run's training length."""
     fig = go.Figure()
     dashes = ["solid", "dash", "dot", "dashdot"]
@@ -74,7 +77,8 @@ def state_compare_figure(tables: dict, stat: str = "rms", *, train_len: int | No
         g = d0.groupby(["layer", "position"], as_index=False)[stat].mean()
         for lay, d in g.groupby("layer"):
             fig.add_trace(go.Scatter(x=d.position, y=d[stat], mode="lines", name=f"{name}: layer {lay}",
-                                     line=dict(dash=dashes[i % len(dashes)]), legendgroup=name))
+                                     line=dict(dash=dashes[i % len(dashes)], color=_COLORS[int(lay) % len(_COLORS)]),
+                                     legendgroup=name))
     _mark(fig, train_len, log_x=log_x)
     fig.update_layout(title=title or f"state {stat} by position: {' vs '.join(tables)}"
                       + (f" (layer {layer})" if layer is not None else ""),
@@ -134,6 +138,8 @@ def collapse_figure(flags: pd.DataFrame, n_layers: int, n_heads: int, *, title: 
     rule = flags.attrs.get("rule", "")
     fig.update_layout(title=title or f"collapse flags ({len(flags)})", xaxis_title="head", yaxis_title="layer",
                       **_LAYOUT)
+    fig.update_xaxes(dtick=1)
+    fig.update_yaxes(dtick=1)
     if rule:
         fig.add_annotation(text=rule, xref="paper", yref="paper", x=0, y=-0.25, showarrow=False, font=dict(size=9))
     return fig

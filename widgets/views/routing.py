@@ -120,14 +120,17 @@ class RoutingView(View):
             figs = self.figures()
         except WorkbenchError as exc:  # an analysis the runs cannot answer: say why, in the view
             return pn.pane.Alert(str(exc), alert_type="warning")
-        return pn.Row(*[pn.pane.Plotly(f, sizing_mode="stretch_width") for f in figs], sizing_mode="stretch_width")
+        panes = [pn.pane.Plotly(f, sizing_mode="stretch_width") for f in figs]
+        if self.figure == "heatmap":  # token heatmaps need the width: the alignment goes below
+            return pn.Column(*panes, sizing_mode="stretch_width")
+        return pn.Row(*panes, sizing_mode="stretch_width")
 
     def __panel__(self):
         if self.run is None or not self.applies(self.run):
             return pn.pane.Alert(self.missing(self.run) if self.run is not None else "no run", alert_type="info")
         controls = pn.Param(self.param, parameters=["figure", "layer", "value", "metric", "mode", "max_columns"],
                             show_name=False, default_layout=pn.Row)
-        return pn.Column(controls, self._panes, sizing_mode="stretch_width")
+        return pn.Column(controls, pn.panel(self._panes, sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
 
 __all__ = ["RoutingView"]

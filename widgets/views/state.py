@@ -87,7 +87,7 @@ class StateView(View):
                 for name, r in runs if "passkey" in r.meta.get("metrics", {})]
 
     def __panel__(self):
-        controls = pn.Param(self.param, parameters=["stat", "layer", "train_len", "tol"], show_name=False)
+        controls = pn.Param(self.param, parameters=["stat", "layer", "train_len", "tol"], show_name=False, width=260)
         pos = pn.bind(lambda stat, layer, tl: pn.pane.Plotly(self.position_figure()), self.param.stat,
                       self.param.layer, self.param.train_len)
         hist = pn.bind(lambda layer, tl: pn.pane.Plotly(self.histogram_figure()), self.param.layer, self.param.train_len)
@@ -99,4 +99,4 @@ class StateView(View):
         pks = self.passkey_figures()
         if pks:
             items.append(pn.Row(*[pn.pane.Plotly(f) for f in pks]))
-        return pn.Row(controls, pn.Column(*items))
+        return pn.Row(controls, pn.Column(*items, sizing_mode="stretch_width"), sizing_mode="stretch_width")
