@@ -28,7 +28,7 @@ def cmd_report(args) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="serve the dashboard of one or more runs (and a live model)")
+    s = sub.add_parser("serve", help="serve the dashboard of one or more runs (two or more: compared side by side) and a live model")
     s.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (written by `workbench profile`)")
     s.add_argument("--model", help="a model SOURCE (zoo:NAME, local dir, hub id) for the live acceleration view")
     s.add_argument("--predictors", help="a predictor directory (save_predictors) for the predictor mode")
