@@ -114,16 +114,21 @@ def part_gpu(args) -> dict:
              "routing-probe-cuda-graphs": lambda: [wb.RoutingProbe(budget=args.budget, cuda_graphs=True)]}
     base: list[float] = []
     times: dict[str, list[float]] = {m: [] for m in modes}
+    errors: dict[str, str] = {}  # a mode that fails is reported and dropped; the others still run
     finalize = []
     for _ in range(args.rounds):
         base += timed(fwd, args.reps)
-        for mode, make in modes.items():
-            with wb.capture(model, probes=make()) as run:
-                fwd()  # warm-up inside the capture: the first call shape is counted eagerly,
-                fwd()  # the second makes the CUDA graph that later calls replay
-                times[mode] += timed(fwd, args.reps)
-                t0 = time.perf_counter()
-            finalize.append((time.perf_counter() - t0) * 1e3)
+        for mode, make in list(modes.items()):
+            try:
+                with wb.capture(model, probes=make()) as run:
+                    fwd()  # warm-up inside the capture: the first call shape is counted eagerly,
+                    fwd()  # the second makes the CUDA graph that later calls replay
+                    times[mode] += timed(fwd, args.reps)
+                    t0 = time.perf_counter()
+                finalize.append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:  # noqa: BLE001 - recorded in the results
+                errors[mode] = f"{type(exc).__name__}: {exc}"
+                del modes[mode], times[mode]
     b = statistics.median(base)
     # PyTorch ops the probe dispatches per router call (each one a kernel launch or a view): one
     # forward under an op counter, with the capture minus without, over the routers
@@ -145,6 +150,7 @@ def part_gpu(args) -> dict:
                   "target": 1.05, "ms_min_max": [min(t), max(t)], "baseline_ms_min_max": [min(base), max(base)]}
                  for mode, t in times.items()],
         "finalize_ms_median": statistics.median(finalize),
+        "errors": errors,
         "probe_ops_per_router_call": ops,
         "routers": len(run.meta["routers"]),
     }
