@@ -17,7 +17,6 @@ CPU only, a few minutes, most of it building the runs.
 from __future__ import annotations
 
 import argparse
-import http.client
 import sys
 import time
 from pathlib import Path
@@ -197,14 +196,6 @@ def main() -> None:
     runs = [work / n for n in ("relu-llama", "silu-llama", "topk-moe", "blockffn", "mamba2-s64", "mamba2-s16",
                                "bricks") if (work / n / "run.json").is_file()]
     srv = make_server(runs, model=wb.load_model("zoo:relu-llama"), port=0, threaded=True)
-    for _ in range(100):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", srv.port_used, timeout=2)
-            c.request("HEAD", "/static/js/bokeh.min.js")
-            c.getresponse()
-            break
-        except OSError:
-            time.sleep(0.1)
     try:
         shoot(f"http://127.0.0.1:{srv.port_used}/", out, shots)
     finally:

@@ -258,7 +258,8 @@ def make_server(runs=(), *, model=None, predictors=None, backend: str = "auto", 
                 host: str = "127.0.0.1",
                 threads: int = 4, start: bool = True, threaded: bool = False, warn=print):
     """A Panel/Bokeh server of the dashboard (not blocking). `port=0` picks a free port.
-    threaded=True: the server runs in its own thread (tests, notebooks); stop it with `.stop()`."""
+    threaded=True: the server runs in its own thread (tests, notebooks), answering when this
+    returns; stop it with `.stop()`."""
     paths = check_runs(runs)
     if not paths and model is None:
         raise ServeError("nothing to serve: pass one or more RUN_DIR and/or --model SOURCE")
@@ -290,7 +291,25 @@ def make_server(runs=(), *, model=None, predictors=None, backend: str = "auto", 
     server.port_used = port
     if start and not threaded:
         server.start()
+    if threaded:
+        _wait_answering(host, port)
     return server
+
+
+def _wait_answering(host: str, port: int, timeout: float = 10.0) -> None:
+    """Until the server thread answers HTTP (a threaded server is returned ready to use)."""
+    import http.client
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            c = http.client.HTTPConnection(host if host not in ("0.0.0.0", "::") else "127.0.0.1", port, timeout=2)
+            c.request("HEAD", "/static/js/bokeh.min.js")
+            c.getresponse()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def serve(runs=(), *, model=None, predictors=None, port: int = 5006, host: str = "127.0.0.1") -> None:
