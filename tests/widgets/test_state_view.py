@@ -67,7 +67,10 @@ def test_view_follows_its_controls(run):
     assert a.layout.yaxis.title.text == "rms" and b.layout.yaxis.title.text == "cos"
     v.layer = 1
     assert len(v.position_figure().data) == 8
-    assert v.collapse_figure() is not None  # train_len from the run's data meta
+    assert v.train_len == 16 and v.collapse_figure() is not None  # train_len from the run's data meta
+    v.train_len = 0  # no training length: nothing marked, no flags
+    assert v.collapse_figure() is None and not v.position_figure().layout.shapes
+    v.train_len = 16
     assert [f.data[0].z.tolist() for f in v.passkey_figures()] == [[[1.0, 0.5], [0.0, 0.5]]]
     assert "state_scan" in StateView.missing(run)
 

@@ -25,8 +25,14 @@ class StateView(View):
     compares = True  # with `other`: both runs' statistics, losses and passkey grids; flags of `run`
     stat = param.ObjectSelector(default="rms", objects=STATS, doc="the statistic plotted against position")
     layer = param.Integer(default=-1, bounds=(-1, None), doc="-1: every layer (mean over heads); else one layer's heads")
-    train_len = param.Integer(default=0, bounds=(0, None), doc="training length to mark (0: from the run's data meta)")
+    train_len = param.Integer(default=0, bounds=(0, None),
+                              doc="training length to mark (0: none; starts at the run's data meta 'train_len')")
     tol = param.Number(default=0.5, bounds=(0, None), doc="collapse rule tolerance (see metrics.state.collapse)")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if not self.train_len and self.run is not None:  # show the run's training length in its control
+            self.train_len = int(self.run.meta.get("data", {}).get("train_len") or 0)
 
     @classmethod
     def applies(cls, run) -> bool:
@@ -38,7 +44,7 @@ class StateView(View):
                 "workbench.metrics.state.state_scan(model, ids) on a Mamba / Mamba-2 model")
 
     def _train_len(self) -> int | None:
-        return self.train_len or self.run.meta.get("data", {}).get("train_len") or None
+        return self.train_len or None
 
     def _tables(self, run=None):
         from workbench.metrics import state as ms
