@@ -427,7 +427,8 @@ class RoutingProbe(_RouterSites):
     are decoded and counted together, stacked by layer: one set of kernels per forward call
     instead of one per router, so the probe's cost does not grow with the number of layers.
     cuda_graphs: on CUDA, count a call shape seen before through a CUDA graph of that update (a
-    handful of launches per forward instead of about a hundred; opt-in: not yet timed on a GPU).
+    handful of launches per forward instead of about a hundred; opt-in: equal to eager on an H100,
+    1.038x against the eager path's 1.045x, inside the timing noise).
     """
 
     name = "routing"
