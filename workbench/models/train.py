@@ -808,7 +808,7 @@ def _stage2_loop(name, spec, recipe, model, device, seed, tok, data, *, log) -> 
                 log(f"[{name}] stage2 {json.dumps(rec)} val_quick {v['loss']:.4f}")
     return {"recipe": r, "steps": total, "tokens_seen": total * B * T,
             "train_time_s": round(time.time() - t0, 1), "history": history, "curve": curve,
-            "start": "the stage-1 weights rounded to bf16 (as saved), fresh optimizer"}
+            "start": "the bf16-rounded stage-1 weights, a fresh optimizer"}
 
 
 def _stage2_measure(model, tok, recipe: dict, n_keys: int = 16) -> dict:
@@ -1177,6 +1177,7 @@ def _state_lines(m: dict) -> list[str]:
               *[f"Collapse flags ({c['rule']}), out of {c['n_heads']} heads: "
                 + ("; ".join(f"{st}: {v['heads']} heads, first at {v['first']}, median {v['median_position']:.0f}"
                              for st, v in c["by_stat"].items()) or "none") + "."
+                + ("\n" if c is not s.get("collapse_at_seq_len") and s.get("collapse_at_seq_len") else "")
                 for c in (s["collapse"], s.get("collapse_at_seq_len")) if c], "",
               "Reproduce:", "", "```python",
               "from workbench.models.train import load_zoo_model, state_figures",
