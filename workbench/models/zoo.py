@@ -58,7 +58,10 @@ class ZooSpec:
     l1 (final ProSparse L1 factor), l1_start / l1_end (fractions of training over which the
     factor rises along a sine ramp), activation_threshold (FATReLU T stored in config.json),
     locality_weight, locality_alpha, chunk_weight, chunk_len (BlockFFN objectives), a_init
-    ([lo, hi]: Mamba-2 A = -exp(A_log) log-spaced over the heads at initialisation).
+    ([lo, hi]: Mamba-2 A = -exp(A_log) log-spaced over the heads at initialisation),
+    passkey_share (fraction of each batch that is synthetic passkey documents), stage2 (a dict
+    seq_len / steps / lr / warmup: after the run, continue training at a longer length from the
+    bf16-rounded weights with a fresh optimizer and schedule; see train.stage2_recipe).
     """
 
     name: str
