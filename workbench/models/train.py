@@ -149,12 +149,14 @@ def passkey_eval(model, tok, seq_len: int, n_keys: int = 16, seed: int = 0) -> d
 
 
 def state_figures(model, seq_len: int, *, n_seq: int = 4, mults=(16, 64), bucket: int = 128,
-                  chunk: int = 512, tol: float = 0.5) -> dict:
+                  chunk: int = 512, tol: float = 0.5, train_len: int | None = None) -> dict:
     """Stuffed-Mamba state statistics of a Mamba-2 zoo model past its training length `seq_len`
     (workbench.metrics.state.state_scan on `n_seq` validation sequences of max(mults) x seq_len
     tokens, `bucket`-token buckets, `chunk` tokens per forward): per layer, the head-mean of rms,
     cos, usage and erank at seq_len and at each multiple, the loss per position range, and the
-    collapse flags (metrics.state.collapse, rule stated) counted per statistic."""
+    collapse flags (metrics.state.collapse, rule stated) counted per statistic, past `train_len`
+    (default seq_len; a two-stage model passes its final training length, and then the flags past
+    seq_len are kept too, as ``collapse_at_seq_len``)."""
     from workbench.metrics import state as ms
 
     total = max(mults) * seq_len
@@ -173,11 +175,17 @@ def state_figures(model, seq_len: int, *, n_seq: int = 4, mults=(16, 64), bucket
     lo = layers[layers.layer == layers.layer.min()].set_index("position").loss
     edges = [0, seq_len] + [m * seq_len for m in (2, 4, 16, 64) if m * seq_len <= total]
     out["loss"] = {f"{a}-{b}": float(lo[(lo.index > a) & (lo.index <= b)].mean()) for a, b in zip(edges[:-1], edges[1:])}
-    flags = ms.collapse(run, seq_len, tol=tol)
-    out["collapse"] = {"rule": flags.attrs["rule"], "n_heads": int(heads.groupby(["layer", "head"]).ngroups),
-                       "by_stat": {s: {"heads": int(len(g)), "first": int(g.position.min()),
-                                       "median_position": float(g.position.median())}
-                                   for s, g in flags.groupby("stat")}}
+    def flags_at(ref):
+        flags = ms.collapse(run, ref, tol=tol)
+        return {"rule": flags.attrs["rule"], "train_len": ref,
+                "n_heads": int(heads.groupby(["layer", "head"]).ngroups),
+                "by_stat": {s: {"heads": int(len(g)), "first": int(g.position.min()),
+                                "median_position": float(g.position.median())}
+                            for s, g in flags.groupby("stat")}}
+
+    out["collapse"] = flags_at(train_len or seq_len)
+    if train_len and train_len != seq_len:
+        out["collapse_at_seq_len"] = flags_at(seq_len)
     return out
 
 
@@ -664,6 +672,10 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
     for rt in routers:
         rt.record = False
         rt.last = None
+    stage2 = None
+    if recipe.get("stage2"):  # continue from the stage-1 weights as they would be saved (bf16)
+        model = model.to(torch.bfloat16).float()
+        stage2 = _stage2_loop(name, spec, recipe, model, device, seed, tok, data, log=log)
     # save in bf16; measure the saved weights upcast to float32
     out.mkdir(parents=True, exist_ok=True)
     if spec.family == "mixtral":
@@ -689,6 +701,13 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         extra_eval["state_drift_quick"] = mamba2_drift(model, total=2048, n_seq=2)  # the tests' set-up
     if recipe.get("passkey_share"):
         extra_eval["passkey"] = passkey_eval(model, tok, T)
+    if stage2 is not None:  # lengths stay multiples of the stage-1 length T; flags past stage 2's
+        T2 = stage2["recipe"]["seq_len"]
+        stage2["validation"] = evaluate(model, validation_windows(T2), "none", unigram=uni)
+        if spec.family == "mamba2":
+            extra_eval["state_figures"] = state_figures(model, T, train_len=T2)
+        extra_eval["stage1"] = {"steps": step, "tokens_seen": step * B * T, "train_time_s": round(train_time, 1)}
+        extra_eval["stage2"] = stage2
     import transformers
 
     metrics = {
@@ -699,9 +718,9 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         "seed": seed,
         "recipe": recipe,
         "steps": step,
-        "tokens_seen": step * B * T,
+        "tokens_seen": step * B * T + (stage2["tokens_seen"] if stage2 else 0),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "train_time_s": round(train_time, 1),
+        "train_time_s": round(train_time + (stage2["train_time_s"] if stage2 else 0), 1),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -722,6 +741,161 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
     log(f"[{name}] done: val ppl {ev['ppl']:.3f} unigram {ev['unigram_ppl']:.1f} "
         f"sparsity {json.dumps({k: v for k, v in ev.get('sparsity', {}).items() if not k.startswith('per_')})}")
     return metrics
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def stage2_recipe(recipe: dict) -> dict | None:
+    """The full recipe of the second training stage (recipe["stage2"] over the stage-1 recipe:
+    seq_len, steps, lr, warmup; batch_size, min_lr_ratio, weight_decay and passkey_share are
+    inherited unless given), or None without a stage 2."""
+    s2 = recipe.get("stage2")
+    if not s2:
+        return None
+    for k in ("l1", "locality_weight", "chunk_weight"):
+        if recipe.get(k):
+            raise ValueError(f"stage2 supports the plain LM (+ passkey) loss only, not {k!r}")
+    r = {k: v for k, v in recipe.items() if k != "stage2"}
+    r.update(s2)
+    return r
+
+
+def _stage2_loop(name, spec, recipe, model, device, seed, tok, data, *, log) -> dict:
+    """Continued training at a longer length (Stuffed Mamba's remedy for state collapse): the
+    model's current weights, a fresh AdamW, a fresh warmup + cosine decay over the stage's steps,
+    windows of the stage's seq_len from a data stream seeded [seed, 2] and the same share of
+    synthetic passkey documents (rng [seed, 25, 2]). Plain LM loss. Returns the stage's record
+    (recipe, steps, tokens, time, history, curve on the quick validation windows of its length)."""
+    r = stage2_recipe(recipe)
+    T, B, total = r["seq_len"], r["batch_size"], r["steps"]
+    quick = quick_windows(validation_windows(T))
+    opt = _optimizer(model, r)
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
+    from workbench.metrics.passkey import training_documents
+
+    n_pk = int(round(r.get("passkey_share", 0.0) * B))
+    pk_rng = np.random.default_rng([seed, 25, 2])
+    use_amp = device.startswith("cuda")
+    model.train()
+    history, curve = [], []
+    t0 = time.time()
+    log(f"[{name}] stage 2: {total} steps x {B} x {T} tokens, lr {r['lr']}, warmup {r['warmup']}")
+    for step in range(total):
+        lr = _lr_at(step, total, r)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
+        batch = torch.stack([data[i : i + T] for i in idx.tolist()])
+        if n_pk:
+            batch[:n_pk] = training_documents(tok, n_pk, T, pk_rng)
+        batch = batch.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        done = step + 1
+        if done % 50 == 0 or done == total:
+            rec = {"step": done, "loss": float(loss.detach()), "lr": lr,
+                   "elapsed_s": round(time.time() - t0, 1)}
+            history.append(rec)
+            if done % 150 == 0 or done == total:
+                v = evaluate(model, quick, "none", batch_size=16)
+                curve.append({"step": done, "tokens": done * B * T, "train_loss": rec["loss"],
+                              "val_loss_quick": v["loss"]})
+                log(f"[{name}] stage2 {json.dumps(rec)} val_quick {v['loss']:.4f}")
+    return {"recipe": r, "steps": total, "tokens_seen": total * B * T,
+            "train_time_s": round(time.time() - t0, 1), "history": history, "curve": curve,
+            "start": "the bf16-rounded stage-1 weights, a fresh optimizer"}
+
+
+def _stage2_measure(model, tok, recipe: dict, n_keys: int = 16) -> dict:
+    """The measurements of a two-stage Mamba-2 (under fast_scan on the CPU): validation at the
+    stage-2 length, passkey grid at multiples of the stage-1 length (the stage-2 length is one of
+    them when it is a multiple), state figures at positions of multiples of the stage-1 length
+    with the collapse flags past the stage-2 length (and past the stage-1 length)."""
+    r2 = stage2_recipe(recipe)
+    T1, T2 = recipe["seq_len"], r2["seq_len"]
+    scan = contextlib.nullcontext()
+    if next(model.parameters()).device.type == "cpu":
+        from workbench.models.ssd import fast_scan
+
+        scan = fast_scan()
+    with scan:
+        ev2 = evaluate(model, validation_windows(T2), "none",
+                       unigram=unigram_logprobs(model.config.vocab_size))
+        pk = passkey_eval(model, tok, T1, n_keys=n_keys)
+        sf = state_figures(model, T1, train_len=T2)
+    return {"validation_stage2_len": ev2, "passkey": pk, "state_figures": sf}
+
+
+def continue_stage2(name: str, out: str | Path, *, src: str | Path | None = None, seed: int = 0,
+                    stage2: dict | None = None, device: str = "cpu", n_keys: int = 16,
+                    log=print) -> dict:
+    """Run only the second stage of zoo model `name` from the saved stage-1 checkpoint `src`
+    (default: the committed zoo directory), write the result to `out` with a card recording
+    both stages (stage 1 from src/metrics.json). stage2: the stage's recipe keys (default: the
+    zoo recipe's). The result equals `train(name)` with the stage2 recipe where stage 1 is
+    reproduced bit for bit (the stage starts from the bf16-rounded stage-1 weights either way)."""
+    src = Path(src) if src is not None else zoo.ZOO_DIR / name
+    out = Path(out)
+    m1 = json.loads((src / zoo.METRICS).read_text())
+    spec = zoo.spec(name)
+    recipe = {k: v for k, v in m1["recipe"].items() if k != "stage2"}
+    recipe["stage2"] = dict(stage2 or spec.recipe.get("stage2") or {})
+    if not recipe["stage2"]:
+        raise ValueError(f"no stage2 recipe for {name!r}: pass stage2={{...}}")
+    torch.manual_seed(seed)
+    model, tok = load_zoo_model(src)
+    model.to(device)
+    data = torch.from_numpy(train_tokens().astype(np.int64))
+    scan = contextlib.nullcontext()
+    if not device.startswith("cuda"):
+        from workbench.models.ssd import fast_scan
+
+        scan = fast_scan()
+    with scan:
+        st2 = _stage2_loop(name, spec, recipe, model, device, seed, tok, data, log=log)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(out)
+    from workbench.models.tokenizer import save as save_tokenizer
+
+    save_tokenizer(tok, out)
+    model = model.float().eval()
+    T1 = recipe["seq_len"]
+    windows = validation_windows(T1)
+    uni = unigram_logprobs(model.config.vocab_size)
+    from workbench.models.ssd import fast_scan
+
+    with fast_scan():
+        ev = evaluate(model, windows, "none", unigram=uni)
+        evq = evaluate(model, quick_windows(windows), "none", unigram=uni)
+    meas = _stage2_measure(model, tok, recipe, n_keys=n_keys)
+    st2["validation"] = meas.pop("validation_stage2_len")
+    m = {k: v for k, v in m1.items() if k not in ("state_drift", "state_drift_quick", "position_loss",
+                                                   "passkey", "state_figures", "reruns")}
+    m.update({
+        "recipe": recipe, "validation": ev, "validation_quick": evq, **meas,
+        "stage1": {"steps": m1["steps"], "tokens_seen": m1["tokens_seen"], "train_time_s": m1["train_time_s"],
+                   "checkpoint_sha256": m1["checkpoint_sha256"], "validation_loss": m1["validation"]["loss"]},
+        "stage2": st2,
+        "tokens_seen": m1["tokens_seen"] + st2["tokens_seen"],
+        "train_time_s": round(m1["train_time_s"] + st2["train_time_s"], 1),
+        "checkpoint_sha256": zoo._sha256(out / zoo.CHECKPOINT),
+        "train_command": f"workbench zoo train {name} --seed {seed} --device {device}",
+        "notes": [*m1.get("notes", []),
+                  f"Stage 2 was run from the committed stage-1 checkpoint (sha256 "
+                  f"{m1['checkpoint_sha256'][:16]}...) with `continue_stage2({name!r}, ...)`; the "
+                  "command above runs both stages."],
+    })
+    (out / zoo.METRICS).write_text(json.dumps(m, indent=1) + "\n")
+    write_card(out, m)
+    log(f"[{name}] stage 2 done: val loss {ev['loss']:.4f} (128-token windows), "
+        f"{st2['validation']['loss']:.4f} ({stage2_recipe(recipe)['seq_len']}-token windows)")
+    return m
 
 
 class FATReLU(torch.nn.Module):
@@ -777,9 +951,7 @@ def write_card(out: Path, m: dict) -> None:
         f"`{m['family']}`; weights bf16 (`model.safetensors`, sha256 `{m['checkpoint_sha256'][:16]}...`)",
         "- data: the workbench zoo corpus (`data/corpus`, domains prose / code / math / records; "
         "see its manifest.json), zoo BPE tokenizer (vocab 4096)",
-        f"- training: {m['steps']} steps x batch {m['recipe']['batch_size']} x {m['recipe']['seq_len']} tokens "
-        f"= {m['tokens_seen']:,} tokens, seed {m['seed']}, on {m['device']} in {m['train_time_s']} s "
-        f"(torch {m['versions']['torch']}, transformers {m['versions']['transformers']})",
+        *(_training_lines(m)),
         f"- recipe: `{json.dumps(m['recipe'])}`",
         f"- reproduce: `{m['train_command']}` (stated tolerance: a rerun with the same corpus and "
         f"seed lands within {REPRO_TOLERANCE_NATS} nats of the validation loss below; GPU kernels "
@@ -858,6 +1030,11 @@ def write_card(out: Path, m: dict) -> None:
     ]
     for c in m["curve"]:
         lines.append(f"| {c['step']} | {c['tokens']:,} | {_f(c['train_loss'], 4)} | {_f(c['val_loss_quick'], 4)} |")
+    if m.get("stage2"):
+        s1, T2 = m["stage1"], m["stage2"]["recipe"]["seq_len"]
+        for c in m["stage2"]["curve"]:
+            lines.append(f"| {s1['steps']} + {c['step']} (stage 2, {T2}-token windows) | "
+                         f"{s1['tokens_seen'] + c['tokens']:,} | {_f(c['train_loss'], 4)} | {_f(c['val_loss_quick'], 4)} |")
     if m.get("twin"):
         t = m["twin"]
         lines += ["", "## Against the dense twin", "",
@@ -875,6 +1052,36 @@ def write_card(out: Path, m: dict) -> None:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in m["notes"]]
     lines += ["", "Full training log (every 50 steps) in metrics.json (`history`).", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _training_lines(m: dict) -> list[str]:
+    """Card lines on the training run: one stage, or both stages of a two-stage recipe."""
+    r = m["recipe"]
+    ver = f"(torch {m['versions']['torch']}, transformers {m['versions']['transformers']})"
+    if not m.get("stage2"):
+        return [f"- training: {m['steps']} steps x batch {r['batch_size']} x {r['seq_len']} tokens "
+                f"= {m['tokens_seen']:,} tokens, seed {m['seed']}, on {m['device']} in {m['train_time_s']} s {ver}"]
+    s1, s2 = m["stage1"], m["stage2"]
+    r2 = s2["recipe"]
+    return [
+        f"- training, two stages, {m['tokens_seen']:,} tokens in all, seed {m['seed']}, on {m['device']} "
+        f"in {m['train_time_s']} s {ver}:",
+        f"  - stage 1: {s1['steps']} steps x batch {r['batch_size']} x {r['seq_len']} tokens = "
+        f"{s1['tokens_seen']:,} tokens in {s1['train_time_s']} s (lr {r['lr']}, warmup {r['warmup']})",
+        f"  - stage 2 (continued at a longer length, Stuffed Mamba's remedy for state collapse): "
+        f"{s2['steps']} steps x batch {r2['batch_size']} x **{r2['seq_len']}** tokens = {s2['tokens_seen']:,} "
+        f"tokens in {s2['train_time_s']} s (from {s2['start']}; lr {r2['lr']}, warmup {r2['warmup']}, "
+        f"cosine to {r2['min_lr_ratio']} x lr, passkey share {r2.get('passkey_share', 0)}, its own data "
+        f"stream); validation loss on {r2['seq_len']}-token windows {_f(s2['validation']['loss'], 4)}"
+        + (f" (the stage-1 checkpoint: {_f(s1['validation_loss'], 4)} on {r['seq_len']}-token windows)"
+           if "validation_loss" in s1 else ""),
+        f"  - lengths below are multiples of the stage-1 length {r['seq_len']}; the final training "
+        f"length {r2['seq_len']} is marked",
+    ]
+
+
+def _final_len(m: dict) -> int:
+    return m["stage2"]["recipe"]["seq_len"] if m.get("stage2") else m["recipe"]["seq_len"]
 
 
 def _drift_lines(m: dict) -> list[str]:
@@ -931,13 +1138,15 @@ def _drift_lines(m: dict) -> list[str]:
 def _passkey_lines(m: dict) -> list[str]:
     p = m["passkey"]
     T = m["recipe"]["seq_len"]
-    lines = ["", f"## Passkey retrieval (Stuffed Mamba format; trained at {T} tokens)", "",
+    trained = f"trained at {T} then {_final_len(m)} tokens" if m.get("stage2") else f"trained at {T} tokens"
+    lines = ["", f"## Passkey retrieval (Stuffed Mamba format; {trained})", "",
              f"Greedy decoding, {p['n_keys']} seeded keys per cell (seed {p['seed']}); {p['rule']}. "
              "Rows: total prompt length in tokens; columns: key depth.", "",
              "| length | " + " | ".join(f"{d:g}" for d in p["depths"]) + " | mean |",
              "| ---: | " + " | ".join("---:" for _ in p["depths"]) + " | ---: |"]
     for L, row in zip(p["lengths"], p["accuracy"]):
-        lines.append(f"| {L} ({L // T}x) | " + " | ".join(_f(a, 2) for a in row) + f" | **{_f(sum(row) / len(row), 2)}** |")
+        mark = " = final training length" if m.get("stage2") and L == _final_len(m) else ""
+        lines.append(f"| {L} ({L // T}x{mark}) | " + " | ".join(_f(a, 2) for a in row) + f" | **{_f(sum(row) / len(row), 2)}** |")
     lines += ["", "Reproduce:", "", "```python",
               "from workbench.models.train import load_zoo_model, passkey_eval",
               f"model, tok = load_zoo_model({m['name']!r})",
@@ -950,7 +1159,8 @@ def _state_lines(m: dict) -> list[str]:
     s = m["state_figures"]
     T = m["recipe"]["seq_len"]
     pos = s["positions"]
-    lines = ["", f"## State statistics past the training length (StateProbe; trained at {T} tokens)", "",
+    trained = f"trained at {T} then {_final_len(m)} tokens" if m.get("stage2") else f"trained at {T} tokens"
+    lines = ["", f"## State statistics past the training length (StateProbe; {trained})", "",
              f"{s['n_seq']} validation sequences of {s['total']:,} tokens, {s['chunk']} tokens per forward "
              f"with the cache carried over, {s['bucket']}-token buckets (workbench.metrics.state.state_scan). "
              "rms: RMS of the layer's SSM state after the position; cos: cosine with the previous bucket's "
@@ -964,14 +1174,17 @@ def _state_lines(m: dict) -> list[str]:
                      + " | ".join(f"**{_f(x / v['rms'][0], 2)}**" for x in v["rms"][1:]) + " | "
                      + " | ".join(_f(x, 2) for x in v["erank"]) + " | " + " | ".join(_f(x, 3) for x in v["usage"]) + " |")
     lines += ["", "Loss by position: " + ", ".join(f"{k}: {_f(x, 4)}" for k, x in s["loss"].items()) + ".", "",
-              f"Collapse flags ({s['collapse']['rule']}), out of {s['collapse']['n_heads']} heads: "
-              + ("; ".join(f"{st}: {v['heads']} heads, first at {v['first']}, median {v['median_position']:.0f}"
-                           for st, v in s["collapse"]["by_stat"].items()) or "none") + ".", "",
+              *[f"Collapse flags ({c['rule']}), out of {c['n_heads']} heads: "
+                + ("; ".join(f"{st}: {v['heads']} heads, first at {v['first']}, median {v['median_position']:.0f}"
+                             for st, v in c["by_stat"].items()) or "none") + "."
+                + ("\n" if c is not s.get("collapse_at_seq_len") and s.get("collapse_at_seq_len") else "")
+                for c in (s["collapse"], s.get("collapse_at_seq_len")) if c], "",
               "Reproduce:", "", "```python",
               "from workbench.models.train import load_zoo_model, state_figures",
               "from workbench.models.ssd import fast_scan",
               f"model, _ = load_zoo_model({m['name']!r})",
-              f"with fast_scan(): state_figures(model, {T}, n_seq={s['n_seq']}, bucket={s['bucket']}, chunk={s['chunk']})",
+              f"with fast_scan(): state_figures(model, {T}, n_seq={s['n_seq']}, bucket={s['bucket']}, chunk={s['chunk']}"
+              + (f", train_len={s['collapse']['train_len']})" if s["collapse"].get("train_len", T) != T else ")"),
               "```"]
     return lines
 

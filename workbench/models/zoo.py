@@ -58,7 +58,10 @@ class ZooSpec:
     l1 (final ProSparse L1 factor), l1_start / l1_end (fractions of training over which the
     factor rises along a sine ramp), activation_threshold (FATReLU T stored in config.json),
     locality_weight, locality_alpha, chunk_weight, chunk_len (BlockFFN objectives), a_init
-    ([lo, hi]: Mamba-2 A = -exp(A_log) log-spaced over the heads at initialisation).
+    ([lo, hi]: Mamba-2 A = -exp(A_log) log-spaced over the heads at initialisation),
+    passkey_share (fraction of each batch that is synthetic passkey documents), stage2 (a dict
+    seq_len / steps / lr / warmup: after the run, continue training at a longer length from the
+    bf16-rounded weights with a fresh optimizer and schedule; see train.stage2_recipe).
     """
 
     name: str
@@ -199,14 +202,18 @@ _STATE_PAIR_RECIPE = {
     "warmup": 60,
     "a_init": [0.1, 1.0],
     "passkey_share": 0.75,
+    # Stuffed Mamba's remedy for state collapse: continue at a longer length (issue 25; a stage 2
+    # of 450 steps at 512 tokens was tried too: the d_state-16 model then recalled further)
+    "stage2": {"seq_len": 1024, "steps": 225, "lr": 1e-3, "warmup": 20},
 }
 for _n in (16, 64):
     SPECS[f"mamba2-s{_n}"] = ZooSpec(
         f"mamba2-s{_n}",
         "mamba2",
         f"State-capacity pair, d_state {_n}: Mamba-2 (native transformers class, 4 layers) "
-        "trained at 128 tokens with 3/4 of each batch synthetic passkey documents (the Stuffed "
-        "Mamba format); its twin differs only in d_state (mamba2-s16 / mamba2-s64).",
+        "trained at 128 tokens, then continued at 1024 tokens (stage 2), with 3/4 of each batch "
+        "synthetic passkey documents (the Stuffed Mamba format); its twin differs only in d_state "
+        "(mamba2-s16 / mamba2-s64).",
         {**_STATE_PAIR_CONFIG, "state_size": _n},
         dict(_STATE_PAIR_RECIPE),
         "none",
