@@ -70,11 +70,13 @@ def _state_runs(work: Path) -> None:
 
     for name in ("mamba2-s64", "mamba2-s16"):
         model, _ = load_zoo_model(name)
-        T = zoo.spec(name).recipe["seq_len"]
+        recipe = zoo.spec(name).recipe
+        T = recipe["seq_len"]  # the stage-1 length: the card's multiples
+        final = recipe.get("stage2", {}).get("seq_len", T)  # the length the model was trained at last
         ids = long_sequences(64 * T, 2)
         with fast_scan():
-            run = ms.state_scan(model, ids, bucket=T // 2, chunk=4 * T, hist_positions=(T, 16 * T),
-                                data={"train_len": T, "source": f"zoo:{name}"})
+            run = ms.state_scan(model, ids, bucket=T // 2, chunk=4 * T, hist_positions=(final, 64 * T),
+                                data={"train_len": final, "source": f"zoo:{name}"})
         p = zoo.card_metrics(name)["passkey"]
         store(run, "passkey", pd.DataFrame([{"length": L, "depth": d, "accuracy": a}
                                             for L, row in zip(p["lengths"], p["accuracy"])
