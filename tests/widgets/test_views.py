@@ -175,7 +175,10 @@ def test_accel_view_error_is_shown_not_raised():
 
     from tests.tiny import build
 
-    v = AccelView(model=build("llama"))  # float32: the kernels need bf16/fp16
+    model = build("llama")
+    model.wb_source = "zoo:tiny"  # as wb.load_model sets it: the status names the source, not a local path
+    v = AccelView(model=model)  # float32: the kernels need bf16/fp16
+    assert "Model `zoo:tiny`" in v._status_text()
     v.on = True
     assert v.on is False and v._error.visible and "bfloat16" in v._error.object
 

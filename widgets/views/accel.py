@@ -171,7 +171,8 @@ class AccelView(View):
 
     # -- display -----------------------------------------------------------------------
     def _status_text(self) -> str:
-        name = getattr(getattr(self.model, "config", None), "_name_or_path", "") or type(self.model).__name__
+        name = (getattr(self.model, "wb_source", "")  # what the user asked wb.load_model for (zoo:NAME, a hub id)
+                or getattr(getattr(self.model, "config", None), "_name_or_path", "") or type(self.model).__name__)
         state = (f"**on the sparse kernels** ({self.mode} mode)" if self.on
                  else f"dense (the switch puts them on the kernels in {self.mode} mode)")
         lines = [f"Model `{name}`: FFNs {state}."]
