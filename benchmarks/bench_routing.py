@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from workbench._timing import timed_ms
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,25 +57,12 @@ def _mixtral_stack(layers: int, smoke: bool, device: str):
 
 def cuda_timed(fn, reps: int) -> list[float]:
     """Milliseconds of each of `reps` calls of fn, by CUDA events around each call."""
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return out
+    return timed_ms(fn, reps, "cuda")
 
 
 def cpu_timed(fn, reps: int) -> list[float]:
     """Milliseconds of each of `reps` calls of fn, by the wall clock."""
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    return timed_ms(fn, reps, "cpu")
 
 
 def _count_ops(fn) -> int:

@@ -22,17 +22,7 @@ from pathlib import Path
 
 import torch
 
-
-def _time(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e))
-    return out
+from workbench._timing import timed_ms
 
 
 def main() -> None:
@@ -80,11 +70,11 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in modes}
     finalize = []
     for _ in range(args.rounds):
-        base += _time(fwd, args.reps)
+        base += timed_ms(fwd, args.reps, "cuda")
         for mode, kw in modes.items():
             with wb.capture(model, **kw) as run:
                 fwd()  # warm-up inside the capture (Triton compiles on the first round)
-                times[mode] += _time(fwd, args.reps)
+                times[mode] += timed_ms(fwd, args.reps, "cuda")
                 t0 = time.perf_counter()
             if mode == "capture-default-fused":
                 finalize.append((time.perf_counter() - t0) * 1e3)

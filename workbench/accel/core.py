@@ -41,7 +41,6 @@ or "torch". The model must be bf16 or fp16 with d_model, d_ff multiples of 16.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -393,29 +392,10 @@ class Accelerator:
                 h.remove()
 
     def _timer(self, dev):
-        if dev.type == "cuda":
-            def run(fn, reps, warmup):
-                for _ in range(warmup):
-                    fn()
-                ts = []
-                for _ in range(reps):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    fn()
-                    e.record()
-                    e.synchronize()
-                    ts.append(s.elapsed_time(e))
-                return statistics.median(ts)
-        else:
-            def run(fn, reps, warmup):
-                for _ in range(warmup):
-                    fn()
-                ts = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append((time.perf_counter() - t0) * 1e3)
-                return statistics.median(ts)
+        from workbench._timing import timed_ms
+
+        def run(fn, reps, warmup):
+            return statistics.median(timed_ms(fn, reps, dev, warmup))
         return run
 
     @torch.no_grad()
