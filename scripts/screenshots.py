@@ -4,7 +4,7 @@
     python scripts/screenshots.py --only state,routing
 
 Builds (once; reused while their folders exist) the runs the views read, all on the offline zoo:
-the zoo:relu-llama profile with every stored analysis (`demo_run`), a plain zoo:silu-llama profile
+the zoo:relu-llama profile with every stored analysis (`demo_run`), a zoo:silu-llama profile with the same rules table
 (compared with it), zoo:topk-moe and zoo:blockffn routing profiles on the same documents (compared
 with each other), the state scans of the state-capacity pair zoo:mamba2-s64 / -s16 with their
 cards' passkey grids stored (compared), and a bricks analysis of zoo:relu-llama. Then serves them
@@ -95,27 +95,12 @@ def _bricks_run(work: Path) -> None:
     res.run.save(work / "bricks")
 
 
-def _silu_run(work: Path) -> None:
-    import torch
-    from workbench.widgets.analyses import analyse
-
-    import workbench as wb
-    from workbench.data import validation_tokens
-
-    model = wb.load_model("zoo:silu-llama")
-    torch.manual_seed(0)
-    ids, mask, desc = validation_tokens(model, 4096, 256)
-    run = wb.profile(model, ids, attention_mask=mask, max_length=256, progress=False,
-                     probes=["neuron_stats", "abs_sketch"], data_info={"tokens_requested": 4096, "text": desc})
-    analyse(run, model, [(ids, mask)], what=("rules",), max_length=256)  # the same rules as demo_run's
-    run.save(work / "silu-llama")
-
-
 def build_runs(work: Path, names: set) -> None:
     from workbench.widgets.analyses import demo_run
 
     builders = [("relu-llama", lambda: demo_run(work / "relu-llama", "zoo:relu-llama", tokens=4096)),
-                ("silu-llama", lambda: _silu_run(work)),
+                ("silu-llama", lambda: demo_run(work / "silu-llama", "zoo:silu-llama", tokens=4096,
+                                                analyses=("rules",))),
                 ("topk-moe", lambda: _routing_runs(work)), ("mamba2-s64", lambda: _state_runs(work)),
                 ("bricks", lambda: _bricks_run(work))]
     for name, build in builders:

@@ -596,7 +596,6 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         routers = [layer.mlp.router for layer in model.model.layers]
         for rt in routers:
             rt.record = True
-    from workbench.metrics.passkey import training_documents
     from workbench.models.blockffn import chunk_sparsity_loss, locality_loss
 
     n_pk = int(round(recipe.get("passkey_share", 0.0) * B))
@@ -609,11 +608,7 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         lr = _lr_at(step, total_steps, recipe)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
-        batch = torch.stack([data[i : i + T] for i in idx.tolist()])
-        if n_pk:  # a share of synthetic passkey documents (state-capacity recipe)
-            batch[:n_pk] = training_documents(tok, n_pk, T, pk_rng)
-        batch = batch.to(device)
+        batch = _sample_batch(data, T, B, gen, device, tok, n_pk, pk_rng)
         l1_acts.clear()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             kw = {"output_router_logits": True} if spec.family == "mixtral" else {}
@@ -639,10 +634,7 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
                 extra["locality"], extra["chunk"] = float(loc.detach()), float(cs.detach())
                 loss = loss + recipe.get("locality_weight", 0.0) * loc
                 loss = loss + recipe.get("chunk_weight", 0.0) * cs
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, model, loss)
         step += 1
         if step == 30 and time_budget:
             if device.startswith("cuda"):
@@ -743,6 +735,25 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
     return metrics
 
 
+def _sample_batch(data, T: int, B: int, gen, device, tok, n_pk: int, pk_rng) -> torch.Tensor:
+    """B random windows of T training tokens; the first n_pk replaced by synthetic passkey
+    documents (the state-capacity recipe)."""
+    from workbench.metrics.passkey import training_documents
+
+    idx = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
+    batch = torch.stack([data[i : i + T] for i in idx.tolist()])
+    if n_pk:
+        batch[:n_pk] = training_documents(tok, n_pk, T, pk_rng)
+    return batch.to(device)
+
+
+def _optimizer_step(opt, model, loss) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 # ----------------------------------------------------------------------------- stage 2
 
 
@@ -772,7 +783,6 @@ def _stage2_loop(name, spec, recipe, model, device, seed, tok, data, *, log) -> 
     quick = quick_windows(validation_windows(T))
     opt = _optimizer(model, r)
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
-    from workbench.metrics.passkey import training_documents
 
     n_pk = int(round(r.get("passkey_share", 0.0) * B))
     pk_rng = np.random.default_rng([seed, 25, 2])
@@ -785,17 +795,10 @@ def _stage2_loop(name, spec, recipe, model, device, seed, tok, data, *, log) -> 
         lr = _lr_at(step, total, r)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
-        batch = torch.stack([data[i : i + T] for i in idx.tolist()])
-        if n_pk:
-            batch[:n_pk] = training_documents(tok, n_pk, T, pk_rng)
-        batch = batch.to(device)
+        batch = _sample_batch(data, T, B, gen, device, tok, n_pk, pk_rng)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, model, loss)
         done = step + 1
         if done % 50 == 0 or done == total:
             rec = {"step": done, "loss": float(loss.detach()), "lr": lr,
