@@ -16,6 +16,7 @@ Heavy modules (torch, transformers, the workbench itself) are imported inside th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (CLIError, WorkbenchError) as exc:
         return error_exit(exc)
+    except BrokenPipeError:  # `workbench zoo list | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
+        return 141  # 128 + SIGPIPE, as a shell tool would
 
 
 if __name__ == "__main__":

@@ -148,3 +148,14 @@ def test_console_exit_code_and_no_traceback():
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "workbench: error: --batch-size must be >= 1 (got 0)"
+
+
+def test_closed_pipe_ends_quietly():
+    """`workbench zoo list | head -1`: the reader closes the pipe; status 141, no traceback."""
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from workbench.cli import main; "
+                          "sys.argv = ['workbench', 'zoo', 'list']; sys.exit(main())"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    p.stdout.close()  # the reader is gone before the first line is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
