@@ -124,24 +124,27 @@ def state_histogram_figure(df: pd.DataFrame, *, layer: int = 0, train_len: int |
     return fig
 
 
-def collapse_figure(flags: pd.DataFrame, n_layers: int, n_heads: int, *, title: str | None = None) -> go.Figure:
+def collapse_figure(flags: pd.DataFrame, n_layers: int, n_heads: int, *, title: str | None = None,
+                    zrange: tuple | None = None) -> go.Figure:
     """Heat map layer x head: the first position where any watched statistic left its range
-    (empty cells: no flag), the flagged statistics in the hover text."""
+    (empty cells: no flag), the flagged statistics in the hover text, the rule under the title.
+    zrange: (min, max) of the colour scale, shared when two runs are shown side by side."""
     _need(flags, ["layer", "head", "stat", "position"], "collapse_figure")
     z = np.full((n_layers, n_heads), np.nan)
     text = [["" for _ in range(n_heads)] for _ in range(n_layers)]
     for (lay, h), g in flags.groupby(["layer", "head"]):
         z[lay, h] = g.position.min()
         text[lay][h] = ", ".join(f"{r.stat}@{r.position}" for r in g.itertuples())
+    zr = dict(zmin=zrange[0], zmax=zrange[1]) if zrange else {}
     fig = go.Figure(go.Heatmap(z=z, text=text, hovertemplate="layer %{y} head %{x}<br>%{text}<extra></extra>",
-                               colorscale="Reds_r", colorbar=dict(title="first flag")))
+                               colorscale="Reds_r", colorbar=dict(title="first flag"), **zr))
     rule = flags.attrs.get("rule", "")
-    fig.update_layout(title=title or f"collapse flags ({len(flags)})", xaxis_title="head", yaxis_title="layer",
-                      **_LAYOUT)
+    head = title or f"collapse flags ({len(flags)})"
+    sub = "".join(f"<br><sup>{part}</sup>" for part in rule.replace(", span", ",\nspan").splitlines())
+    margin = dict(_LAYOUT["margin"], t=50 + 24 * sub.count("<br>"))  # room for the rule's lines
+    fig.update_layout(title=head + sub, xaxis_title="head", yaxis_title="layer", **{**_LAYOUT, "margin": margin})
     fig.update_xaxes(dtick=1)
     fig.update_yaxes(dtick=1)
-    if rule:
-        fig.add_annotation(text=rule, xref="paper", yref="paper", x=0, y=-0.25, showarrow=False, font=dict(size=9))
     return fig
 
 

@@ -91,3 +91,13 @@ def test_view_compares_two_runs(run):
     assert [t.name for t in v.position_figure().data] == ["a: layer 1", "b: layer 1"]
     assert [t.name for t in v.loss_figure().data] == ["a", "b"]
     assert len(v.passkey_figures()) == 1  # only `run` stores a passkey grid
+    # flags of both runs, each titled by its run; histograms of the run that stores them
+    flags = v.collapse_figures()
+    assert [f.layout.title.text.split(" (")[0] for f in flags] == ["collapse flags: a", "collapse flags: b"]
+    want_a, want_b = ms.collapse(run, 16, tol=v.tol), ms.collapse(other, 16, tol=v.tol)
+    assert flags[1].layout.title.text.startswith(f"collapse flags: b ({len(want_b)})<br><sup>out of [lo - span")
+    both = list(want_a.position) + list(want_b.position)
+    assert [(f.data[0].zmin, f.data[0].zmax) for f in flags] == [(min(both), max(both))] * 2  # one colour scale
+    assert [f.layout.title.text for f in v.histogram_figures()] == ["state values, layer 1: a"]
+    v.layer = 99  # past the last layer: the last layer's histogram, not an empty plot
+    assert [len(f.data) for f in v.histogram_figures()] == [2]

@@ -3,7 +3,7 @@
 
     run = wm_state.state_scan(model, ids, bucket=128, hist_positions=(256, 4096))
     pn.panel(StateView(run=run, train_len=256))
-    pn.panel(StateView(run=a, other=b, names=("d_state 16", "d_state 64")))   # two runs, one plot each
+    pn.panel(StateView(run=a, other=b, names=("d_state 16", "d_state 64")))   # two runs compared
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class StateView(View):
 
     title = "Recurrent state"
     needs = "state"
-    compares = True  # with `other`: both runs' statistics, losses and passkey grids; flags of `run`
+    compares = True  # with `other`: both runs' statistics, losses, histograms, flags and passkey grids
     stat = param.ObjectSelector(default="rms", objects=STATS, doc="the statistic plotted against position")
     layer = param.Integer(default=-1, bounds=(-1, None), doc="-1: every layer (mean over heads); else one layer's heads")
     train_len = param.Integer(default=0, bounds=(0, None),
@@ -69,35 +69,63 @@ class StateView(View):
             layers = {self.names[0]: layers, self.names[1]: self._tables(self.other)[1]}
         return fs.loss_position_figure(layers, train_len=self._train_len())
 
-    def histogram_figure(self):
-        _, _, hist = self._tables()
-        return fs.state_histogram_figure(hist, layer=max(self.layer, 0), train_len=self._train_len())
+    def _shown(self) -> list:
+        """(name, run) of each shown run: `run`, then `other` when comparing."""
+        return [(self.names[0], self.run)] + ([(self.names[1], self.other)] if self.other is not None else [])
 
-    def collapse_figure(self):
+    def histogram_figures(self) -> list:
+        """The value histograms (before / after the training length) of each shown run."""
+        out = []
+        for name, r in self._shown():
+            hist = self._tables(r)[2]
+            if hist.empty:
+                continue
+            lay = min(max(self.layer, 0), int(hist.layer.max()))
+            out.append(fs.state_histogram_figure(
+                hist, layer=lay, train_len=self._train_len(),
+                title=f"state values, layer {lay}: {name}" if self.other is not None else None))
+        return out
+
+    def histogram_figure(self):
+        figs = self.histogram_figures()
+        return figs[0] if figs else None
+
+    def collapse_figures(self) -> list:
+        """The collapse flags of each shown run (none without a training length)."""
         from workbench.metrics import state as ms
 
-        heads, _, _ = self._tables()
         tl = self._train_len()
         if not tl:
-            return None
-        flags = ms.collapse(self.run, tl, tol=self.tol)
-        return fs.collapse_figure(flags, int(heads.layer.max()) + 1, int(heads["head"].max()) + 1)
+            return []
+        shown = [(name, self._tables(r)[0], ms.collapse(r, tl, tol=self.tol)) for name, r in self._shown()]
+        pos = [p for _, _, flags in shown for p in flags.position]
+        zrange = (min(pos), max(pos)) if len(shown) > 1 and pos else None  # one colour scale for both runs
+        return [fs.collapse_figure(flags, int(heads.layer.max()) + 1, int(heads["head"].max()) + 1, zrange=zrange,
+                                   title=f"collapse flags: {name} ({len(flags)})" if self.other is not None else None)
+                for name, heads, flags in shown]
+
+    def collapse_figure(self):
+        figs = self.collapse_figures()
+        return figs[0] if figs else None
 
     def passkey_figures(self) -> list:
         """The passkey grid of each shown run that stores one."""
         from workbench.metrics.store import table
 
-        runs = [(self.names[0], self.run)] + ([(self.names[1], self.other)] if self.other is not None else [])
         return [fs.passkey_grid_figure(table(r, "passkey"), train_len=self._train_len(),
                                        title=f"passkey retrieval: {name}" if self.other is not None else None)
-                for name, r in runs if "passkey" in r.meta.get("metrics", {})]
+                for name, r in self._shown() if "passkey" in r.meta.get("metrics", {})]
 
     def __panel__(self):
         controls = pn.Param(self.param, parameters=["stat", "layer", "train_len", "tol"], show_name=False, width=260)
         pos = pn.bind(lambda stat, layer, tl: pn.pane.Plotly(self.position_figure()), self.param.stat,
                       self.param.layer, self.param.train_len)
-        hist = pn.bind(lambda layer, tl: pn.pane.Plotly(self.histogram_figure()), self.param.layer, self.param.train_len)
-        flags = pn.bind(lambda tl, tol: pn.pane.Plotly(f) if (f := self.collapse_figure()) is not None
+        hist = pn.bind(lambda layer, tl: pn.Row(*[pn.pane.Plotly(f) for f in figs], sizing_mode="stretch_width")
+                       if (figs := self.histogram_figures())
+                       else pn.pane.Markdown("no value histograms in this run: state_scan(..., hist_positions=(p1, p2))"),
+                       self.param.layer, self.param.train_len)
+        flags = pn.bind(lambda tl, tol: pn.Row(*[pn.pane.Plotly(f) for f in figs], sizing_mode="stretch_width")
+                        if (figs := self.collapse_figures())
                         else pn.pane.Markdown("set the training length to see collapse flags"),
                         self.param.train_len, self.param.tol)
         loss = pn.bind(lambda tl: pn.pane.Plotly(self.loss_figure()), self.param.train_len)
