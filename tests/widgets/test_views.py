@@ -101,6 +101,20 @@ def test_missing_data_names_the_analysis(bare_run_dir):
     assert "wm.sparsity_table" in s.info()
 
 
+def test_view_built_directly_on_a_run_it_cannot_show_says_what_to_run(bare_run_dir):
+    """`CETTView(run=run)` in a notebook (not through make_view) on a run without its data: the
+    view's own message, not an IndexError from inside the view."""
+    bare = Run.load(bare_run_dir)
+    for cls in all_views():
+        if getattr(cls, "live", False) or cls.applies(bare):
+            continue
+        view = cls(run=bare)
+        alert = view.__panel__()
+        assert isinstance(alert, pn.pane.Alert), cls.__name__
+        assert cls.missing(bare) in alert.object
+        pn.panel(view).get_root()  # renders as a notebook cell would
+
+
 def test_store_loads_lazily_once_and_reports_damage(tiny_run_dir, damaged_run_dir):
     from workbench.widgets import store as st
 

@@ -64,6 +64,15 @@ class View(pn.viewable.Viewer):
     def missing(cls, run) -> str:
         return f"this run has no data for the {cls.title} view"
 
+    def missing_pane(self):
+        """What `__panel__` shows when `run` cannot feed this view (None when it can): which
+        analysis to run instead, never an error from inside the view."""
+        if self.run is None:
+            return pn.pane.Alert(f"**{self.title}**: no run", alert_type="warning")
+        if not self.applies(self.run):
+            return pn.pane.Alert(f"**{self.title}**: {self.missing(self.run)}", alert_type="warning")
+        return None
+
     def link_store(self, *names: str) -> None:
         """Keep the parameters `names` of this view and of `self.store` equal, both ways (no-op
         without a store, or for a name the store lacks)."""

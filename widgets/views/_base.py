@@ -41,6 +41,9 @@ class FigureView(View):
 
     def __init__(self, **params):
         super().__init__(**params)
+        if self.run is None or not self.applies(self.run):  # __panel__ says what to run instead
+            self._figs, self._panes, self._info = {}, {}, None
+            return
         self._setup()
         self._figs = self.build()
         self._panes = {k: plot_pane(f) for k, f in self._figs.items()}
@@ -68,8 +71,8 @@ class FigureView(View):
 
     @property
     def figure(self):
-        """The first figure the view shows now."""
-        return next(iter(self._figs.values()))
+        """The first figure the view shows now (None when the run cannot feed this view)."""
+        return next(iter(self._figs.values()), None)
 
     def figures(self) -> list[tuple[str, object]]:
         return [(f.layout.title.text or self.title, f) for f in self._figs.values()]
@@ -89,6 +92,8 @@ class FigureView(View):
         return out
 
     def __panel__(self):
+        if self._info is None:
+            return self.missing_pane()
         return pn.Column(
             pn.pane.Markdown(f"### {self.title}"),
             pn.Row(*self._control_widgets(), sizing_mode="stretch_width"),

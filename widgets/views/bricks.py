@@ -76,8 +76,8 @@ class BricksView(View):
                                       names=self._table("bricks/bricks"))
 
     def __panel__(self):
-        if self.run is None or not self.applies(self.run):
-            return pn.pane.Markdown(self.missing(self.run) if self.run is not None else "no run")
+        if (lack := self.missing_pane()) is not None:
+            return lack
         controls = pn.Row(pn.widgets.Select.from_param(self.param.layer),
                           pn.widgets.RadioButtonGroup.from_param(self.param.method))
 

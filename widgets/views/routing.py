@@ -126,8 +126,8 @@ class RoutingView(View):
         return pn.Row(*panes, sizing_mode="stretch_width")
 
     def __panel__(self):
-        if self.run is None or not self.applies(self.run):
-            return pn.pane.Alert(self.missing(self.run) if self.run is not None else "no run", alert_type="info")
+        if (lack := self.missing_pane()) is not None:
+            return lack
         controls = pn.Param(self.param, parameters=["figure", "layer", "value", "metric", "mode", "max_columns"],
                             show_name=False, default_layout=pn.Row)
         return pn.Column(controls, pn.panel(self._panes, sizing_mode="stretch_width"), sizing_mode="stretch_width")

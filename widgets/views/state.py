@@ -117,6 +117,8 @@ class StateView(View):
                 for name, r in self._shown() if "passkey" in r.meta.get("metrics", {})]
 
     def __panel__(self):
+        if (lack := self.missing_pane()) is not None:
+            return lack
         controls = pn.Param(self.param, parameters=["stat", "layer", "train_len", "tol"], show_name=False, width=260)
         pos = pn.bind(lambda stat, layer, tl: pn.pane.Plotly(self.position_figure()), self.param.stat,
                       self.param.layer, self.param.train_len)
