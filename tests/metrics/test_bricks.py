@@ -273,6 +273,8 @@ def test_partition_roundtrip_and_foreign_model(tmp_path):
     back = B.Partition.load(tmp_path / "p", model)
     assert back.method == "coactivation" and back.names[0] == ["a", "b", "c", "d"]
     assert all(torch.equal(back.assignments[k], part.assignments[k]) for k in (0, 1))
+    assert repr(back).startswith("Partition(method='coactivation', model=") and repr(back).endswith(
+        "layers=[0, 1], k=4, named=True)")  # one line, not the assignment tensors
     other = tiny_llama("relu", d_ff=24, seed=1)
     with pytest.raises(B.BricksError, match="was made for .* not for this model.*recompute"):
         B.Partition.load(tmp_path / "p", other)

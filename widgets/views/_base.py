@@ -20,7 +20,7 @@ def layer_widget(p: param.ListSelector, name: str = "layers (none = all)"):
     if n <= 16:
         return pn.Column(pn.pane.Markdown(name, margin=(0, 10)),
                          pn.widgets.CheckButtonGroup.from_param(p, name=name, css_classes=["wb-layers"]),
-                         sizing_mode="fixed", width=min(60 * n + 40, 700))
+                         width=min(60 * n + 40, 700))  # fixed width, height from the content
     return pn.widgets.MultiChoice.from_param(p, name=name)
 
 

@@ -282,6 +282,13 @@ class Partition:
     def k(self, layer: int) -> int:
         return int(self.assignments[layer].max()) + 1
 
+    def __repr__(self) -> str:  # not every assignment tensor (thousands of lines in a notebook)
+        layers = sorted(self.assignments)
+        ks = sorted({self.k(i) for i in layers})
+        src = self.model.get("source") or self.model.get("class") or "?"
+        return (f"Partition(method={self.method!r}, model={src!r}, layers={layers}, "
+                f"k={ks[0] if len(ks) == 1 else ks}, named={bool(self.names)})")
+
     def bricks(self, layer: int) -> list[torch.Tensor]:
         """The neuron indices of each brick of `layer`."""
         a = self.assignments[layer]
