@@ -98,20 +98,18 @@ def read_text_arg(path: str, flag: str = "--text") -> str:
     return text
 
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
-           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
-
-
 def parse_dtype(name: str | None, flag: str = "--dtype"):
     """torch dtype from a name (float32, bfloat16, fp16, ...), or a CLIError listing the choices."""
     if name is None:
         return None
+    from workbench.models.loading import DTYPE_CHOICES, DTYPE_NAMES
+
     key = name.lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        fail(f"{flag} {name!r} is not a dtype; use one of float32, bfloat16, float16, float64")
+    if key not in DTYPE_NAMES:
+        fail(f"{flag} {name!r} is not a dtype; use one of {DTYPE_CHOICES}")
     import torch
 
-    return getattr(torch, _DTYPES[key])
+    return getattr(torch, DTYPE_NAMES[key])
 
 
 def check_device(spec: str | None, flag: str = "--device") -> str | None:
@@ -185,7 +183,7 @@ def cmd_profile(args) -> int:
 
     if distributed.scale_requested(args):
         out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
-        run = distributed.cli_profile(args, source, out, probes=["neuron_stats", "abs_sketch"])
+        run = distributed.cli_profile(args, source, out, probes=["neuron_stats", "abs_sketch"], dtype=dtype)
         if run is None:  # ranks > 0
             return 0
         return _print_profile(run, source, out, t0)

@@ -159,3 +159,15 @@ def test_closed_pipe_ends_quietly():
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_dtype_alias_reaches_the_scale_path(capsys, tmp_path):
+    """--dtype bf16 with --corpus: the parsed dtype is handed to the scale path, not the raw string."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n")
+    rc, err = run_cli(capsys, "zoo:relu-llama", "--corpus", str(corpus), "--dtype", "bf16", "--quiet",
+                      "--seq-len", "16", "--out", str(tmp_path / "r"))
+    assert rc == 0, err
+    import workbench as wb
+
+    assert wb.Run.load(tmp_path / "r").meta["model"]["dtype"] == "bfloat16"

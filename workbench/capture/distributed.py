@@ -607,10 +607,11 @@ def scale_requested(args) -> bool:
                 or getattr(args, "device_map", None))
 
 
-def cli_profile(args, source: str, out: Path, probes=None) -> Run | None:
+def cli_profile(args, source: str, out: Path, probes=None, dtype: torch.dtype | None = None) -> Run | None:
     """`workbench profile` with --distributed / --resume / --save-every / --corpus /
     --device-map: load, read the data (streamed), profile through `profile_corpus`, save to
-    `out`. Rank 0 returns the Run, other ranks None."""
+    `out`. dtype: the parsed --dtype (args.dtype is the raw string). Rank 0 returns the Run,
+    other ranks None."""
     import workbench as wb
     from workbench.data import validation_tokens
 
@@ -619,9 +620,9 @@ def cli_profile(args, source: str, out: Path, probes=None) -> Run | None:
     gpus = rank_gpus(args.distributed) if args.device_map == "auto" else []
     world = init_distributed(gpu=gpus[0] if gpus else None) if args.distributed else World()
     try:
-        load_kw = {"device": args.device, "dtype": args.dtype}
+        load_kw = {"device": args.device, "dtype": dtype}
         if args.device_map:
-            load_kw = {"dtype": args.dtype, "device_map": args.device_map}
+            load_kw = {"dtype": dtype, "device_map": args.device_map}
             mm = rank_max_memory(gpus)
             if mm is not None:
                 load_kw["max_memory"] = mm
