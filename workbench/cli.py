@@ -145,6 +145,12 @@ def check_out_dir(out: str | None, overwrite: bool, flag: str = "--out") -> None
     if not p.is_dir():
         fail(f"{flag} {out} is a file; choose a directory for the run")
     if any(p.iterdir()):
+        from workbench.capture.distributed import checkpoint_tokens
+
+        done = checkpoint_tokens(p)
+        if done is not None and not (p / "run.json").is_file():
+            fail(f"{flag} {out} holds an unfinished profile (checkpoint at {done} tokens): add --resume to "
+                 f"continue it, or choose another {flag}")
         is_run = (p / "run.json").is_file()
         if is_run and not overwrite:
             fail(f"{flag} {out} already holds a run; pass --overwrite to replace it, or choose another {flag}")
@@ -183,7 +189,14 @@ def cmd_profile(args) -> int:
 
     if distributed.scale_requested(args):
         out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
-        run = distributed.cli_profile(args, source, out, probes=["neuron_stats", "abs_sketch"], dtype=dtype)
+        try:
+            run = distributed.cli_profile(args, source, out, probes=["neuron_stats", "abs_sketch"], dtype=dtype)
+        except KeyboardInterrupt as exc:
+            done = distributed.checkpoint_tokens(out) if out.is_dir() else None
+            if done is not None:
+                exc.wb_note = (f"the last checkpoint ({done} tokens) is in {out}: run the same command "
+                               "with --resume to continue")
+            raise
         if run is None:  # ranks > 0
             return 0
         return _print_profile(run, source, out, t0)
@@ -279,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (CLIError, WorkbenchError) as exc:
         return error_exit(exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, where to pick up, status 130 (128 + SIGINT)
+        note = getattr(exc, "wb_note", None)
+        print("workbench: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `workbench zoo list | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
         return 141  # 128 + SIGPIPE, as a shell tool would

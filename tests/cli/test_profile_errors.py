@@ -171,3 +171,48 @@ def test_dtype_alias_reaches_the_scale_path(capsys, tmp_path):
     import workbench as wb
 
     assert wb.Run.load(tmp_path / "r").meta["model"]["dtype"] == "bfloat16"
+
+
+def _checkpoint(out, tokens: int) -> None:
+    from workbench.capture.distributed import _write_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_checkpoint(out, {}, {"batches": 1, "tokens": tokens, "sequences": 1, "forward_calls": 1,
+                                "sha256_state": "0"}, [])
+
+
+def test_out_unfinished_checkpoint_without_resume(capsys, no_load, tmp_path):
+    """docs/scaling.md: an unfinished checkpoint but no --resume names the fix."""
+    _checkpoint(tmp_path / "big", 5120)
+    rc, err = run_cli(capsys, "--corpus", str(tmp_path / "c.jsonl"), "--save-every", "5000",
+                      "--out", str(tmp_path / "big"))
+    assert rc == 2
+    assert only_error(err) == (f"--out {tmp_path / 'big'} holds an unfinished profile (checkpoint at 5120 "
+                               "tokens): add --resume to continue it, or choose another --out")
+
+
+def test_ctrl_c_names_the_checkpoint(capsys, monkeypatch, tmp_path):
+    from workbench.capture import distributed
+
+    def interrupted(args, source, out, **kw):
+        _checkpoint(out, 4096)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "cli_profile", interrupted)
+    rc = main(["profile", "--corpus", str(tmp_path / "c.jsonl"), "--save-every", "5000", "--out", str(tmp_path / "big")])
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err
+    assert err.strip() == (f"workbench: interrupted; the last checkpoint (4096 tokens) is in {tmp_path / 'big'}: "
+                           "run the same command with --resume to continue")
+
+
+def test_ctrl_c_without_checkpoint(capsys, monkeypatch):
+    import workbench
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workbench, "load_model", interrupted)
+    rc = main(["profile", "--tokens", "8"])
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == "workbench: interrupted"

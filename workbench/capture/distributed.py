@@ -288,6 +288,19 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return {"identity": json.loads(meta["identity"]), "progress": json.loads(meta["progress"])}, tensors
 
 
+def checkpoint_tokens(out: str | os.PathLike) -> int | str | None:
+    """Tokens done by the unfinished profile checkpointed in `out` (its metadata only; "?" for a
+    damaged checkpoint), or None when `out` holds no checkpoint."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(json.loads((f.metadata() or {})["progress"])["tokens"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
 def _write_checkpoint(out: Path, identity: dict, progress: dict, merged: list[dict]) -> None:
     tensors = {k: v.contiguous().clone() for part in merged for k, v in part.items()}
     out.mkdir(parents=True, exist_ok=True)
