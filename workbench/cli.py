@@ -165,6 +165,8 @@ def cmd_profile(args) -> int:
         positive_int(args.tokens, "--tokens")
     positive_int(args.batch_size, "--batch-size")
     positive_int(args.seq_len, "--seq-len")
+    positive_int(args.max_tokens, "--max-tokens")
+    positive_int(args.save_every, "--save-every")
     text = read_text_arg(args.text) if args.text is not None else None
     dtype = parse_dtype(args.dtype)
     check_device(args.device)
@@ -213,7 +215,7 @@ def cmd_profile(args) -> int:
         data, mask, desc = validation_tokens(model, args.tokens, args.seq_len)
         info = {"tokens_requested": args.tokens, "text": desc}
     run = wb.profile(model, data, attention_mask=mask, batch_size=args.batch_size, max_length=args.seq_len,
-                     rule=rule, probes=["neuron_stats", "abs_sketch"], progress=not args.quiet,
+                     max_tokens=args.max_tokens, rule=rule, probes=["neuron_stats", "abs_sketch"], progress=not args.quiet,
                      data_info=info)
     out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
     run.save(out, overwrite=args.overwrite)

@@ -82,7 +82,7 @@ def test_device_cuda_without_cuda(capsys, no_load, monkeypatch):
     assert msg.endswith("; use --device cpu")
 
 
-@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len", "--tokens"])
+@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len", "--tokens", "--max-tokens", "--save-every"])
 def test_counts_below_one(capsys, no_load, flag):
     rc, err = run_cli(capsys, flag, "0")
     assert rc == 2
@@ -216,3 +216,14 @@ def test_ctrl_c_without_checkpoint(capsys, monkeypatch):
     rc = main(["profile", "--tokens", "8"])
     assert rc == 130
     assert capsys.readouterr().err.strip() == "workbench: interrupted"
+
+
+def test_max_tokens_applies_to_text(capsys, tmp_path):
+    f = tmp_path / "big.txt"
+    f.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(200)))
+    rc, err = run_cli(capsys, "zoo:relu-llama", "--text", str(f), "--max-tokens", "50", "--quiet",
+                      "--out", str(tmp_path / "r"))
+    assert rc == 0, err
+    import workbench as wb
+
+    assert wb.Run.load(tmp_path / "r").meta["data"]["n_tokens"] == 50
