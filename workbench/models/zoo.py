@@ -231,7 +231,8 @@ def spec(name: str) -> ZooSpec:
 
 
 def train_command(name: str) -> str:
-    return f"workbench zoo train {name}  (or: python -m workbench.models.zoo_cli train {name})"
+    # --overwrite: the rebuild replaces what is left of the model in data/zoo/NAME (its card, ...)
+    return f"workbench zoo train {name} --overwrite  (or: python -m workbench.models.zoo_cli train {name} --overwrite)"
 
 
 def available() -> list[str]:
