@@ -227,3 +227,14 @@ def test_max_tokens_applies_to_text(capsys, tmp_path):
     import workbench as wb
 
     assert wb.Run.load(tmp_path / "r").meta["data"]["n_tokens"] == 50
+
+
+@pytest.mark.parametrize("name,tail", [
+    ("topk-moe", "profile its routing instead: wb.profile(model, docs, probes=[wb.RoutingProbe()])"),
+    ("mamba2", "scan its state instead: workbench.metrics.state.state_scan(model, ids)"),
+])
+def test_model_without_dense_ffn_names_what_to_use(capsys, tmp_path, name, tail):
+    rc, err = run_cli(capsys, f"zoo:{name}", "--tokens", "64", "--quiet", "--out", str(tmp_path / "r"))
+    assert rc == 2
+    msg = only_error(err)
+    assert msg.endswith(tail) and "register_adapter" not in msg
