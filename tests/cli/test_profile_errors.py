@@ -238,3 +238,20 @@ def test_model_without_dense_ffn_names_what_to_use(capsys, tmp_path, name, tail)
     assert rc == 2
     msg = only_error(err)
     assert msg.endswith(tail) and "register_adapter" not in msg
+
+
+def test_unknown_zoo_name_lists_the_zoo_once(capsys):
+    rc, err = run_cli(capsys, "zoo:nope", "--tokens", "8")
+    assert rc == 2
+    msg = only_error(err)
+    assert msg.startswith("unknown zoo model 'nope'; the zoo has: relu-llama, ")
+    assert msg.count("silu-llama") == 1
+
+
+def test_model_dir_without_weights_says_how_to_save_one(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    rc, err = run_cli(capsys, str(tmp_path), "--tokens", "8")
+    assert rc == 2
+    assert only_error(err) == (f"{tmp_path} has no weights (*.safetensors): a model directory needs config.json "
+                               "and its weights as *.safetensors; write one with model.save_pretrained(DIR) "
+                               "(and the tokenizer with tokenizer.save_pretrained(DIR))")

@@ -149,7 +149,9 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
             "run arbitrary code. Convert them to safetensors, or pass allow_pickle=True if you trust "
             "the source.")
     if not has_st and not pickles:
-        raise ModelLoadError(f"{path} has no weights (*.safetensors)")
+        raise ModelLoadError(f"{path} has no weights (*.safetensors): a model directory needs config.json "
+                             "and its weights as *.safetensors; write one with model.save_pretrained(DIR) "
+                             "(and the tokenizer with tokenizer.save_pretrained(DIR))")
 
 
 def _check_safetensors(file: Path) -> None:
