@@ -5,8 +5,34 @@ from __future__ import annotations
 
 import argparse
 
+VIZ_MISSING = "the dashboard needs the viz extra (panel, plotly): bash scripts/setup.sh viz"
+
+
+def require_viz() -> None:
+    """Stop with one line naming the install command when the viz extra is missing."""
+    from workbench.cli import fail
+
+    try:
+        import panel  # noqa: F401
+        import plotly  # noqa: F401
+    except ImportError:
+        fail(VIZ_MISSING)
+
 
 def cmd_serve(args) -> int:
+    from workbench.cli import fail
+
+    if args.predictors and not args.model:
+        fail("--predictors needs --model SOURCE (the predictors drive the live model's acceleration view); "
+             "add --model, or drop --predictors")
+    if args.predictors and not args.predictors.startswith("zoo:"):
+        from pathlib import Path
+
+        if not Path(args.predictors).is_dir():
+            what = "is not a directory" if Path(args.predictors).exists() else "does not exist"
+            fail(f"--predictors {args.predictors} {what}; pass a predictor directory written by "
+                 "save_predictors (or zoo:NAME for a zoo model's committed one)")
+    require_viz()
     from workbench.widgets import app
 
     paths = app.check_runs(args.runs)
@@ -15,11 +41,21 @@ def cmd_serve(args) -> int:
     if args.port:
         app.check_port(args.host, args.port)
     model = app.load_live_model(args.model) if args.model else None
-    app.serve(paths, model=model, predictors=args.predictors, port=args.port, host=args.host)
+    predictors = None
+    if args.predictors:
+        from workbench.errors import WorkbenchError
+        from workbench.metrics.predictor import load_predictors
+
+        try:  # read and checked against the model now, not later inside the UI
+            predictors = load_predictors(args.predictors, model)
+        except WorkbenchError as exc:
+            fail(f"--predictors {args.predictors}: {exc}")
+    app.serve(paths, model=model, predictors=predictors, port=args.port, host=args.host)
     return 0
 
 
 def cmd_report(args) -> int:
+    require_viz()
     from workbench.widgets.report import write_report
 
     out = write_report(args.run, args.out)

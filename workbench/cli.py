@@ -98,20 +98,18 @@ def read_text_arg(path: str, flag: str = "--text") -> str:
     return text
 
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
-           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
-
-
 def parse_dtype(name: str | None, flag: str = "--dtype"):
     """torch dtype from a name (float32, bfloat16, fp16, ...), or a CLIError listing the choices."""
     if name is None:
         return None
+    from workbench.models.loading import DTYPE_CHOICES, DTYPE_NAMES
+
     key = name.lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        fail(f"{flag} {name!r} is not a dtype; use one of float32, bfloat16, float16, float64")
+    if key not in DTYPE_NAMES:
+        fail(f"{flag} {name!r} is not a dtype; use one of {DTYPE_CHOICES}")
     import torch
 
-    return getattr(torch, _DTYPES[key])
+    return getattr(torch, DTYPE_NAMES[key])
 
 
 def check_device(spec: str | None, flag: str = "--device") -> str | None:
@@ -147,6 +145,12 @@ def check_out_dir(out: str | None, overwrite: bool, flag: str = "--out") -> None
     if not p.is_dir():
         fail(f"{flag} {out} is a file; choose a directory for the run")
     if any(p.iterdir()):
+        from workbench.capture.distributed import checkpoint_tokens
+
+        done = checkpoint_tokens(p)
+        if done is not None and not (p / "run.json").is_file():
+            fail(f"{flag} {out} holds an unfinished profile (checkpoint at {done} tokens): add --resume to "
+                 f"continue it, or choose another {flag}")
         is_run = (p / "run.json").is_file()
         if is_run and not overwrite:
             fail(f"{flag} {out} already holds a run; pass --overwrite to replace it, or choose another {flag}")
@@ -161,6 +165,8 @@ def cmd_profile(args) -> int:
         positive_int(args.tokens, "--tokens")
     positive_int(args.batch_size, "--batch-size")
     positive_int(args.seq_len, "--seq-len")
+    positive_int(args.max_tokens, "--max-tokens")
+    positive_int(args.save_every, "--save-every")
     text = read_text_arg(args.text) if args.text is not None else None
     dtype = parse_dtype(args.dtype)
     check_device(args.device)
@@ -185,7 +191,14 @@ def cmd_profile(args) -> int:
 
     if distributed.scale_requested(args):
         out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
-        run = distributed.cli_profile(args, source, out, probes=["neuron_stats", "abs_sketch"])
+        try:
+            run = distributed.cli_profile(args, source, out, probes=["neuron_stats", "abs_sketch"], dtype=dtype)
+        except KeyboardInterrupt as exc:
+            done = distributed.checkpoint_tokens(out) if out.is_dir() else None
+            if done is not None:
+                exc.wb_note = (f"the last checkpoint ({done} tokens) is in {out}: run the same command "
+                               "with --resume to continue")
+            raise
         if run is None:  # ranks > 0
             return 0
         return _print_profile(run, source, out, t0)
@@ -202,7 +215,7 @@ def cmd_profile(args) -> int:
         data, mask, desc = validation_tokens(model, args.tokens, args.seq_len)
         info = {"tokens_requested": args.tokens, "text": desc}
     run = wb.profile(model, data, attention_mask=mask, batch_size=args.batch_size, max_length=args.seq_len,
-                     rule=rule, probes=["neuron_stats", "abs_sketch"], progress=not args.quiet,
+                     max_tokens=args.max_tokens, rule=rule, probes=["neuron_stats", "abs_sketch"], progress=not args.quiet,
                      data_info=info)
     out = Path(args.out) if args.out else _fresh_dir(Path("runs"), "profile-" + source.replace(":", "-").replace("/", "-"))
     run.save(out, overwrite=args.overwrite)
@@ -281,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (CLIError, WorkbenchError) as exc:
         return error_exit(exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, where to pick up, status 130 (128 + SIGINT)
+        note = getattr(exc, "wb_note", None)
+        print("workbench: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `workbench zoo list | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
         return 141  # 128 + SIGPIPE, as a shell tool would

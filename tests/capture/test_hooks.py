@@ -126,9 +126,21 @@ def test_wb_capture_is_the_function_after_submodule_imports():
 
 def test_model_without_ffn_gives_clear_error():
     model = tiny.build("mamba")
-    with pytest.raises(CaptureError, match="no dense or shared FFN"):
+    with pytest.raises(CaptureError, match=r"has SSM mixers and no FFN .*state_scan\(model, ids\)$"):
         with wb.capture(model):
             pass
+
+
+def test_routed_experts_only_points_to_the_routing_probe():
+    """A model whose FFNs are all routed experts: the message names the routing probe, not
+    wb.register_adapter (the adapter is known)."""
+    model = tiny.build("mixtral")
+    with pytest.raises(CaptureError) as exc:
+        with wb.capture(model):
+            pass
+    msg = str(exc.value)
+    assert "FFNs are routed experts" in msg and "register_adapter" not in msg
+    assert msg.endswith("profile its routing instead: wb.profile(model, docs, probes=[wb.RoutingProbe()])")
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])

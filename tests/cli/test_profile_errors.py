@@ -82,7 +82,7 @@ def test_device_cuda_without_cuda(capsys, no_load, monkeypatch):
     assert msg.endswith("; use --device cpu")
 
 
-@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len", "--tokens"])
+@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len", "--tokens", "--max-tokens", "--save-every"])
 def test_counts_below_one(capsys, no_load, flag):
     rc, err = run_cli(capsys, flag, "0")
     assert rc == 2
@@ -159,3 +159,99 @@ def test_closed_pipe_ends_quietly():
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_dtype_alias_reaches_the_scale_path(capsys, tmp_path):
+    """--dtype bf16 with --corpus: the parsed dtype is handed to the scale path, not the raw string."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n")
+    rc, err = run_cli(capsys, "zoo:relu-llama", "--corpus", str(corpus), "--dtype", "bf16", "--quiet",
+                      "--seq-len", "16", "--out", str(tmp_path / "r"))
+    assert rc == 0, err
+    import workbench as wb
+
+    assert wb.Run.load(tmp_path / "r").meta["model"]["dtype"] == "bfloat16"
+
+
+def _checkpoint(out, tokens: int) -> None:
+    from workbench.capture.distributed import _write_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_checkpoint(out, {}, {"batches": 1, "tokens": tokens, "sequences": 1, "forward_calls": 1,
+                                "sha256_state": "0"}, [])
+
+
+def test_out_unfinished_checkpoint_without_resume(capsys, no_load, tmp_path):
+    """docs/scaling.md: an unfinished checkpoint but no --resume names the fix."""
+    _checkpoint(tmp_path / "big", 5120)
+    rc, err = run_cli(capsys, "--corpus", str(tmp_path / "c.jsonl"), "--save-every", "5000",
+                      "--out", str(tmp_path / "big"))
+    assert rc == 2
+    assert only_error(err) == (f"--out {tmp_path / 'big'} holds an unfinished profile (checkpoint at 5120 "
+                               "tokens): add --resume to continue it, or choose another --out")
+
+
+def test_ctrl_c_names_the_checkpoint(capsys, monkeypatch, tmp_path):
+    from workbench.capture import distributed
+
+    def interrupted(args, source, out, **kw):
+        _checkpoint(out, 4096)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distributed, "cli_profile", interrupted)
+    rc = main(["profile", "--corpus", str(tmp_path / "c.jsonl"), "--save-every", "5000", "--out", str(tmp_path / "big")])
+    err = capsys.readouterr().err
+    assert rc == 130 and "Traceback" not in err
+    assert err.strip() == (f"workbench: interrupted; the last checkpoint (4096 tokens) is in {tmp_path / 'big'}: "
+                           "run the same command with --resume to continue")
+
+
+def test_ctrl_c_without_checkpoint(capsys, monkeypatch):
+    import workbench
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workbench, "load_model", interrupted)
+    rc = main(["profile", "--tokens", "8"])
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == "workbench: interrupted"
+
+
+def test_max_tokens_applies_to_text(capsys, tmp_path):
+    f = tmp_path / "big.txt"
+    f.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(200)))
+    rc, err = run_cli(capsys, "zoo:relu-llama", "--text", str(f), "--max-tokens", "50", "--quiet",
+                      "--out", str(tmp_path / "r"))
+    assert rc == 0, err
+    import workbench as wb
+
+    assert wb.Run.load(tmp_path / "r").meta["data"]["n_tokens"] == 50
+
+
+@pytest.mark.parametrize("name,tail", [
+    ("topk-moe", "profile its routing instead: wb.profile(model, docs, probes=[wb.RoutingProbe()])"),
+    ("mamba2", "scan its state instead: workbench.metrics.state.state_scan(model, ids)"),
+])
+def test_model_without_dense_ffn_names_what_to_use(capsys, tmp_path, name, tail):
+    rc, err = run_cli(capsys, f"zoo:{name}", "--tokens", "64", "--quiet", "--out", str(tmp_path / "r"))
+    assert rc == 2
+    msg = only_error(err)
+    assert msg.endswith(tail) and "register_adapter" not in msg
+
+
+def test_unknown_zoo_name_lists_the_zoo_once(capsys):
+    rc, err = run_cli(capsys, "zoo:nope", "--tokens", "8")
+    assert rc == 2
+    msg = only_error(err)
+    assert msg.startswith("unknown zoo model 'nope'; the zoo has: relu-llama, ")
+    assert msg.count("silu-llama") == 1
+
+
+def test_model_dir_without_weights_says_how_to_save_one(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    rc, err = run_cli(capsys, str(tmp_path), "--tokens", "8")
+    assert rc == 2
+    assert only_error(err) == (f"{tmp_path} has no weights (*.safetensors): a model directory needs config.json "
+                               "and its weights as *.safetensors; write one with model.save_pretrained(DIR) "
+                               "(and the tokenizer with tokenizer.save_pretrained(DIR))")

@@ -137,3 +137,19 @@ def test_activation_threshold_applies_fatrelu(tmp_path):
     fat = wb.profile(loaded, ids, progress=False).summary()["token_sparsity"]
     relu = wb.profile(plain, ids, progress=False).summary()["token_sparsity"]
     assert (fat > relu).all()
+
+
+def test_dtype_names_and_aliases(model_dir):
+    path, _ = model_dir
+    assert next(wb.load_model(path, dtype="bf16").parameters()).dtype == torch.bfloat16
+    assert next(wb.load_model(path, dtype="torch.float16").parameters()).dtype == torch.float16
+    with pytest.raises(ModelLoadError, match=r"dtype 'bogus' is not a dtype; use one of float32, bfloat16, float16, float64"):
+        wb.load_model("zoo:relu-llama", dtype="bogus")
+
+
+def test_cuda_device_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoadError, match=r"^CUDA is not available here: use device='cpu'$"):
+        wb.load_model("zoo:relu-llama", device="cuda")
+    with pytest.raises(ModelLoadError, match=r"device 'foo' is not a device"):
+        wb.load_model("builtin:tiny-relu-llama", device="foo")

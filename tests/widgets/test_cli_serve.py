@@ -52,3 +52,15 @@ def test_non_loopback_host_is_warned():
     assert host_warning("127.0.0.1", 5006) is None
     msg = host_warning("0.0.0.0", 5006, live_model=True)
     assert "reachable from other machines" in msg and "drive the model" in msg and "--host 127.0.0.1" in msg
+
+
+def test_serve_reads_the_predictors_before_serving(capsys, tiny_run_dir, tmp_path, monkeypatch):
+    from workbench.widgets import app
+
+    monkeypatch.setattr(app, "serve", lambda *a, **k: pytest.fail("served before the predictors were read"))
+    assert main(["serve", str(tiny_run_dir), "--port", "0", "--model", "zoo:relu-llama",
+                 "--predictors", str(tmp_path)]) == 2
+    err = capsys.readouterr().err  # after the weights' progress bar
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"workbench: error: --predictors {tmp_path}: {tmp_path} holds neither predictor.json "
+                           "nor a run.json; save predictors with save_predictors")

@@ -77,6 +77,21 @@ def _mask_and_ids(fn_sig: inspect.Signature | None, args, kwargs):
     return mask, ids
 
 
+def _no_ffn_message(model: nn.Module, layout: Layout) -> str:
+    """Why activation probes cannot run on `model`, and what to use instead."""
+    name, ad = type(model).__name__, layout.adapter
+    if layout.routers:
+        return (f"{name}'s FFNs are routed experts (adapter {ad!r}: {len(layout.routers)} routers, no dense "
+                "or shared FFN), so the activation probes have nothing to watch; profile its routing "
+                "instead: wb.profile(model, docs, probes=[wb.RoutingProbe()])")
+    if layout.mixers:
+        return (f"{name} has SSM mixers and no FFN (adapter {ad!r}: {len(layout.mixers)} mixers), so the "
+                "activation probes have nothing to watch; scan its state instead: "
+                "workbench.metrics.state.state_scan(model, ids)")
+    return (f"{name} has no dense or shared FFN the adapters know (adapter {ad!r}); activation probes need "
+            "an FFN. Register an adapter with wb.register_adapter if the model has FFNs under other names.")
+
+
 class Capture:
     """The state of one capture; use through `capture(...)`."""
 
@@ -96,11 +111,7 @@ class Capture:
         self.site_probes = [p for p in self.probes if isinstance(p, SiteProbe)]
         self.sites = [s for s in self.layout.ffns if s.role in roles] if self.ffn_probes else []
         if self.ffn_probes and not self.sites:
-            raise CaptureError(
-                f"{type(model).__name__} has no dense or shared FFN the adapters know "
-                f"(adapter {self.layout.adapter!r} found {len(self.layout.routers)} routers, "
-                f"{len(self.layout.mixers)} mixers); activation probes need an FFN. "
-                "Register an adapter with wb.register_adapter if the model has FFNs under other names.")
+            raise CaptureError(_no_ffn_message(model, self.layout))
         self.probe_sites = {}
         for p in self.site_probes:
             found = p.sites(self.layout, model)

@@ -288,6 +288,19 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return {"identity": json.loads(meta["identity"]), "progress": json.loads(meta["progress"])}, tensors
 
 
+def checkpoint_tokens(out: str | os.PathLike) -> int | str | None:
+    """Tokens done by the unfinished profile checkpointed in `out` (its metadata only; "?" for a
+    damaged checkpoint), or None when `out` holds no checkpoint."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(json.loads((f.metadata() or {})["progress"])["tokens"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
 def _write_checkpoint(out: Path, identity: dict, progress: dict, merged: list[dict]) -> None:
     tensors = {k: v.contiguous().clone() for part in merged for k, v in part.items()}
     out.mkdir(parents=True, exist_ok=True)
@@ -607,10 +620,11 @@ def scale_requested(args) -> bool:
                 or getattr(args, "device_map", None))
 
 
-def cli_profile(args, source: str, out: Path, probes=None) -> Run | None:
+def cli_profile(args, source: str, out: Path, probes=None, dtype: torch.dtype | None = None) -> Run | None:
     """`workbench profile` with --distributed / --resume / --save-every / --corpus /
     --device-map: load, read the data (streamed), profile through `profile_corpus`, save to
-    `out`. Rank 0 returns the Run, other ranks None."""
+    `out`. dtype: the parsed --dtype (args.dtype is the raw string). Rank 0 returns the Run,
+    other ranks None."""
     import workbench as wb
     from workbench.data import validation_tokens
 
@@ -619,9 +633,9 @@ def cli_profile(args, source: str, out: Path, probes=None) -> Run | None:
     gpus = rank_gpus(args.distributed) if args.device_map == "auto" else []
     world = init_distributed(gpu=gpus[0] if gpus else None) if args.distributed else World()
     try:
-        load_kw = {"device": args.device, "dtype": args.dtype}
+        load_kw = {"device": args.device, "dtype": dtype}
         if args.device_map:
-            load_kw = {"dtype": args.dtype, "device_map": args.device_map}
+            load_kw = {"dtype": dtype, "device_map": args.device_map}
             mm = rank_max_memory(gpus)
             if mm is not None:
                 load_kw["max_memory"] = mm

@@ -23,6 +23,44 @@ from workbench.errors import ModelLoadError
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+#: dtype names `load_model` (and the CLI's --dtype) accept, with their aliases.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16",
+               "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float64": "float64", "fp64": "float64", "double": "float64"}
+DTYPE_CHOICES = "float32, bfloat16, float16, float64"
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a torch.dtype or a name/alias (bf16, "torch.float16", ...); a
+    ModelLoadError naming the choices for anything else."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in DTYPE_NAMES:
+            return getattr(torch, DTYPE_NAMES[key])
+    raise ModelLoadError(f"dtype {dtype!r} is not a dtype; use one of {DTYPE_CHOICES} "
+                         "(or their aliases fp32, bf16, fp16, half) or a torch.dtype")
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this machine lacks, before loading (a ModelLoadError naming the fix)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"device {device!r} is not a device ({exc}); use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("CUDA is not available here: use device='cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ModelLoadError(f"device {str(dev)!r}: this machine has {n} CUDA device(s); "
+                                 f"use cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("MPS is not available here: use device='cpu'")
+
 
 class FATReLU(nn.Module):
     """FATReLU(T): x where x > T, else 0 (ProSparse's threshold shift of ReLU)."""
@@ -111,7 +149,9 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
             "run arbitrary code. Convert them to safetensors, or pass allow_pickle=True if you trust "
             "the source.")
     if not has_st and not pickles:
-        raise ModelLoadError(f"{path} has no weights (*.safetensors)")
+        raise ModelLoadError(f"{path} has no weights (*.safetensors): a model directory needs config.json "
+                             "and its weights as *.safetensors; write one with model.save_pretrained(DIR) "
+                             "(and the tokenizer with tokenizer.save_pretrained(DIR))")
 
 
 def _check_safetensors(file: Path) -> None:
@@ -213,8 +253,8 @@ def load_model(source: str | os.PathLike, *, device: str | torch.device | None =
 
     import workbench.models.blockffn  # noqa: F401  (registers the workbench's own architectures)
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype)
+    check_device(device)
     if str(source).startswith("builtin:"):
         model = _build_builtin(str(source)[8:], dtype).eval()
         if device is not None:

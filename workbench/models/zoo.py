@@ -231,7 +231,8 @@ def spec(name: str) -> ZooSpec:
 
 
 def train_command(name: str) -> str:
-    return f"workbench zoo train {name}  (or: python -m workbench.models.zoo_cli train {name})"
+    # --overwrite: the rebuild replaces what is left of the model in data/zoo/NAME (its card, ...)
+    return f"workbench zoo train {name} --overwrite  (or: python -m workbench.models.zoo_cli train {name} --overwrite)"
 
 
 def available() -> list[str]:
@@ -290,11 +291,10 @@ def resolve(name: str) -> Path:
     """Directory of zoo model `name`, checked; or a clear error naming the file and the fix."""
     path = ZOO_DIR / name
     if not (path / "config.json").is_file():
-        have = ", ".join(available()) or "none"
-        known = f" It is a registered zoo model: rebuild it with `{train_command(name)}`."
+        spec(name)  # not a registered name: the error lists the zoo (once)
         raise ModelLoadError(
-            f"zoo model {name!r} not found under {ZOO_DIR} (config.json missing; available: "
-            f"{have})." + (known if name in SPECS else f" Registered names: {', '.join(SPECS)}.")
+            f"zoo model {name!r} is not built under {ZOO_DIR} ({path / 'config.json'} missing): "
+            f"rebuild it with `{train_command(name)}`."
         )
     check_checkpoint(path, name)
     return path
