@@ -232,7 +232,7 @@ def finish_from_checkpoint(name: str, log_path: str, *, seed: int = 0, n_keys: i
                    "val_loss_quick": r["val_loss_quick"]} for r in recs],
         "history": [{k: r[k] for k in ("step", "loss", "lr", "elapsed_s")} for r in recs],
         "checkpoint_sha256": zoo._sha256(out / zoo.CHECKPOINT),
-        "train_command": f"workbench zoo train {name} --seed {seed} --steps {steps} --device cpu",
+        "train_command": f"workbench zoo train {name} --overwrite --seed {seed} --steps {steps} --device cpu",
         "notes": [
             "Trained on a shared 2-core machine (nice 10, 1 thread, ~12 % of a core at times); the "
             "training process saved the checkpoint and was then stopped before its own measurements "
@@ -725,7 +725,7 @@ def _train_loop(name, spec, recipe, model, device, seed, out, tok, data, windows
         "curve": curve,
         "history": history,
         "checkpoint_sha256": zoo._sha256(out / zoo.CHECKPOINT),
-        "train_command": f"workbench zoo train {name} --seed {seed} --steps {step}"
+        "train_command": f"workbench zoo train {name} --overwrite --seed {seed} --steps {step}"
         + (" --device cpu" if device == "cpu" else ""),
     }
     (out / zoo.METRICS).write_text(json.dumps(metrics, indent=1) + "\n")
@@ -888,7 +888,7 @@ def continue_stage2(name: str, out: str | Path, *, src: str | Path | None = None
         "tokens_seen": m1["tokens_seen"] + st2["tokens_seen"],
         "train_time_s": round(m1["train_time_s"] + st2["train_time_s"], 1),
         "checkpoint_sha256": zoo._sha256(out / zoo.CHECKPOINT),
-        "train_command": f"workbench zoo train {name} --seed {seed} --device {device}",
+        "train_command": f"workbench zoo train {name} --overwrite --seed {seed} --device {device}",
         "notes": [*m1.get("notes", []),
                   f"Stage 2 was run from the committed stage-1 checkpoint (sha256 "
                   f"{m1['checkpoint_sha256'][:16]}...) with `continue_stage2({name!r}, ...)`; the "
