@@ -186,7 +186,7 @@ def check_runs(paths) -> list[Path]:
 def check_port(host: str, port: int) -> None:
     """Refuse a port that is taken (before serving, so the CLI can say so cleanly)."""
     if not 0 < port < 65536:
-        raise ServeError(f"port {port} is out of range: pass --port between 1 and 65535")
+        raise ServeError(f"port {port} is out of range: pass --port between 1 and 65535, or 0 for a free one")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:

@@ -161,6 +161,9 @@ def check_out_dir(out: str | None, overwrite: bool, flag: str = "--out") -> None
 
 def cmd_profile(args) -> int:
     # every argument is checked before the model is loaded (seconds to minutes on a large model)
+    if args.text is not None and args.corpus is not None:
+        raise CLIError("--text and --corpus both given: --text profiles one file in memory, --corpus streams a "
+                       "corpus from disk (any size); pass one of them")
     if args.text is None:
         positive_int(args.tokens, "--tokens")
     positive_int(args.batch_size, "--batch-size")

@@ -255,3 +255,11 @@ def test_model_dir_without_weights_says_how_to_save_one(capsys, tmp_path):
     assert only_error(err) == (f"{tmp_path} has no weights (*.safetensors): a model directory needs config.json "
                                "and its weights as *.safetensors; write one with model.save_pretrained(DIR) "
                                "(and the tokenizer with tokenizer.save_pretrained(DIR))")
+
+
+def test_text_and_corpus_together_are_refused(capsys, no_load, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("hello world\n", encoding="utf-8")
+    rc = main(["profile", "--text", str(f), "--corpus", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--text and --corpus both given" in only_error(err)
