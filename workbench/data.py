@@ -3,6 +3,7 @@ model's device, and the zoo's bundled validation text as fixed-length token ids.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,30 @@ def _texts(data) -> list[str] | None:
     return None
 
 
+def check_token_ids(model, ids: torch.Tensor, error=CaptureError) -> None:
+    """Raise `error` naming the cause when `ids` hold ids the model's embedding cannot look up
+    (negative, or >= its vocabulary size): checked up front, not as torch's IndexError from inside
+    the forward (after which transformers may leave hooks on the model)."""
+    if not isinstance(ids, torch.Tensor) or not ids.numel():
+        return
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        vocab = emb.num_embeddings
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise error(f"token ids must lie in [0, {vocab}) for this model (its vocabulary); got ids from {lo} to "
+                    f"{hi}: were they made by another tokenizer? Tokenize with model.tokenizer")
+
+
+def _positive(value, name: str, error=CaptureError, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{name} must be a whole number >= 1{' (or None)' if none_ok else ''}; got {value!r}")
+
+
 def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None = None,
                   batch_size: int = 8, max_length: int | None = 256, padding_side: str = "right",
                   max_sequences: int | None = None, kept: list | None = None) -> Batches:
@@ -38,6 +63,8 @@ def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None =
     (texts that tokenize to nothing are dropped), so per-text labels can follow their rows.
     Raises CaptureError when there is no valid (non-padding) token at all.
     """
+    _positive(batch_size, "batch_size")
+    _positive(max_length, "max_length", none_ok=True)
     kept = kept if kept is not None else []
     if isinstance(data, (list, tuple)) and data and all(isinstance(b, tuple) and len(b) == 2
                                                          and isinstance(b[0], torch.Tensor) for b in data):

@@ -47,6 +47,24 @@ def test_refuses_to_overwrite(run, tmp_path):
     assert (other / "notes.txt").read_text() == "precious"
 
 
+def test_overwrite_keeps_the_users_other_files_in_a_run_folder(run, tmp_path):
+    path = run.save(tmp_path / "r")
+    (path / "notes.txt").write_text("precious")
+    (path / "figs").mkdir()
+    (path / "figs" / "a.png").write_bytes(b"png")
+    small = wb.profile(tiny.build("llama"), torch.randint(1, tiny.VOCAB, (1, 5)), progress=False)
+    small.save(path, overwrite=True)
+    assert (path / "notes.txt").read_text() == "precious" and (path / "figs" / "a.png").read_bytes() == b"png"
+    assert Run.load(path).meta["data"]["n_tokens"] == 5  # the new run replaced the old one
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no temporary left behind
+    # without other files: the old folder is swapped out whole, nothing stale stays
+    plain = run.save(tmp_path / "p")
+    small.save(plain, overwrite=True)
+    assert sorted(p.name for p in plain.iterdir()) == sorted(p.name for p in path.iterdir() if p.suffix != ".txt"
+                                                             and p.name != "figs")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
 @pytest.mark.parametrize("damage", ["no_json", "bad_json", "foreign", "future", "no_tensors", "bad_tensors",
                                     "missing_site"])
 def test_damaged_runs_raise_clear_errors(run, tmp_path, damage):
@@ -110,3 +128,17 @@ def test_merge_equals_one_pass():
             torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-7, msg=k)
         else:
             assert torch.equal(v, ref), k
+
+
+def test_profile_refuses_bad_counts_and_foreign_ids():
+    model = tiny.build("llama")
+    ids = torch.randint(1, tiny.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    for kw, what in ((dict(max_tokens=0), "max_tokens"), (dict(max_tokens=-5), "max_tokens"),
+                     (dict(batch_size=0), "batch_size"), (dict(batch_size=1.5), "batch_size")):
+        with pytest.raises(CaptureError, match=f"{what} must be a whole number >= 1"):
+            wb.profile(model, ids, progress=False, **kw)
+    for bad in (ids + tiny.VOCAB, ids - tiny.VOCAB):  # another tokenizer's ids: named, not torch's IndexError
+        with pytest.raises(CaptureError, match=r"token ids must lie in \[0, "):
+            wb.profile(model, bad, progress=False)
+    run = wb.profile(model, ids, progress=False, probes="neuron_stats")  # one probe, not a list
+    assert run.meta["data"]["n_tokens"] == 12

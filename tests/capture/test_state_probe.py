@@ -231,6 +231,17 @@ def test_input_shorter_than_a_bucket():
         state_scan(model, torch.ones(1, 5, dtype=torch.long), bucket=8)
 
 
+def test_ids_that_are_not_token_ids_are_named():
+    model = tiny.build("mamba2")
+    with pytest.raises(StateError, match="tokenize texts first"):
+        state_scan(model, ["hello"], bucket=8)
+    with pytest.raises(StateError, match="integer token ids"):
+        state_scan(model, torch.ones(1, 16), bucket=8)
+    with pytest.raises(StateError, match=r"token ids must lie in \[0, "):
+        state_scan(model, torch.full((1, 16), tiny.VOCAB), bucket=8)
+    assert not active_hooks(model)
+
+
 def test_mamba_v1_chunking_refused():
     model = tiny.build("mamba")
     with pytest.raises(StateError, match="does not carry the SSM state"):

@@ -50,6 +50,11 @@ def profile(model, data, *, tokenizer=None, batch_size: int = 8, max_tokens: int
     that count per label (routing, bricks) read them; the names are in run.meta["labels"].
     probes: FFN probes and/or site probes (routers, mixers), as for `wb.capture`.
     """
+    from workbench.data import _positive, check_token_ids
+
+    _positive(max_tokens, "max_tokens", none_ok=True)
+    if probes is not None and not isinstance(probes, (list, tuple)):
+        probes = [probes]  # one probe (wb.RoutingProbe()) or one probe name
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     device = model_device(model)
     is_ids = isinstance(data, torch.Tensor)
@@ -64,6 +69,8 @@ def profile(model, data, *, tokenizer=None, batch_size: int = 8, max_tokens: int
         vocab = sorted(set(names))
         index = {n: i for i, n in enumerate(vocab)}
         label_ids = torch.tensor([index[names[i]] for i in kept], dtype=torch.int64)
+    for ids, _ in batches:
+        check_token_ids(model, ids)
     total = sum(int(m.sum()) for _, m in batches)
     budget = min(total, max_tokens) if max_tokens else total
     sha = hashlib.sha256()

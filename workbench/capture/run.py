@@ -26,6 +26,7 @@ from workbench.errors import RunError
 
 FORMAT = "workbench-run"
 VERSION = 1
+RUN_FILES = ("run.json", "tensors.safetensors", "summary.csv")  # what Run.save writes
 SUMMARY_COLUMNS = ["layer", "name", "role", "kind", "activation", "d_ff", "tokens", "token_sparsity",
                    "activation_ratio", "nonzero_sparsity", "dead_neurons", "mean_abs", "max_abs",
                    "abs_p50", "abs_p90", "abs_p99"]
@@ -141,7 +142,8 @@ class Run:
         """Write the run to directory `path`.
 
         Refuses an existing non-empty directory unless `overwrite=True`, and even then only
-        replaces a directory that is itself a run (never a folder of other files).
+        replaces a directory that is itself a run (never a folder of other files); other files
+        kept in a run's directory (notes, figures) stay, only the run's own files are replaced.
         """
         path = Path(path)
         if path.exists():
@@ -166,9 +168,25 @@ class Run:
             (tmp / "run.json").write_text(json.dumps(meta, indent=2, default=str))
             if self.sites and any(k.startswith("neuron_stats/") for k in tensors):
                 self.summary().to_csv(tmp / "summary.csv", index=False)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            if path.exists() and any(p.name not in RUN_FILES for p in path.iterdir()):
+                # a run folder the user also keeps other files in (notes, figures): replace only the
+                # run's own files, run.json (the mark of a complete run) out first and in last
+                (path / "run.json").unlink(missing_ok=True)
+                for name in RUN_FILES:
+                    if name != "run.json" and not (tmp / name).exists():
+                        (path / name).unlink(missing_ok=True)  # e.g. a summary.csv the new run lacks
+                for name in sorted(p.name for p in tmp.iterdir()):
+                    if name != "run.json":
+                        os.replace(tmp / name, path / name)
+                os.replace(tmp / "run.json", path / "run.json")
+                tmp.rmdir()
+            elif path.exists():  # swap, so the old run is removed only once the new one is in place
+                old = Path(tempfile.mkdtemp(prefix=".run-old-", dir=path.parent))
+                os.replace(path, old / "run")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -40,11 +40,17 @@ class StateError(WorkbenchError):
 
 
 def _as_ids(ids) -> torch.Tensor:
-    ids = torch.as_tensor(ids)
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise StateError(f"ids must be token ids [n_seq, tokens] (a LongTensor); got {type(ids).__name__}: "
+                         "tokenize texts first, e.g. model.tokenizer(text, return_tensors='pt').input_ids") from exc
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2:
         raise StateError(f"ids must be [n_seq, tokens], got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise StateError(f"ids must be integer token ids (int64 / int32); got {ids.dtype}")
     return ids
 
 
@@ -67,6 +73,9 @@ def state_scan(model, ids, *, bucket: int = 128, chunk: int | None = None, hist_
     from workbench.capture.state import StateProbe
 
     ids = _as_ids(ids)
+    from workbench.data import check_token_ids
+
+    check_token_ids(model, ids, StateError)
     total = ids.shape[1]
     if getattr(model.config, "model_type", "") == "mamba":
         # transformers' Mamba (v1) scan ignores the cached state on multi-token calls (its own
