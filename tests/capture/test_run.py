@@ -142,3 +142,20 @@ def test_profile_refuses_bad_counts_and_foreign_ids():
             wb.profile(model, bad, progress=False)
     run = wb.profile(model, ids, progress=False, probes="neuron_stats")  # one probe, not a list
     assert run.meta["data"]["n_tokens"] == 12
+
+
+@pytest.mark.parametrize("edit, what", [
+    (lambda m: m.pop("rule"), "'rule' is missing"),
+    (lambda m: m.update(rule="garbage(("), "'rule' is missing or not an object"),
+    (lambda m: m.update(rule={"kind": "bogus"}), "'rule' cannot be read"),
+    (lambda m: m.update(sites="abc"), "'sites' must be a list of objects"),
+    (lambda m: m["sites"][0].pop("name"), "site 0 lacks 'name'"),
+    (lambda m: m["sites"][1].pop("d_ff"), "site 1 lacks 'd_ff'"),
+])
+def test_load_names_a_hand_edited_run_json(run, tmp_path, edit, what):
+    path = run.save(tmp_path / "r")
+    meta = json.loads((path / "run.json").read_text())
+    edit(meta)
+    (path / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(RunError, match=f"{what}.*re-create it"):
+        Run.load(path)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from workbench.capture.rules import Rule
 from workbench.capture.sketch import SketchSpec, quantiles
-from workbench.errors import RunError
+from workbench.errors import RunError, WorkbenchError
 
 FORMAT = "workbench-run"
 VERSION = 1
@@ -211,6 +211,7 @@ class Run:
         if not isinstance(meta.get("version"), int) or meta["version"] > VERSION:
             raise RunError(f"{path} was written by run format version {meta.get('version')!r}; this "
                            f"workbench reads versions <= {VERSION}: upgrade the workbench")
+        _check_meta(meta, meta_path)
         tpath = path / "tensors.safetensors"
         if not tpath.is_file():
             raise RunError(f"{tpath} is missing; the run is damaged, re-create it")
@@ -228,6 +229,35 @@ class Run:
         model = self.meta.get("model", {}).get("source") or self.meta.get("model", {}).get("class")
         return (f"Run(model={model!r}, rule={str(self.rule)!r}, sites={len(self.sites)}, "
                 f"tokens={self.meta.get('data', {}).get('n_tokens')})")
+
+
+_SITE_FIELDS = ("layer", "name", "d_ff")
+
+
+def _check_meta(meta: dict, meta_path: Path) -> None:
+    """The fields every reader of a Run relies on (rule, sites, routers, mixers), checked at load:
+    a hand-edited or truncated run.json is named here, not as a KeyError in a view later."""
+    def bad(what: str) -> RunError:
+        return RunError(f"{meta_path}: {what}; the run is damaged or was edited by hand: re-create it "
+                        "(wb.profile(...).save(path))")
+
+    if not isinstance(meta.get("rule"), dict):
+        raise bad("'rule' is missing or not an object")
+    try:
+        Rule.from_json(meta["rule"])
+    except (KeyError, TypeError, ValueError, WorkbenchError) as exc:
+        raise bad(f"'rule' cannot be read ({exc!r})") from exc
+    for key in ("sites", "routers", "mixers"):
+        if not isinstance(meta.get(key, []), list) or not all(isinstance(x, dict) for x in meta.get(key, [])):
+            raise bad(f"'{key}' must be a list of objects")
+    for i, site in enumerate(meta.get("sites", [])):
+        lacking = [f for f in _SITE_FIELDS if f not in site]
+        if lacking:
+            raise bad(f"site {i} lacks {', '.join(map(repr, lacking))}")
+    for key in ("routers", "mixers"):
+        for i, site in enumerate(meta.get(key, [])):
+            if "name" not in site or "layer" not in site:
+                raise bad(f"{key[:-1]} {i} lacks 'name' or 'layer'")
 
 
 def new_meta(model, layout, rule: Rule, data: dict | None = None) -> dict:
