@@ -105,6 +105,18 @@ def test_bad_inputs_give_clear_errors():
         accelerate(tf.Phi3ForCausalLM(cfg).to(torch.bfloat16))
 
 
+def test_measure_names_bad_inputs_and_leaves_no_hooks():
+    model = _tiny()
+    with accelerate(model) as h:
+        for bad, what in ((["hello"], "tokenize first"), (_ids(5).float(), "tokenize first"),
+                          (_ids(5) + 10**6, r"token ids must lie in \[0, ")):
+            with pytest.raises(WorkbenchError, match=what):
+                h.measure(bad, reps=1, warmup=0)
+        with pytest.raises(WorkbenchError, match="reps must be a whole number >= 1"):
+            h.measure(_ids(5), reps=0)
+    assert not any(m._forward_hooks for m in model.modules())  # nothing left behind
+
+
 @pytest.mark.parametrize("make", [_tiny, lambda: _tiny_opt()], ids=["gated", "plain"])
 def test_accelerating_an_accelerated_model_names_the_active_handle(make):
     model = make()

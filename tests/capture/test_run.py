@@ -47,6 +47,12 @@ def test_refuses_to_overwrite(run, tmp_path):
     assert (other / "notes.txt").read_text() == "precious"
 
 
+def test_save_under_a_file_is_named(run, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunError, match="afile is a file, not a directory"):
+        run.save(tmp_path / "afile" / "sub")
+
+
 def test_overwrite_keeps_the_users_other_files_in_a_run_folder(run, tmp_path):
     path = run.save(tmp_path / "r")
     (path / "notes.txt").write_text("precious")

@@ -15,6 +15,7 @@ from workbench.errors import CaptureError
 from workbench.metrics.state import (
     StateError,
     collapse,
+    drift_summary,
     head_stats,
     histograms,
     layer_stats,
@@ -197,6 +198,13 @@ def test_histograms_and_collapse():
     assert (flags.position > 16).all()
     # a huge tolerance flags nothing
     assert collapse(run, train_len=16, tol=1e6).empty
+    d = drift_summary(run, 8, at=[16, 40])
+    assert d["rms x@40"].notna().all()
+    for bad in (0, 12):  # not a bucket end: named, not a table of NaN
+        with pytest.raises(StateError, match="must be a bucket end"):
+            drift_summary(run, bad)
+    with pytest.raises(StateError, match=r"positions \[20\] are not bucket ends"):
+        drift_summary(run, 8, at=[20])
 
 
 @torch.no_grad()

@@ -316,9 +316,21 @@ class Accelerator:
         eager calls, so on a GPU the accelerated side replays its per-call graphs unless the
         handle was made with call_graphs=False.
         """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise WorkbenchError(f"measure takes token ids (a LongTensor [1, T]), got {type(input_ids).__name__}"
+                                 f"{'' if not isinstance(input_ids, torch.Tensor) else ' ' + str(input_ids.dtype)}: "
+                                 "tokenize first, model.tokenizer(text, return_tensors='pt').input_ids")
+        for name, v in (("reps", reps), ("steps", steps), ("chunk", chunk)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise WorkbenchError(f"measure: {name} must be a whole number >= 1, got {v!r}")
+        if not isinstance(warmup, int) or warmup < 0:
+            raise WorkbenchError(f"measure: warmup must be a whole number >= 0, got {warmup!r}")
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]
         if ids.shape[0] != 1:
             raise WorkbenchError("measure takes one sequence [1, T] (decoding is batch 1 here)")
+        from workbench.data import check_token_ids
+
+        check_token_ids(self.model, ids, WorkbenchError)
         dev = self.sparse[next(iter(self.sparse))].site.down.weight.device
         ids = ids.to(dev)
         step = chunk or (8 if self.mode == "chunk" else 1)

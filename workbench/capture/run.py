@@ -158,6 +158,10 @@ class Run:
                 if not is_run:
                     raise RunError(f"{path} holds files that are not a workbench run; refusing to "
                                    "overwrite them even with overwrite=True: choose a new directory")
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise RunError(f"cannot write the run to {path}: {blocking} is a file, not a directory; choose "
+                           "another directory for the run")
         self.finalize()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".run-", dir=path.parent))

@@ -238,6 +238,13 @@ def drift_summary(run, train_len: int, at=None) -> pd.DataFrame:
     """Per layer: rms, cos and loss at `train_len` and at each position in `at` (default 16x and
     64x the training length where the run reaches them), with their ratios to the value at
     `train_len`."""
+    bk = _info(run)["bucket"]
+    if not isinstance(train_len, int) or train_len < bk or train_len % bk:
+        raise StateError(f"train_len ({train_len!r}) must be a bucket end of this run (a multiple of its "
+                         f"bucket, {bk} tokens): the statistics are kept per bucket")
+    bad = [p for p in (at or ()) if not isinstance(p, int) or p < bk or p % bk]
+    if bad:
+        raise StateError(f"positions {bad} are not bucket ends of this run (multiples of {bk} tokens)")
     df = layer_stats(run)
     total = int(df.position.max())
     at = [p for p in (at or (16 * train_len, 64 * train_len)) if p <= total]
