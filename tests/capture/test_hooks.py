@@ -161,3 +161,14 @@ def test_capture_refuses_a_model_an_active_accelerate_handle_swapped(arch):
     with wb.capture(model) as run:
         model(input_ids=ids)
     assert run.summary() is not None
+
+
+def test_inputs_embeds_without_a_mask_count_every_position():
+    """A forward on inputs_embeds (no input_ids, no mask): the Run's token count agrees with
+    the statistics (every position counted), not 0."""
+    model = tiny.build("llama")
+    ids = torch.randint(1, tiny.VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    with wb.capture(model) as run:
+        model(inputs_embeds=model.get_input_embeddings()(ids))
+    assert run.meta["data"]["n_tokens"] == 14
+    assert (run.summary()["tokens"] == 14).all()

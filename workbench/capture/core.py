@@ -149,6 +149,15 @@ class Capture:
             self.call.tokens = self.call.tokens + (mask != 0).sum()
         elif ids is not None:
             self.call.tokens = self.call.tokens + ids.numel()
+        else:  # inputs_embeds [batch, tokens, d] without a mask: every position counts, as in the stats
+            emb = kwargs.get("inputs_embeds")
+            if emb is None and self._sig is not None:
+                try:
+                    emb = self._sig.bind_partial(*args, **kwargs).arguments.get("inputs_embeds")
+                except TypeError:
+                    emb = None
+            if isinstance(emb, torch.Tensor) and emb.dim() == 3:
+                self.call.tokens = self.call.tokens + emb.shape[0] * emb.shape[1]
 
     def _valid(self, n: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         key = (n, str(device))
