@@ -161,3 +161,15 @@ def test_capture_refuses_a_model_an_active_accelerate_handle_swapped(arch):
     with wb.capture(model) as run:
         model(input_ids=ids)
     assert run.summary() is not None
+
+
+def test_topk_above_d_ff_is_refused():
+    model = tiny.build("llama")
+    d_ff = model.config.intermediate_size
+    with pytest.raises(CaptureError, match=rf"topk\(99999\) asks for more neurons than layer 0 .*d_ff = {d_ff}"):
+        with wb.capture(model, rule="topk(99999)"):
+            model(input_ids=_ids())
+    assert active_hooks(model) == 0
+    with wb.capture(model, rule=f"topk({d_ff})") as run:  # every neuron: allowed, and says so
+        model(input_ids=_ids())
+    assert (run.summary()["token_sparsity"] == 0).all()

@@ -159,3 +159,9 @@ def test_sparsity_table_needs_a_rule(relu_llama):
         sparsity_table(relu_llama, [(ids, m)], rules=[])
     df = sparsity_table(relu_llama, [(ids, m)], rules="zero")  # one rule as a string, not its letters
     assert set(df.rule) == {"zero"}
+
+
+def test_intervene_refuses_topk_above_d_ff(relu_llama):
+    with pytest.raises(CaptureError, match=r"topk\(65\) asks for more neurons than layer 0 .*d_ff = 64"):
+        with intervene(relu_llama, "topk(65)"):
+            pass
