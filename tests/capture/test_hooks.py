@@ -172,3 +172,15 @@ def test_inputs_embeds_without_a_mask_count_every_position():
         model(inputs_embeds=model.get_input_embeddings()(ids))
     assert run.meta["data"]["n_tokens"] == 14
     assert (run.summary()["tokens"] == 14).all()
+
+
+def test_topk_above_d_ff_is_refused():
+    model = tiny.build("llama")
+    d_ff = model.config.intermediate_size
+    with pytest.raises(CaptureError, match=rf"topk\(99999\) asks for more neurons than layer 0 .*d_ff = {d_ff}"):
+        with wb.capture(model, rule="topk(99999)"):
+            model(input_ids=_ids())
+    assert active_hooks(model) == 0
+    with wb.capture(model, rule=f"topk({d_ff})") as run:  # every neuron: allowed, and says so
+        model(input_ids=_ids())
+    assert (run.summary()["token_sparsity"] == 0).all()

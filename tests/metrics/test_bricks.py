@@ -314,6 +314,10 @@ def test_brick_analysis_end_to_end_and_bad_inputs(tmp_path):
         B.brick_analysis(model, texts, labels=labels, k=100)
     with pytest.raises(B.BricksError, match="does not divide"):
         B.brick_analysis(model, texts, labels=labels, k=5)
+    with pytest.raises(B.BricksError, match=r"layers=\[\]: give some of"):
+        B.brick_analysis(model, texts, labels=labels, layers=[])
+    with pytest.raises(B.BricksError, match=r"cett_target=1.5: .*\[0, 1\]"):
+        B.brick_analysis(model, texts, labels=labels, k=4, cett_target=1.5)
 
 
 def test_brick_analysis_on_a_silu_model_uses_a_cett_rule():

@@ -112,3 +112,32 @@ def test_cett_empty_and_nan_errors():
     a[1, 2] = float("nan")
     with pytest.raises(CaptureError, match="layer 5 .*NaN"):
         LayerCETT(a, w, name="model.layers.5.mlp", layer=5)
+
+
+@pytest.mark.parametrize("target", [2.0, -0.1, float("nan"), float("inf"), "0.2", None])
+def test_cett_target_outside_0_1_is_named(target):
+    from workbench.errors import WorkbenchError
+    from workbench.metrics import CETTCalibration, cett_curve, cett_thresholds
+
+    a, w, _ = _data(0, 4, 6, 3)
+    with pytest.raises(WorkbenchError, match=r"target=.*a number in \[0, 1\]"):
+        cett_search(a, w, target)
+    cal = CETTCalibration([LayerCETT(a, w, name="m.0", layer=0)])
+    for f in (cal.table, cal.rule):
+        with pytest.raises(WorkbenchError, match=r"target=.*\[0, 1\]"):
+            f(target)
+    with pytest.raises(WorkbenchError, match=r"targets=.*\[0, 1\]"):
+        cett_curve(None, None, [0.1, target], calibration=cal)
+    with pytest.raises(WorkbenchError, match=r"target=.*\[0, 1\]"):
+        cett_thresholds(object(), None, target=target)  # refused before any model work
+
+
+def test_cett_curve_needs_a_target():
+    from workbench.errors import WorkbenchError
+    from workbench.metrics import CETTCalibration, cett_curve
+
+    a, w, _ = _data(0, 4, 6, 3)
+    cal = CETTCalibration([LayerCETT(a, w, name="m.0", layer=0)])
+    with pytest.raises(WorkbenchError, match=r"targets=\[\]"):
+        cett_curve(None, None, [], calibration=cal)
+    assert len(cett_curve(None, None, 0.2, calibration=cal)) == 1  # a single target is one target

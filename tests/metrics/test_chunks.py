@@ -77,3 +77,19 @@ def test_chunk_table_equals_brute_force(which):
         pooled = brute_cls([a.reshape(4, 23, -1) for a in recorded.values()], [m] * len(recorded), L)
         got = df[(df.layer == -1) & (df.L == L)].iloc[0].cls
         assert (np.isnan(got) and np.isnan(pooled)) or got == pytest.approx(pooled, abs=1e-12)
+
+
+def test_chunk_table_lengths_and_units_arguments():
+    from workbench.errors import WorkbenchError
+
+    model = tiny.build("llama")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    data = [(ids, torch.ones_like(ids))]
+    one = chunk_table(model, data, lengths=8)  # a single length is [8]
+    assert one.equals(chunk_table(model, data, lengths=[8])) and set(one.L) == {8}
+    with pytest.raises(WorkbenchError, match=r"units='bogus': use one of \('auto', 'experts', 'neurons'\)"):
+        chunk_table(model, data, units="bogus")
+    for bad, match in (([], r"lengths=\(\): give at least one"), ([2.5], r"whole numbers >= 1 \(got 2.5\)"),
+                       ([0, 4], r"whole numbers >= 1 \(got 0\)"), ("8", r"lengths='8'")):
+        with pytest.raises(WorkbenchError, match=match):
+            chunk_table(model, data, lengths=bad)

@@ -149,3 +149,19 @@ def test_bad_inputs_name_layer_and_cause(relu_llama):
 
     with pytest.raises(CaptureError, match=r"layer 1 \(model\.layers\.1\.mlp\)"):
         cett_thresholds(model, [padded_batch()], 0.1)
+
+
+def test_sparsity_table_needs_a_rule(relu_llama):
+    from workbench.errors import WorkbenchError
+
+    ids, m = padded_batch(seed=2)
+    with pytest.raises(WorkbenchError, match=r"rules=\[\]: give at least one rule"):
+        sparsity_table(relu_llama, [(ids, m)], rules=[])
+    df = sparsity_table(relu_llama, [(ids, m)], rules="zero")  # one rule as a string, not its letters
+    assert set(df.rule) == {"zero"}
+
+
+def test_intervene_refuses_topk_above_d_ff(relu_llama):
+    with pytest.raises(CaptureError, match=r"topk\(65\) asks for more neurons than layer 0 .*d_ff = 64"):
+        with intervene(relu_llama, "topk(65)"):
+            pass

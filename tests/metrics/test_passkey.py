@@ -130,3 +130,25 @@ def test_bad_inputs(tok):
 
     with pytest.raises(PasskeyError, match="cannot reproduce a 5-digit key"):
         PasskeyBuilder(NoDigits())
+
+
+def test_grid_arguments_are_named(tok):
+    llama = _llama()
+    one = passkey_grid(llama, tok, 48, depths=0.5, n_keys=1)  # a single length / depth is a list of one
+    assert one.length.tolist() == [48] and one.depth.tolist() == [0.5]
+    llama.tokenizer = tok
+    with pytest.raises(PasskeyError, match=r"tokenizer=None: .*\(pass model.tokenizer\)"):
+        passkey_grid(llama, None, [48])
+    for kw, match in (({"n_keys": 0}, r"n_keys=0: give a whole number >= 1"),
+                      ({"batch_size": 0}, r"batch_size=0"), ({"token_budget": 0}, r"token_budget=0"),
+                      ({"max_new_tokens": 0}, r"max_new_tokens=0"),
+                      ({"lengths": []}, r"lengths=\[\]: give at least one"),
+                      ({"lengths": [48, 0]}, r"whole numbers of tokens >= 1 \(got 0\)"),
+                      ({"lengths": [48.5]}, r"\(got 48.5\)"), ({"lengths": "48"}, r"lengths='48'"),
+                      ({"depths": []}, r"depths=\[\]"), ({"depths": [0.5, 2]}, r"must lie in \[0, 1\] \(got 2\)")):
+        kw = {"lengths": [48], **kw}
+        with pytest.raises(PasskeyError, match=match):
+            passkey_grid(llama, tok, **kw)
+    llama.generate = lambda *a, **k: pytest.fail("a length over the limit is refused before any forward")
+    with pytest.raises(PasskeyError, match="length 200 exceeds"):
+        passkey_grid(llama, tok, [48, 200], depths=(0.5,), n_keys=1)

@@ -27,3 +27,18 @@ def test_default_tolerance_is_within_1e3_of_converged(act):
     # without the ppl condition the search stops as soon as the bracket closes
     loose = ppl_sparsity(model, data, p=1, calibration=cal, ppl_tolerance=float("inf"))
     assert loose.bracket_gap <= 1e-3 and len(loose.curve) <= len(res.curve)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"max_steps": 0}, r"max_steps=0: .*>= 1"),
+    ({"p": -1}, r"p=-1: .*> 0"),
+    ({"p": 0}, r"p=0: .*> 0"),
+    ({"p": float("nan")}, r"p=nan"),
+    ({"tolerance": -1.0}, r"tolerance=-1.0"),
+    ({"ppl_tolerance": float("nan")}, r"ppl_tolerance=nan"),
+])
+def test_bad_arguments_are_named(kw, match):
+    from workbench.errors import WorkbenchError
+
+    with pytest.raises(WorkbenchError, match=match):
+        ppl_sparsity(tiny_llama("silu"), [padded_batch(seed=3, b=3, s=8)], **kw)

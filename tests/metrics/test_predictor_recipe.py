@@ -169,3 +169,44 @@ def test_block_input_predictors_in_the_compiled_decode_harness(monkeypatch):
     comp = wb.decode_benchmark(model, prompt, new_tokens=4, handle=h, reps=1, warmup=0, compile_non_ffn=True)
     assert comp["tokens"]["accel"] == plain["tokens"]["accel"]
     h.off()
+
+
+@pytest.mark.parametrize("layers, match", [
+    ([99], r"layer\(s\) \[99\] do not exist: the model's FFN layers are \[0, 1\]"),
+    ([], r"layers=\[\]: no layer to train"),
+    ("0", r"layers='0': give a list"),
+])
+def test_layers_that_do_not_exist_are_refused(layers, match):
+    with pytest.raises(PredictorError, match=match):
+        _train(_model(), layers=layers)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"epochs": 0}, r"epochs=0: .*>= 1"),
+    ({"batch_tokens": 0}, r"batch_tokens=0: .*>= 1"),
+    ({"lr": float("nan")}, r"lr=nan: .*finite number > 0"),
+    ({"lr": -1.0}, r"lr=-1.0"),
+    ({"weight_decay": -0.1}, r"weight_decay=-0.1"),
+    ({"threshold": 2}, r"threshold=2: .*between 0 and 1"),
+    ({"target_recall": 1.5}, r"target_recall=1.5: .*\(0, 1\]"),
+    ({"width": 0}, r"width=0: .*>= 1"),
+    ({"max_tokens": 0}, r"max_tokens=0: .*>= 1"),
+])
+def test_bad_training_arguments_are_named(kw, match):
+    with pytest.raises(PredictorError, match=match):
+        _train(_model(), **kw)
+
+
+def test_bad_holdout_is_named():
+    ids, m = _seqs()
+    for h in (0, 1, -0.5, float("nan")):
+        with pytest.raises(PredictorError, match=r"holdout=.*strictly between 0 and 1"):
+            train_predictors(_model(), [(ids, m)], holdout=h, epochs=1)
+
+
+def test_a_rule_with_no_inactive_neuron_is_refused():
+    """SiLU has no exact zeros: under the default rule 'zero' every label is 'active'."""
+    model = tiny_llama(act="silu").to(torch.bfloat16)
+    with pytest.raises(PredictorError, match=r"every neuron is active .* under rule 'zero'.*fat\("):
+        _train(model)
+    _train(model, rule="fat(0.01)")  # a rule that leaves neurons inactive trains

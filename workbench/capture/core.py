@@ -112,6 +112,7 @@ class Capture:
         self.sites = [s for s in self.layout.ffns if s.role in roles] if self.ffn_probes else []
         if self.ffn_probes and not self.sites:
             raise CaptureError(_no_ffn_message(model, self.layout))
+        self.rule.check_width(self.sites)
         self.probe_sites = {}
         for p in self.site_probes:
             found = p.sites(self.layout, model)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workbench.errors import WorkbenchError
+from workbench.errors import CaptureError, WorkbenchError
 
 RULE_KINDS = ("zero", "fat", "topk", "magnitude")
 
@@ -106,6 +106,18 @@ class Rule:
                 return math.inf if self.threshold is None else float(self.threshold)
             return float(self.per_layer[layer])
         return float(self.threshold or 0.0)
+
+    def check_width(self, sites) -> None:
+        """Refuse topk(k) with k above an FFN's d_ff (every neuron would count as active, silently);
+        `sites` are FFN sites (with .layer, .name, .d_ff)."""
+        if self.kind != "topk":
+            return
+        small = [s for s in sites if s.d_ff < self.k]
+        if small:
+            s = min(small, key=lambda s: s.d_ff)
+            raise CaptureError(
+                f"rule topk({self.k}) asks for more neurons than layer {s.layer} ({s.name}) has: d_ff = {s.d_ff}; "
+                f"give k <= {s.d_ff} (topk(d_ff) marks every neuron active)")
 
     def elementwise(self, layer: int, gated: bool):
         """(source, threshold) for the elementwise rules: active = |src| * scale > threshold.

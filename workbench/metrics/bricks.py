@@ -577,9 +577,18 @@ def brick_analysis(model: nn.Module, data, *, eval_data=None, labels=None, eval_
     sites = ffn_sites(model)
     by_layer = {s.layer: s for s in sites}
     if layers is not None:
+        if not len(layers):
+            raise BricksError(f"layers=[]: give some of the model's FFN layers {sorted(by_layer)}, or None for all")
         bad = [la for la in layers if la not in by_layer]
         if bad:
             raise BricksError(f"layer(s) {bad} do not exist: the model's FFN layers are {sorted(by_layer)}")
+    if rule is None:
+        from workbench.metrics.cett import check_target
+
+        try:
+            check_target(cett_target, "cett_target")
+        except WorkbenchError as exc:
+            raise BricksError(str(exc)) from None
     layers = sorted(layers if layers is not None else by_layer)
     for la in layers:
         if k != "auto":

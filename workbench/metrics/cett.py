@@ -20,6 +20,7 @@ All arithmetic is float64.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -128,6 +129,17 @@ class LayerCETT:
         return float(self.candidates[lo]), self._at(lo)
 
 
+def check_target(target, name: str = "target") -> float:
+    """A CETT target is a fraction of the FFN output's norm in [0, 1], the range ppl_sparsity bisects
+    (0.2 is the Sparsing Law's usual value; 0 is the `zero` rule); raise WorkbenchError naming `name`
+    otherwise."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target) \
+            or not 0 <= target <= 1:
+        raise WorkbenchError(f"{name}={target!r}: a CETT target is the fraction of the FFN output's norm the "
+                             "inactive neurons may carry, a number in [0, 1] (e.g. 0.2)")
+    return float(target)
+
+
 def cett(a: torch.Tensor, w_down: torch.Tensor, t: float, *, bias: torch.Tensor | None = None,
          valid: torch.Tensor | None = None) -> float:
     """CETT(t) of activations a [..., d_ff] with W_down [d_model, d_ff] (valid: mask [...])."""
@@ -138,6 +150,7 @@ def cett_search(a: torch.Tensor, w_down: torch.Tensor, target: float, *, bias: t
                 valid: torch.Tensor | None = None, n_candidates: int = 65536, quantile: float = 0.99
                 ) -> tuple[float, float]:
     """(t, CETT(t)): the largest candidate t with CETT(t) <= target for one layer."""
+    check_target(target)
     return LayerCETT(a, w_down, bias, valid=valid, n_candidates=n_candidates, quantile=quantile).search(target)
 
 
@@ -168,10 +181,12 @@ class CETTCalibration:
         return {lc.layer: lc.search(target)[0] for lc in self.layers}
 
     def rule(self, target: float) -> Rule:
+        check_target(target)
         return Rule.magnitude(self.thresholds(target))
 
     def table(self, target: float) -> pd.DataFrame:
         """One row per layer: layer, name, target, threshold, cett, activation_ratio, tokens."""
+        check_target(target)
         rows = []
         for lc in self.layers:
             t, c = lc.search(target)
@@ -182,11 +197,19 @@ class CETTCalibration:
 
 def cett_thresholds(model: nn.Module, data, target: float = 0.2, **kwargs) -> pd.DataFrame:
     """Per-layer CETT thresholds of `model` at a CETT `target` (see CETTCalibration.table)."""
+    check_target(target)
     return CETTCalibration.from_model(model, data, **kwargs).table(target)
 
 
 def cett_curve(model: nn.Module, data, targets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5),
                *, calibration: CETTCalibration | None = None, **kwargs) -> pd.DataFrame:
     """Tidy table of the inner search over several targets: one row per (layer, target)."""
+    if isinstance(targets, (int, float)):
+        targets = [targets]
+    targets = list(targets)
+    if not targets:
+        raise WorkbenchError("targets=[]: give at least one CETT target in [0, 1], e.g. [0.1, 0.2]")
+    for t in targets:
+        check_target(t, "targets")
     cal = calibration or CETTCalibration.from_model(model, data, **kwargs)
     return pd.concat([cal.table(t) for t in targets], ignore_index=True)

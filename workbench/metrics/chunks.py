@@ -23,6 +23,26 @@ from workbench.errors import AdapterError, WorkbenchError
 from workbench.metrics._data import ffn_sites, model_device, token_batches
 
 LENGTHS = (1, 2, 4, 8, 16, 32, 64)
+UNITS = ("auto", "experts", "neurons")
+
+
+def _check_lengths(lengths) -> tuple[int, ...]:
+    """Window lengths L as a tuple of ints >= 1; a single int is one length."""
+    if isinstance(lengths, bool):
+        raise WorkbenchError(f"lengths={lengths!r}: give window lengths L >= 1, e.g. lengths=[1, 8, 64] or 8")
+    if isinstance(lengths, int) or (hasattr(lengths, "__index__") and not hasattr(lengths, "__len__")):
+        lengths = (lengths,)
+    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__iter__"):
+        raise WorkbenchError(f"lengths={lengths!r}: give window lengths L >= 1, e.g. lengths=[1, 8, 64] or 8")
+    got = tuple(lengths)
+    if not got:
+        raise WorkbenchError("lengths=(): give at least one window length L >= 1, e.g. lengths=[1, 8, 64]")
+    out = []
+    for L in got:
+        if isinstance(L, bool) or not hasattr(L, "__index__") or int(L) < 1:
+            raise WorkbenchError(f"lengths={list(got)!r}: window lengths must be whole numbers >= 1 (got {L!r})")
+        out.append(int(L))
+    return tuple(out)
 
 
 def chunk_table(model: nn.Module, data, *, units: str = "auto", rule="zero", lengths=LENGTHS,
@@ -33,12 +53,12 @@ def chunk_table(model: nn.Module, data, *, units: str = "auto", rule="zero", len
     Columns: layer, units ("experts" | "neurons"), L, cls, tls, reuse (tls and reuse repeat per L).
     units="auto" uses the routers where the model has any, else the dense FFN neurons.
     """
+    if units not in UNITS:
+        raise WorkbenchError(f"units={units!r}: use one of {UNITS}")
+    lengths = _check_lengths(lengths)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     batches = token_batches(data, tokenizer=tok, batch_size=batch_size, max_length=max_length,
                             max_sequences=max_sequences)
-    lengths = tuple(int(L) for L in lengths)
-    if any(L < 1 for L in lengths):
-        raise WorkbenchError(f"window lengths must be >= 1, got {lengths}")
     layout = locate(model)
     routers = layout.routers if units in ("auto", "experts") else []
     if units == "experts" and not routers:

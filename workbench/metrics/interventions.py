@@ -53,6 +53,7 @@ def intervene(model: nn.Module, rule, *, layout: Layout | None = None, layers: l
     sites = ffn_sites(model, layout)
     if layers is not None:
         sites = [s for s in sites if s.layer in set(layers)]
+    rule.check_width(sites)
     keep = dict(keep or {})
     if keep:
         have = {s.layer: s for s in sites}

@@ -141,6 +141,46 @@ def greedy(model, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _whole(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_grid_args(model, tokenizer, lengths, depths, *, n_keys, max_new_tokens, batch_size, token_budget):
+    """Arguments of passkey_grid, checked before any prompt is built: (lengths, depths) as lists."""
+    if tokenizer is None or not callable(tokenizer):
+        hint = " (pass model.tokenizer)" if getattr(model, "tokenizer", None) is not None else ""
+        raise PasskeyError(f"tokenizer={tokenizer!r}: passkey_grid needs the model's tokenizer to build the "
+                           f"prompts{hint}")
+    if _whole(lengths):
+        lengths = [lengths]
+    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__iter__"):
+        raise PasskeyError(f"lengths={lengths!r}: give prompt lengths in tokens, e.g. [256, 1024] or 256")
+    lengths = list(lengths)
+    if not lengths:
+        raise PasskeyError("lengths=[]: give at least one prompt length in tokens, e.g. [256, 1024]")
+    for L in lengths:
+        if not _whole(L) or L < 1:
+            raise PasskeyError(f"lengths={lengths!r}: prompt lengths must be whole numbers of tokens >= 1 "
+                               f"(got {L!r})")
+    if isinstance(depths, (int, float)) and not isinstance(depths, bool):
+        depths = [depths]
+    if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
+        raise PasskeyError(f"depths={depths!r}: give key depths in [0, 1], e.g. [0, 0.5, 1]")
+    depths = list(depths)
+    if not depths:
+        raise PasskeyError("depths=[]: give at least one key depth in [0, 1], e.g. [0, 0.5, 1]")
+    for d in depths:
+        if isinstance(d, bool) or not isinstance(d, (int, float, np.number)) or not 0.0 <= float(d) <= 1.0:
+            raise PasskeyError(f"depths={depths!r}: key depths must lie in [0, 1] (got {d!r})")
+    for name, v in (("n_keys", n_keys), ("batch_size", batch_size), ("token_budget", token_budget)):
+        if not _whole(v) or v < 1:
+            raise PasskeyError(f"{name}={v!r}: give a whole number >= 1")
+    if max_new_tokens is not None and (not _whole(max_new_tokens) or max_new_tokens < 1):
+        raise PasskeyError(f"max_new_tokens={max_new_tokens!r}: give a whole number >= 1, or None for the "
+                           "answer's length + 2")
+    return lengths, depths
+
+
 def passkey_grid(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, n_keys: int = 4,
                  seed: int = 0, n_digits: int = 5, max_new_tokens: int | None = None,
                  batch_size: int = 16, token_budget: int = 1 << 16):
@@ -152,19 +192,23 @@ def passkey_grid(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, *, n_keys: in
     prompts and `token_budget` tokens per forward."""
     import pandas as pd
 
+    lengths, depths = _check_grid_args(model, tokenizer, lengths, depths, n_keys=n_keys,
+                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       token_budget=token_budget)
     b = PasskeyBuilder(tokenizer, n_digits)
     limit = getattr(model.config, "max_position_embeddings", None)
     family = getattr(model.config, "model_type", "")
+    for L in lengths:  # all of them before the first forward
+        if limit and "mamba" not in family and L > limit:
+            raise PasskeyError(
+                f"length {L} exceeds the model's max_position_embeddings ({limit}); drop it "
+                "from `lengths` (a recurrent model has no such limit).")
     device = next(model.parameters()).device
     rows, answers = [], []
     was = model.training
     model.eval()
     try:
         for L in lengths:
-            if limit and "mamba" not in family and L > limit:
-                raise PasskeyError(
-                    f"length {L} exceeds the model's max_position_embeddings ({limit}); drop it "
-                    "from `lengths` (a recurrent model has no such limit).")
             ps = b.prompts(int(L), depths, n_keys, seed)
             new = max_new_tokens or max(len(p.answer_ids) for p in ps) + 2
             bs = max(1, min(batch_size, token_budget // int(L)))

@@ -325,6 +325,63 @@ def load_predictors(path: str | os.PathLike, model: nn.Module | None = None) -> 
     return pred
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_train_args(*, epochs, batch_tokens, lr, weight_decay, threshold, target_recall, width, holdout,
+                      max_tokens, eval_data):
+    if not _is_int(epochs) or epochs < 1:
+        raise PredictorError(f"epochs={epochs!r}: give a whole number of passes >= 1 (default 30)")
+    if not _is_int(batch_tokens) or batch_tokens < 1:
+        raise PredictorError(f"batch_tokens={batch_tokens!r}: give a whole number of tokens per step >= 1 "
+                             "(default 512)")
+    if not _is_real(lr) or lr <= 0:
+        raise PredictorError(f"lr={lr!r}: the learning rate must be a finite number > 0 (default 3e-3)")
+    if not _is_real(weight_decay) or weight_decay < 0:
+        raise PredictorError(f"weight_decay={weight_decay!r}: give a finite number >= 0 (default 0.0)")
+    if not _is_real(threshold) or not 0 < threshold < 1:
+        raise PredictorError(f"threshold={threshold!r}: the predicted probability above which a neuron counts "
+                             "as active must be strictly between 0 and 1 (default 0.5)")
+    if target_recall is not None and (not _is_real(target_recall) or not 0 < target_recall <= 1):
+        raise PredictorError(f"target_recall={target_recall!r}: give a recall in (0, 1], e.g. 0.99, or None to "
+                             "keep `threshold`")
+    if width is not None and (not _is_int(width) or width < 1):
+        raise PredictorError(f"width={width!r}: the predictor's hidden width must be a whole number >= 1, or None "
+                             "for the recipe's default")
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        raise PredictorError(f"max_tokens={max_tokens!r}: give a whole number of tokens >= 1 per split, or None "
+                             "for all of them")
+    if eval_data is None and (not _is_real(holdout) or not 0 < holdout < 1):
+        raise PredictorError(f"holdout={holdout!r}: without eval_data, the held-out fraction of the sequences "
+                             "must be strictly between 0 and 1 (default 0.25); or pass eval_data=...")
+
+
+def _check_layers(layers, all_sites) -> list[int] | None:
+    if layers is None:
+        return None
+    if _is_int(layers):
+        layers = [layers]
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise PredictorError(f"layers={layers!r}: give a list of FFN layer indices, or None for all of them")
+    layers = list(layers)
+    have = sorted(s.layer for s in all_sites)
+    if not layers:
+        raise PredictorError(f"layers=[]: no layer to train a predictor for; give some of the model's FFN layers "
+                             f"{have}, or None for all of them")
+    if not all(_is_int(la) for la in layers):
+        raise PredictorError(f"layers={layers!r}: layer indices must be whole numbers; the model's FFN layers "
+                             f"are {have}")
+    bad = [la for la in layers if la not in have]
+    if bad:
+        raise PredictorError(f"layer(s) {bad} do not exist: the model's FFN layers are {have}")
+    return layers
+
+
 def train_predictors(model: nn.Module, data, *, eval_data=None, rule="zero", recipe: str = "prosparse",
                      width: int | None = None, input: str | None = None, loss: str | None = None,
                      bias: bool | None = None, threshold: float = 0.5, target_recall: float | None = None,
@@ -342,7 +399,10 @@ def train_predictors(model: nn.Module, data, *, eval_data=None, rule="zero", rec
     `width`, `input` ("residual" | "ffn_input"), `loss` ("weighted_bce" | "bce") and `bias`
     override parts of it. Returns Predictors with `.metrics`: layer, name, width, threshold,
     recall, precision, predicted_sparsity, true_sparsity, pos_weight_w, train_tokens, eval_tokens.
-    Raises PredictorError naming the layer when its training tokens hold no active neuron.
+    Raises PredictorError naming the layer when its training tokens hold no active neuron, or no
+    inactive one (rule 'zero' on SiLU/GELU: use 'fat(T)' or a CETT rule), and naming the argument for
+    layers that do not exist, epochs / batch_tokens / width / max_tokens < 1, lr <= 0, threshold outside
+    (0, 1), target_recall outside (0, 1] or holdout outside (0, 1) without eval_data.
     """
     if recipe not in RECIPES:
         raise PredictorError(f"recipe {recipe!r}: use one of {sorted(RECIPES)}")
@@ -355,9 +415,13 @@ def train_predictors(model: nn.Module, data, *, eval_data=None, rule="zero", rec
     if input not in INPUTS:
         raise PredictorError(f"input {input!r}: use 'residual' (the residual stream entering the FFN block) or "
                              "'ffn_input' (the FFN's input after its norm)")
+    _check_train_args(epochs=epochs, batch_tokens=batch_tokens, lr=lr, weight_decay=weight_decay,
+                      threshold=threshold, target_recall=target_recall, width=width, holdout=holdout,
+                      max_tokens=max_tokens, eval_data=eval_data)
     rule = Rule.parse(rule)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     all_sites = ffn_sites(model)
+    layers = _check_layers(layers, all_sites)
     sites = all_sites if layers is None else [s for s in all_sites if s.layer in set(layers)]
     batches = token_batches(data, tokenizer=tok, batch_size=batch_size, max_length=max_length)
     if eval_data is None:
@@ -398,6 +462,14 @@ def train_predictors(model: nn.Module, data, *, eval_data=None, rule="zero", rec
                 f"{rule.kind!r}, so there is nothing to predict (recall would be undefined, the loss weight "
                 "degenerate); train on more or other data, use another rule, or leave the layer out with "
                 "layers=[...]")
+        if bool(y_tr.all()):
+            hint = ("the activation has no exact zeros (SiLU/GELU), so under 'zero' every neuron counts as active; "
+                    if rule.kind == "zero" else "")
+            raise PredictorError(
+                f"{where}: every neuron is active on every one of the {y_tr.shape[0]} training tokens under rule "
+                f"'{rule}': {hint}there is no inactive neuron to "
+                "predict; use a rule that leaves some neurons inactive, e.g. rule='fat(0.01)' or a CETT rule "
+                "(Rule.magnitude(thresholds) from cett_thresholds)")
         x_tr, x_ev = tr[s.name][xkey].float(), ev[s.name][xkey].float()
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         p = LayerPredictor(s.d_model, s.d_ff, w, threshold, bias=bias).to(dev)

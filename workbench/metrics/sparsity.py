@@ -23,6 +23,7 @@ from torch import nn
 from workbench.capture import capture
 from workbench.capture.rules import Rule
 from workbench.capture.run import Run
+from workbench.errors import WorkbenchError
 from workbench.metrics._data import Batches, model_device, token_batches
 from workbench.metrics.cett import CETTCalibration
 from workbench.metrics.interventions import intervene
@@ -56,11 +57,15 @@ def sparsity_table(model: nn.Module, data, rules=("zero", "fat(0.01)"), *, token
                    batch_size: int = 8, max_length: int | None = 256) -> pd.DataFrame:
     """Tidy table, one row per (rule, layer): rule, layer, name, activation, tokens,
     token_sparsity, activation_ratio. Rules only observe here (nothing is zeroed)."""
+    if isinstance(rules, (str, Rule)):
+        rules = [rules]
+    rules = [Rule.parse(r) for r in rules]
+    if not rules:
+        raise WorkbenchError("rules=[]: give at least one rule, e.g. rules=['zero', 'fat(0.01)']")
     batches = token_batches(data, tokenizer=tokenizer if tokenizer is not None else getattr(model, "tokenizer", None),
                             batch_size=batch_size, max_length=max_length)
     frames = []
-    for r in rules:
-        rule = Rule.parse(r)
+    for rule in rules:
         s = _measure(model, batches, rule).summary()
         s.insert(0, "rule", str(rule))
         frames.append(s[["rule", "layer", "name", "activation", "d_ff", "tokens", "token_sparsity",
@@ -147,7 +152,25 @@ def ppl_sparsity(model: nn.Module, data, p: float = 1.0, *, calib_data=None, tok
     `ppl_tolerance` and the `bracket_gap` reached; converged means bracket_gap <= tolerance.
     max_steps bounds the search, which also ends when the thresholds stop moving; then the
     evaluated end closest to the goal is returned (converged says whether the bracket closed).
+    p must be a finite number > 0 (percent), max_steps a whole number >= 1, tolerance and
+    ppl_tolerance numbers >= 0; WorkbenchError names the argument otherwise.
     """
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not real(p) or p <= 0:
+        raise WorkbenchError(f"p={p!r}: the allowed perplexity increase in percent must be a finite number > 0 "
+                             "(p=1 accepts PPL up to 1.01 x the dense PPL)")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise WorkbenchError(f"max_steps={max_steps!r}: give a whole number of bisection steps >= 1 (default 40)")
+    def nonneg(v):  # inf is allowed: "no condition"
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+    if not nonneg(tolerance):
+        raise WorkbenchError(f"tolerance={tolerance!r}: give an activation-ratio gap >= 0 (default 1e-3)")
+    if ppl_tolerance is not None and not nonneg(ppl_tolerance):
+        raise WorkbenchError(f"ppl_tolerance={ppl_tolerance!r}: give a number >= 0 (inf: no ppl condition), or "
+                             "None for 0.1 p/100")
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     batches = token_batches(data, tokenizer=tok, batch_size=batch_size, max_length=max_length)
     cal = calibration or CETTCalibration.from_model(
