@@ -145,30 +145,31 @@ def _whole(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def _listed(value, name: str, what: str, scalar) -> list:
+    """`value` as a non-empty list (one scalar becomes a list of one), else a PasskeyError."""
+    if scalar(value):
+        return [value]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise PasskeyError(f"{name}={value!r}: give {what}")
+    value = list(value)
+    if not value:
+        raise PasskeyError(f"{name}=[]: give at least one: {what}")
+    return value
+
+
 def _check_grid_args(model, tokenizer, lengths, depths, *, n_keys, max_new_tokens, batch_size, token_budget):
     """Arguments of passkey_grid, checked before any prompt is built: (lengths, depths) as lists."""
     if tokenizer is None or not callable(tokenizer):
         hint = " (pass model.tokenizer)" if getattr(model, "tokenizer", None) is not None else ""
         raise PasskeyError(f"tokenizer={tokenizer!r}: passkey_grid needs the model's tokenizer to build the "
                            f"prompts{hint}")
-    if _whole(lengths):
-        lengths = [lengths]
-    if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__iter__"):
-        raise PasskeyError(f"lengths={lengths!r}: give prompt lengths in tokens, e.g. [256, 1024] or 256")
-    lengths = list(lengths)
-    if not lengths:
-        raise PasskeyError("lengths=[]: give at least one prompt length in tokens, e.g. [256, 1024]")
+    lengths = _listed(lengths, "lengths", "prompt lengths in tokens, e.g. [256, 1024] or 256", _whole)
     for L in lengths:
         if not _whole(L) or L < 1:
             raise PasskeyError(f"lengths={lengths!r}: prompt lengths must be whole numbers of tokens >= 1 "
                                f"(got {L!r})")
-    if isinstance(depths, (int, float)) and not isinstance(depths, bool):
-        depths = [depths]
-    if isinstance(depths, (str, bytes)) or not hasattr(depths, "__iter__"):
-        raise PasskeyError(f"depths={depths!r}: give key depths in [0, 1], e.g. [0, 0.5, 1]")
-    depths = list(depths)
-    if not depths:
-        raise PasskeyError("depths=[]: give at least one key depth in [0, 1], e.g. [0, 0.5, 1]")
+    depths = _listed(depths, "depths", "key depths in [0, 1], e.g. [0, 0.5, 1]",
+                     lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
     for d in depths:
         if isinstance(d, bool) or not isinstance(d, (int, float, np.number)) or not 0.0 <= float(d) <= 1.0:
             raise PasskeyError(f"depths={depths!r}: key depths must lie in [0, 1] (got {d!r})")
