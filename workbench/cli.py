@@ -164,6 +164,15 @@ def cmd_profile(args) -> int:
     if args.text is not None and args.corpus is not None:
         raise CLIError("--text and --corpus both given: --text profiles one file in memory, --corpus streams a "
                        "corpus from disk (any size); pass one of them")
+    if args.corpus is not None and args.tokens is not None:
+        raise CLIError("--tokens counts tokens of the bundled validation text; with --corpus cap the tokens "
+                       "with --max-tokens N")
+    given = [f for f, v in (("--split", args.split), ("--text-field", args.text_field)) if v is not None]
+    if given and args.corpus is None:
+        raise CLIError(f"{' and '.join(given)} describe a --corpus (a .jsonl / dataset on disk); pass --corpus "
+                       "F with them, or leave them out")
+    args.tokens = DEFAULT_TOKENS if args.tokens is None else args.tokens
+    args.text_field = "text" if args.text_field is None else args.text_field
     if args.text is None:
         positive_int(args.tokens, "--tokens")
     positive_int(args.batch_size, "--batch-size")
@@ -248,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: zoo:relu-llama, or builtin:tiny-relu-llama before the zoo exists)")
     src = pr.add_mutually_exclusive_group()
     src.add_argument("--text", help="a UTF-8 text file; paragraphs (blank-line separated) are the sequences")
-    src.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+    src.add_argument("--tokens", type=int, default=None,
                      help=f"profile the first N tokens of the bundled validation text (default {DEFAULT_TOKENS})")
     pr.add_argument("--out", help="run directory to write (default: a fresh runs/profile-MODEL-TIME)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -260,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
     sc = pr.add_argument_group("scale (docs/scaling.md)")
     sc.add_argument("--corpus", help="a corpus streamed from disk: text file, .jsonl, .arrow or a datasets save_to_disk folder")
-    sc.add_argument("--text-field", default="text", help="JSONL key / dataset column of the text (default text)")
+    sc.add_argument("--text-field", default=None, help="JSONL key / dataset column of the text (default text)")
     sc.add_argument("--split", help="split of a saved DatasetDict")
     sc.add_argument("--max-tokens", type=int, help="stop after this many tokens of --corpus / --text")
     sc.add_argument("--distributed", action="store_true", help="under torchrun: each rank profiles its shard, rank 0 writes the Run")

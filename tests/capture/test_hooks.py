@@ -184,3 +184,11 @@ def test_topk_above_d_ff_is_refused():
     with wb.capture(model, rule=f"topk({d_ff})") as run:  # every neuron: allowed, and says so
         model(input_ids=_ids())
     assert (run.summary()["token_sparsity"] == 0).all()
+
+
+def test_capture_without_a_forward_call_warns():
+    model = tiny.build("llama")
+    with pytest.warns(UserWarning, match="saw no forward call"):
+        with wb.capture(model) as run:
+            pass
+    assert run.meta["data"]["forward_calls"] == 0

@@ -263,3 +263,13 @@ def test_text_and_corpus_together_are_refused(capsys, no_load, tmp_path):
     rc = main(["profile", "--text", str(f), "--corpus", str(f)])
     err = capsys.readouterr().err
     assert rc == 2 and "--text and --corpus both given" in only_error(err)
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["--corpus", "c.jsonl", "--tokens", "100"], "--tokens counts tokens of the bundled validation text"),
+    (["--split", "train"], "--split describe a --corpus"),
+    (["--text-field", "body", "--tokens", "64"], "--text-field describe a --corpus"),
+])
+def test_flags_that_would_be_ignored_are_refused(capsys, no_load, argv, what):
+    rc = main(["profile", *argv])
+    assert rc == 2 and what in only_error(capsys.readouterr().err)

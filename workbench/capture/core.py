@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -314,6 +315,10 @@ class Capture:
             return
         data_meta = self.run.meta.setdefault("data", {})
         data_meta["forward_calls"] = self.call.calls
+        if not self.call.calls:
+            warnings.warn("wb.capture saw no forward call of the model, so the Run holds no statistics: call "
+                          "the model inside the `with` block (model(**batch)), or use wb.profile(model, data)",
+                          stacklevel=2)
         data_meta.setdefault("n_tokens", int(self.call.tokens))
         for p in self.site_probes:
             p.finish(self.run)
