@@ -3,13 +3,12 @@ model's device, and the zoo's bundled validation text as fixed-length token ids.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from workbench.errors import CaptureError
+from workbench.errors import CaptureError, check_count
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -46,13 +45,6 @@ def check_token_ids(model, ids: torch.Tensor, error=CaptureError) -> None:
                     f"{hi}: were they made by another tokenizer? Tokenize with model.tokenizer")
 
 
-def _positive(value, name: str, error=CaptureError, none_ok: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise error(f"{name} must be a whole number >= 1{' (or None)' if none_ok else ''}; got {value!r}")
-
-
 def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None = None,
                   batch_size: int = 8, max_length: int | None = 256, padding_side: str = "right",
                   max_sequences: int | None = None, kept: list | None = None) -> Batches:
@@ -63,8 +55,8 @@ def token_batches(data, *, tokenizer=None, attention_mask: torch.Tensor | None =
     (texts that tokenize to nothing are dropped), so per-text labels can follow their rows.
     Raises CaptureError when there is no valid (non-padding) token at all.
     """
-    _positive(batch_size, "batch_size")
-    _positive(max_length, "max_length", none_ok=True)
+    check_count(batch_size, "batch_size")
+    check_count(max_length, "max_length", none_ok=True)
     kept = kept if kept is not None else []
     if isinstance(data, (list, tuple)) and data and all(isinstance(b, tuple) and len(b) == 2
                                                          and isinstance(b[0], torch.Tensor) for b in data):

@@ -32,3 +32,13 @@ class KernelError(WorkbenchError):
 
 class DistributedError(WorkbenchError):
     """A distributed or resumable profile cannot start or continue (environment, ranks, checkpoint)."""
+
+
+def check_count(value, name: str, error: type = CaptureError, none_ok: bool = False) -> None:
+    """Raise `error` naming `name` unless `value` is a whole number >= 1 (or None with none_ok)."""
+    import numbers
+
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise error(f"{name} must be a whole number >= 1{' (or None)' if none_ok else ''}; got {value!r}")

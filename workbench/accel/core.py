@@ -320,9 +320,11 @@ class Accelerator:
             raise WorkbenchError(f"measure takes token ids (a LongTensor [1, T]), got {type(input_ids).__name__}"
                                  f"{'' if not isinstance(input_ids, torch.Tensor) else ' ' + str(input_ids.dtype)}: "
                                  "tokenize first, model.tokenizer(text, return_tensors='pt').input_ids")
-        for name, v in (("reps", reps), ("steps", steps), ("chunk", chunk)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise WorkbenchError(f"measure: {name} must be a whole number >= 1, got {v!r}")
+        from workbench.errors import check_count
+
+        check_count(reps, "reps", WorkbenchError)
+        check_count(steps, "steps", WorkbenchError, none_ok=True)
+        check_count(chunk, "chunk", WorkbenchError, none_ok=True)
         if not isinstance(warmup, int) or warmup < 0:
             raise WorkbenchError(f"measure: warmup must be a whole number >= 0, got {warmup!r}")
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]

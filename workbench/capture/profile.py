@@ -50,9 +50,10 @@ def profile(model, data, *, tokenizer=None, batch_size: int = 8, max_tokens: int
     that count per label (routing, bricks) read them; the names are in run.meta["labels"].
     probes: FFN probes and/or site probes (routers, mixers), as for `wb.capture`.
     """
-    from workbench.data import _positive, check_token_ids
+    from workbench.data import check_token_ids
+    from workbench.errors import check_count
 
-    _positive(max_tokens, "max_tokens", none_ok=True)
+    check_count(max_tokens, "max_tokens", none_ok=True)
     if probes is not None and not isinstance(probes, (list, tuple)):
         probes = [probes]  # one probe (wb.RoutingProbe()) or one probe name
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
